@@ -1,0 +1,159 @@
+"""The built-in decoder-only transformer and the builder that also trains a user's own module.
+
+GPT: token + learned position embeddings, ``n_layer`` pre-norm blocks (causal self-attention
+through ``scaled_dot_product_attention``, then a GELU MLP), a final LayerNorm and a head tied to
+the token embedding. Written for clarity over cleverness; nanoGPT is the model to compare with.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import get_class
+from torch import nn
+
+from trainer.config import BUILTIN_MODEL, ConfigError, ModelConfig
+
+__all__ = ["GPT", "GPTConfig", "build_model", "count_parameters"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTConfig:
+    vocab_size: int
+    seq_len: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        # [B, T, C] -> [B, H, T, C/H]
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
+        self.down = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.down(F.gelu(self.up(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer: ``forward(tokens[B, T]) -> logits[B, T, vocab_size]``.
+
+    Example:
+        >>> model = GPT(GPTConfig(vocab_size=256, seq_len=64, n_layer=2, n_head=4, d_model=128))
+        >>> model(torch.zeros(1, 8, dtype=torch.long)).shape
+        torch.Size([1, 8, 256])
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied: one tensor, one gradient
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        if t > self.cfg.seq_len:
+            raise ValueError(f"sequence of {t} tokens exceeds the model's seq_len={self.cfg.seq_len}")
+        pos = torch.arange(t, device=tokens.device)
+        x = self.drop(self.tok_emb(tokens) + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameter elements (a tied weight counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> nn.Module:
+    """Build the module ``cfg._target_`` names.
+
+    The built-in GPT gets every size key. A user's module gets ``cfg.kwargs`` plus each of
+    ``vocab_size``, ``seq_len``, ``n_layer``, ``n_head``, ``d_model``, ``mlp_ratio``, ``dropout``
+    that its constructor takes by name (or all of them if it takes ``**kwargs``).
+
+    Raises:
+        ConfigError: the target cannot be imported, is not an ``nn.Module``, or rejects its
+            arguments.
+    """
+    offered = dict(
+        vocab_size=vocab_size, seq_len=seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        d_model=cfg.d_model, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
+    )
+    if cfg._target_ == BUILTIN_MODEL:
+        if cfg.kwargs:
+            warnings.warn(f"model.kwargs {sorted(cfg.kwargs)} are ignored by the built-in GPT", stacklevel=2)
+        return GPT(GPTConfig(**offered))
+    try:
+        cls = get_class(cfg._target_)
+    except Exception as exc:
+        raise ConfigError(f"model._target_={cfg._target_!r} cannot be imported ({exc}); "
+                          "give the dotted path of an nn.Module class on PYTHONPATH") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"model._target_={cfg._target_!r} is not an nn.Module subclass")
+    params = inspect.signature(cls).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offered.items() if takes_any or k in params}
+    kwargs.update(cfg.kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model._target_={cfg._target_} rejected its arguments {sorted(kwargs)}: {exc}; "
+                          "pass constructor arguments as +model.kwargs.NAME=VALUE") from None
