@@ -1,0 +1,272 @@
+"""The training loop.
+
+Reads top to bottom: validate everything that can be checked before any work, join the process
+group, seed, build model/optimizer/data, then loop: step, log, evaluate. ``python -m trainer.train
+[overrides]`` runs it, also under torchrun; ``tierflow train`` is the same entry point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainer.config import TrainConfig, micro_batch_size
+from trainer.data import Batch, ShardedLoader, SyntheticMarkov, TokenSource, build_source
+from trainer.distributed import Runtime, env_world_size, init_runtime, shutdown_runtime
+from trainer.metrics import MetricsSink, make_run_dir, peak_memory_bytes, plot_losses, reset_peak_memory
+from trainer.model import build_model, count_parameters
+from trainer.optim import build_optimizer
+
+__all__ = ["TrainResult", "dry_run", "main", "parameter_digest", "train", "train_step"]
+
+
+@dataclass
+class TrainResult:
+    losses: List[float]
+    val_losses: List[Tuple[int, float]]
+    summary: Dict[str, Any]
+    model: nn.Module
+    run_dir: Optional[Path] = None
+    records: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.trainer.steps`` optimizer steps.
+
+    Raises:
+        ConfigError: a setting is wrong (raised before any device, process-group or disk work).
+    """
+    # 1. Everything checkable up front: batch split over ranks, the token file, the model target.
+    micro_batch_size(cfg.trainer, env_world_size())
+    source = build_source(cfg.data, cfg.trainer.seed)
+    _check_model_builds(cfg)
+    # 2. Join the process group and run; leave it even when the run fails.
+    rt = init_runtime(cfg.trainer.device)
+    try:
+        return _run(cfg, rt, source)
+    finally:
+        shutdown_runtime(rt)
+
+
+def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
+    tc = cfg.trainer
+    seed_everything(tc.seed)
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    amp_dtype = autocast_dtype(tc.precision, rt.device)
+
+    model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len).to(rt.device)
+    wrapped: nn.Module = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
+        if rt.distributed else model
+    optimizer, scheduler = build_optimizer(model, cfg.optimizer, tc.steps)
+    loader = ShardedLoader(source, global_batch=tc.global_batch, grad_accum=tc.grad_accum,
+                           rank=rt.rank, world_size=rt.world_size, device=rt.device)
+
+    run_dir = Path(rt.broadcast(str(make_run_dir(cfg.logging, _model_name(cfg))) if rt.is_main else None))
+    sink = MetricsSink(cfg.logging, run_dir, asdict(cfg)) if rt.is_main else None
+    if rt.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        (run_dir / "config.yaml").chmod(0o600)
+    bar = _progress_bar(tc.steps) if rt.is_main and cfg.logging.progress else None
+
+    tokens_per_step = tc.global_batch * cfg.data.seq_len
+    losses: List[float] = []
+    val_losses: List[Tuple[int, float]] = []
+    records: List[Dict[str, Any]] = []
+    step_times: List[float] = []
+    reset_peak_memory(rt.device)
+    start = time.perf_counter()
+    try:
+        for step in range(tc.steps):
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            loss = train_step(wrapped, optimizer, loader.micro_batches(step), amp_dtype, tc.grad_clip)
+            scheduler.step()
+            loss_value = rt.mean(loss).item()  # also the step's device sync
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            losses.append(loss_value)
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; "
+                                         "lower optimizer.lr or set trainer.grad_clip")
+            record: Dict[str, Any] = {"loss": loss_value, "lr": lr, "step_time_s": dt,
+                                      "tokens_per_s": tokens_per_step / dt,
+                                      "peak_memory_bytes": peak_memory_bytes(rt.device)}
+            if (tc.eval_every and (step + 1) % tc.eval_every == 0) or step + 1 == tc.steps:
+                record["val_loss"] = evaluate(wrapped, loader, tc.eval_batches, amp_dtype, rt)
+                val_losses.append((step + 1, record["val_loss"]))
+            records.append({"step": step + 1, **record})
+            if sink is not None:
+                sink.log(step + 1, record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                                refresh=False)
+                bar.update(1)
+    except BaseException:
+        if sink is not None:
+            sink.close_on_error()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    wall_s = time.perf_counter() - start
+    digests = rt.gather(parameter_digest(model))
+    steady = step_times[1:] or step_times  # the first step pays for warm-up
+    summary: Dict[str, Any] = {
+        "model": _model_name(cfg), "parameters": count_parameters(model), "steps": tc.steps,
+        "world_size": rt.world_size, "device": str(rt.device),
+        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+        "final_loss": losses[-1], "final_val_loss": val_losses[-1][1],
+        "tokens_per_s": tokens_per_step * len(steady) / sum(steady),
+        "median_step_time_s": median(step_times), "wall_s": wall_s,
+        "peak_memory_bytes": peak_memory_bytes(rt.device),
+        "peak_memory_kind": "CUDA allocator" if rt.device.type == "cuda" else "process RSS",
+        "uniform_loss": math.log(cfg.data.vocab_size),
+        "data_loss_floor": source.entropy_floor if isinstance(source, SyntheticMarkov) else None,
+        "param_digests": digests, "run_dir": str(run_dir),
+    }
+    if sink is not None:
+        sink.finish(summary)
+        if cfg.logging.plot:
+            plot_losses(records, run_dir / "loss.png", f"{summary['model']} on {source.describe()}",
+                        summary["data_loss_floor"])
+        print(format_summary(summary), flush=True)
+    return TrainResult(losses, val_losses, summary, model, run_dir, records)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch],
+               amp_dtype: Optional[torch.dtype], grad_clip: float) -> torch.Tensor:
+    """One optimizer step over ``micro_batches``; returns the mean loss (a detached 0-d tensor)."""
+    accum = len(micro_batches)
+    total = torch.zeros((), device=micro_batches[0][0].device)
+    for i, (inputs, targets) in enumerate(micro_batches):
+        # DDP all-reduces gradients only on the last micro-batch of the step.
+        sync = nullcontext() if i == accum - 1 or not isinstance(model, DDP) else model.no_sync()
+        with sync:
+            loss = _loss(model, inputs, targets, amp_dtype)
+            (loss / accum).backward()
+        total += loss.detach()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / accum
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: ShardedLoader, num_batches: int, amp_dtype: Optional[torch.dtype],
+             rt: Runtime) -> float:
+    """Mean loss over the first ``num_batches`` global batches of the ``val`` split (the same every time)."""
+    model.eval()
+    total = torch.zeros((), device=rt.device)
+    count = 0
+    for i in range(num_batches):
+        for inputs, targets in loader.micro_batches(i, split="val"):
+            total += _loss(model, inputs, targets, amp_dtype)
+            count += 1
+    model.train()
+    return rt.mean(total / count).item()
+
+
+def _loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    with torch.autocast(device_type=inputs.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # every CUDA device too
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 for ``precision=bf16``, and for ``auto`` on a GPU that supports it; None means fp32."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter's bytes in name order: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def dry_run(cfg: TrainConfig) -> Dict[str, Any]:
+    """Check config, data and model construction (on the meta device: no memory) without training."""
+    world = env_world_size()
+    micro = micro_batch_size(cfg.trainer, world)
+    source = build_source(cfg.data, cfg.trainer.seed)
+    with torch.device("meta"):
+        model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)
+    n = count_parameters(model)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"model": _model_name(cfg), "parameters": n, "param_bytes": param_bytes,
+            # fp32 weights + grads + AdamW's two moments: the training state offloading will move.
+            "training_state_bytes": param_bytes * 4 if cfg.optimizer.name == "adamw" else param_bytes * 3,
+            "world_size": world, "micro_batch": micro, "grad_accum": cfg.trainer.grad_accum,
+            "tokens_per_step": cfg.trainer.global_batch * cfg.data.seq_len, "data": source.describe()}
+
+
+def format_summary(s: Dict[str, Any]) -> str:
+    floor = f"; data floor {s['data_loss_floor']:.3f}" if s.get("data_loss_floor") is not None else ""
+    return "\n".join([
+        f"tierflow: trained {s['model']} ({s['parameters'] / 1e6:.2f}M params) for {s['steps']} steps "
+        f"on {s['device']} x{s['world_size']} ({s['precision']})",
+        f"  loss        {s['final_loss']:.4f} (val {s['final_val_loss']:.4f}{floor}; uniform {s['uniform_loss']:.3f})",
+        f"  throughput  {s['tokens_per_s']:,.0f} tokens/s (median step {s['median_step_time_s'] * 1e3:.1f} ms)",
+        f"  peak memory {s['peak_memory_bytes'] / 2**20:,.1f} MiB ({s['peak_memory_kind']})",
+        f"  run dir     {s['run_dir']}",
+    ])
+
+
+def _check_model_builds(cfg: TrainConfig) -> None:
+    """Build the model on the meta device so a bad ``model._target_`` fails before any work."""
+    try:
+        with torch.device("meta"):
+            build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)
+    except (NotImplementedError, RuntimeError):
+        pass  # a module that cannot be built on meta is checked by the real build instead
+
+
+def _model_name(cfg: TrainConfig) -> str:
+    return cfg.model._target_.rsplit(".", 1)[-1]
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m trainer.train [--dry-run] [overrides...]``."""
+    from trainer.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
