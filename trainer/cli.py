@@ -2,74 +2,53 @@
 
     tierflow train [--dry-run] [--print-config] [overrides...]
 
-Later stages (profile, plan, calibrate, report, bench) register here as they land.
+A subcommand is a module listed in :data:`SUBCOMMANDS` that defines ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when invoked, so a slow
+or optional dependency of one stage never slows down another.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from trainer.config import ConfigError
 
-__all__ = ["main"]
+__all__ = ["SUBCOMMANDS", "main"]
+
+# name -> (module, one-line help). Add later stages (profile, plan, calibrate, report, bench) here.
+SUBCOMMANDS = {
+    "train": ("trainer.cmd_train", "train a model (also: python -m trainer.train, under torchrun too)"),
+}
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tierflow",
         description="Train PyTorch models whose training state does not fit in accelerator memory.",
         epilog="Overrides are Hydra syntax: model=small trainer.steps=50 +model.kwargs.hidden=64",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train = sub.add_parser("train", help="train a model (also: python -m trainer.train, under torchrun too)")
-    train.add_argument("--dry-run", action="store_true",
-                       help="check config, data and model construction, print the sizes, train nothing")
-    train.add_argument("--print-config", action="store_true", help="print the composed config and exit")
-    train.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra override, e.g. trainer.steps=50")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # only the invoked stage's module is imported
+            importlib.import_module(module).add_arguments(p)
+            p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser(argv).parse_args(argv)
     try:
-        return _train(args)
+        return int(importlib.import_module(args._module).run(args))
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"tierflow: error: {exc}", file=sys.stderr)
         return 2
-
-
-def _train(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
-    from trainer.compose import load_config
-
-    cfg, composed = load_config(args.overrides)
-    if args.print_config:
-        print(OmegaConf.to_yaml(composed), end="")
+    except BrokenPipeError:  # e.g. `tierflow train --print-config | head`
+        sys.stdout = open(os.devnull, "w")
         return 0
-    if args.dry_run:
-        from trainer.train import dry_run
-
-        report = dry_run(cfg)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(_format_dry_run(report))
-        return 0
-    from trainer.train import train
-
-    train(cfg)
-    return 0
-
-
-def _format_dry_run(r: dict) -> str:
-    lines: List[str] = [
-        "tierflow: dry run OK (nothing trained, nothing written)",
-        f"  model            {r['model']}: {r['parameters']:,} parameters ({r['param_bytes'] / 2**20:,.1f} MiB)",
-        f"  training state   {r['training_state_bytes'] / 2**30:,.2f} GiB (weights, grads, optimizer states)",
-        f"  batch            {r['tokens_per_step']:,} tokens/step = micro-batch {r['micro_batch']} x "
-        f"grad_accum {r['grad_accum']} x world {r['world_size']}",
-        f"  data             {r['data']}",
-    ]
-    return "\n".join(lines)

@@ -32,7 +32,7 @@ from trainer.metrics import MetricsSink, make_run_dir, peak_memory_bytes, plot_l
 from trainer.model import build_model, count_parameters
 from trainer.optim import build_optimizer
 
-__all__ = ["TrainResult", "dry_run", "main", "parameter_digest", "train", "train_step"]
+__all__ = ["RunParts", "TrainResult", "build_run", "dry_run", "main", "parameter_digest", "train", "train_step"]
 
 
 @dataclass
@@ -63,19 +63,41 @@ def train(cfg: TrainConfig) -> TrainResult:
         shutdown_runtime(rt)
 
 
-def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
+@dataclass
+class RunParts:
+    """What one training run is made of, built from its config (what ``train_step`` needs)."""
+
+    model: nn.Module  # the module itself; parameters, digests and profiling look here
+    wrapped: nn.Module  # what the loop calls: DDP(model) when distributed, else model
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: ShardedLoader
+    source: TokenSource
+    amp_dtype: Optional[torch.dtype]
+
+
+def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = None) -> RunParts:
+    """Seed, then build model, optimizer, schedule and this rank's loader on ``rt.device``."""
     tc = cfg.trainer
+    source = source or build_source(cfg.data, tc.seed)
     seed_everything(tc.seed)
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    amp_dtype = autocast_dtype(tc.precision, rt.device)
-
     model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len).to(rt.device)
     wrapped: nn.Module = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
         if rt.distributed else model
     optimizer, scheduler = build_optimizer(model, cfg.optimizer, tc.steps)
     loader = ShardedLoader(source, global_batch=tc.global_batch, grad_accum=tc.grad_accum,
                            rank=rt.rank, world_size=rt.world_size, device=rt.device)
+    return RunParts(model, wrapped, optimizer, scheduler, loader, source, autocast_dtype(tc.precision, rt.device))
+
+
+def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
+    tc = cfg.trainer
+    parts = build_run(cfg, rt, source)
+    model, wrapped, optimizer, scheduler, loader = (parts.model, parts.wrapped, parts.optimizer,
+                                                    parts.scheduler, parts.loader)
+    amp_dtype = parts.amp_dtype
 
     run_dir = Path(rt.broadcast(str(make_run_dir(cfg.logging, _model_name(cfg))) if rt.is_main else None))
     sink = MetricsSink(cfg.logging, run_dir, asdict(cfg)) if rt.is_main else None
