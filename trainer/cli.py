@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser(argv).parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args))
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as exc:
         print(f"tierflow: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `tierflow train --print-config | head`

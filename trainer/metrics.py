@@ -7,6 +7,7 @@ Only rank 0 writes. Everything a run produces lands in one run directory, create
 from __future__ import annotations
 
 import json
+import textwrap
 import os
 import resource
 import time
@@ -112,7 +113,7 @@ def plot_losses(records: List[Dict[str, Any]], path: Path, title: str, floor: Op
         ax.axhline(floor, color="gray", ls="--", lw=1, label=f"data loss floor {floor:.3f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
