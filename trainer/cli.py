@@ -22,6 +22,8 @@ __all__ = ["SUBCOMMANDS", "main"]
 # name -> (module, one-line help). Add later stages (profile, plan, calibrate, report, bench) here.
 SUBCOMMANDS = {
     "train": ("trainer.cmd_train", "train a model (also: python -m trainer.train, under torchrun too)"),
+    "profile": ("trainer.cmd_profile", "trace tensor lifetimes over warm-up iterations; write trace, summary, plot"),
+    "report": ("profiling.cmd_report", "summarise a trace file: text summary and memory-timeline PNG"),
 }
 
 

@@ -1,0 +1,148 @@
+"""The tracer's mutable record table: one row per tensor storage, appended in the dispatch hot path.
+
+Columnar lists (not objects) because a traced iteration of a large model appends hundreds of
+thousands of rows and every microsecond per operation shows up in the traced step time. The
+table is the only place that holds references (weak ones) to live storages; :meth:`close` drops
+them all, after which no callback of ours can run again.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from profiling._tensors import storage_of
+from profiling.trace import Category, TensorRecord, grad_key, state_key
+
+__all__ = ["RecordTable", "register_existing"]
+
+
+class _StorageRef(weakref.ref):
+    """A weak reference that remembers which row its storage owns (the free callback needs it)."""
+
+    __slots__ = ("row", "sid")
+
+
+class RecordTable:
+    """Rows of tensor storages seen while tracing; frees are recorded by weakref callbacks.
+
+    ``point`` and ``tick`` are the clock the tracer advances: every allocation, free and point
+    takes the next tick (see Note [ticks] in :mod:`profiling.trace`).
+    """
+
+    def __init__(self) -> None:
+        self.key: List[str] = []
+        self.category: List[Category] = []
+        self.size_bytes: List[int] = []
+        self.dtype: List[str] = []
+        self.device: List[str] = []
+        self.iteration: List[Optional[int]] = []
+        self.created: List[Optional[int]] = []
+        self.freed: List[Optional[int]] = []
+        self.uses: List[List[int]] = []
+        self.created_tick: List[int] = []
+        self.freed_tick: List[Optional[int]] = []
+        self._live: Dict[int, _StorageRef] = {}
+        self.point = -1  # index of the last point emitted
+        self.tick = 0
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def row_of(self, storage: torch.UntypedStorage) -> Optional[int]:
+        """The row of a live storage, or None when the table has never seen it."""
+        ref = self._live.get(id(storage))
+        return None if ref is None else ref.row
+
+    def add(self, storage: torch.UntypedStorage, tensor: torch.Tensor, category: Category, key: str, *,
+            iteration: Optional[int], created: Optional[int], created_tick: int) -> int:
+        """Start tracking ``storage``; returns its row."""
+        row = len(self.key)
+        self.key.append(key)
+        self.category.append(category)
+        self.size_bytes.append(storage.nbytes())
+        self.dtype.append(str(tensor.dtype).removeprefix("torch."))
+        self.device.append(str(tensor.device))
+        self.iteration.append(iteration)
+        self.created.append(created)
+        self.freed.append(None)
+        self.uses.append([])
+        self.created_tick.append(created_tick)
+        self.freed_tick.append(None)
+        ref = _StorageRef(storage, self._on_free)
+        ref.row, ref.sid = row, id(storage)
+        self._live[ref.sid] = ref
+        return row
+
+    def next_tick(self) -> int:
+        self.tick += 1
+        return self.tick
+
+    def use(self, row: int) -> None:
+        uses = self.uses[row]
+        # Points only grow, so comparing with the last entry keeps the list sorted and distinct.
+        if not uses or uses[-1] != self.point:
+            uses.append(self.point)
+
+    def reclassify(self, row: int, category: Category, key: str) -> None:
+        self.category[row] = category
+        self.key[row] = key
+
+    def _on_free(self, ref: _StorageRef) -> None:
+        # Runs when the storage is deallocated, possibly on the autograd thread: only appends.
+        self._live.pop(ref.sid, None)
+        self.tick += 1
+        self.freed[ref.row] = self.point
+        self.freed_tick[ref.row] = self.tick
+
+    def close(self) -> None:
+        """Drop every weak reference: their callbacks can no longer fire (zero cost afterwards)."""
+        self._live.clear()
+        self.closed = True
+
+    def records(self) -> Tuple[TensorRecord, ...]:
+        """Frozen records of every row that took part in the trace, in row order.
+
+        Rows freed before the first point (a storage released between attaching and the first
+        iteration) never took part and are left out.
+        """
+        out = []
+        for row in range(len(self.key)):
+            freed = self.freed[row]
+            if freed is not None and freed < 0:
+                continue
+            out.append(TensorRecord(
+                key=self.key[row], category=self.category[row], size_bytes=self.size_bytes[row],
+                dtype=self.dtype[row], device=self.device[row], iteration=self.iteration[row],
+                created=self.created[row], freed=freed, uses=tuple(self.uses[row]),
+                created_tick=self.created_tick[row], freed_tick=self.freed_tick[row]))
+        return tuple(out)
+
+
+def register_existing(table: RecordTable, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                      name_of: Callable[[torch.Tensor], str]) -> None:
+    """Rows for what exists before tracing: parameters, buffers, gradients, optimizer states.
+
+    A storage shared by two of them (a tied weight) is registered once, under the first name.
+    """
+    def add(t: torch.Tensor, category: Category, key: str) -> None:
+        st = storage_of(t)
+        if st is not None and table.row_of(st) is None:
+            table.add(st, t, category, key, iteration=None, created=None, created_tick=-1)
+
+    for name, p in model.named_parameters():
+        add(p, Category.PARAM, name)
+    for name, b in model.named_buffers():
+        add(b, Category.BUFFER, name)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            add(p.grad, Category.GRAD, grad_key(name))
+    if optimizer is not None:
+        for param, state in optimizer.state.items():
+            for state_name, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    add(value, Category.OPTIMIZER_STATE, state_key(name_of(param), state_name))

@@ -1,0 +1,159 @@
+"""Does the traced iteration repeat? Compare every iteration of a trace with the first.
+
+A plan made from one iteration is valid for the next only when the graph is static: the same
+points in the same order, and the same tensors (keys, categories, sizes, dtypes) born, used and
+freed at the same offsets. When something differs, the first difference is reported with the
+point where it shows, so the runtime (and the user) know where the plan stops applying.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from profiling.trace import Category, LifetimeTrace
+
+__all__ = ["Divergence", "Stability", "check_stability"]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where an iteration first differs from iteration 0.
+
+    Attributes:
+        iteration: The iteration that differs.
+        point: Index in ``trace.points`` where the difference shows.
+        offset: The same position counted from the iteration's start point.
+        key: The tensor whose record differs (None when the points themselves differ).
+        reason: One line saying what differs.
+    """
+
+    iteration: int
+    point: int
+    offset: int
+    key: Optional[str]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stability:
+    """The verdict over all iterations of a trace.
+
+    Attributes:
+        num_iterations: Iterations compared.
+        static: True when every iteration repeats iteration 0.
+        divergence: The first difference (None when static).
+    """
+
+    num_iterations: int
+    static: bool
+    divergence: Optional[Divergence]
+
+    def describe(self) -> str:
+        """One line for reports."""
+        if self.num_iterations < 2:
+            return "unknown: trace 2 or more iterations to check that keys, sizes and order repeat"
+        if self.static:
+            return f"static: {self.num_iterations} iterations repeat keys, sizes and order"
+        d = self.divergence
+        return f"dynamic: iteration {d.iteration} diverges at point {d.point} (offset {d.offset}): {d.reason}"
+
+
+# (category, size_bytes, dtype, born offset or None, freed offset or None, use offsets)
+_Signature = Tuple[Category, int, str, Optional[int], Optional[int], Tuple[int, ...]]
+
+
+def _signatures(trace: LifetimeTrace, iteration: int, start: int, end: int) -> Dict[str, _Signature]:
+    t_start, t_end = trace.points[start].tick, trace.points[end].tick
+    out: Dict[str, _Signature] = {}
+    for r in trace.tensors:
+        if r.created_tick > t_end or (r.freed_tick is not None and r.freed_tick < t_start):
+            continue  # not alive during this iteration
+        if r.iteration is not None and r.iteration < iteration:
+            # Note [leftovers]: a tensor an earlier iteration left behind (the loop's last loss,
+            # say). Iteration 0's own leftovers were made before tracing and are invisible, so
+            # comparing them would report every loop that keeps one as dynamic.
+            continue
+        born = r.created - start if r.created_tick > t_start else None
+        freed = r.freed - start if r.freed_tick is not None and r.freed_tick < t_end else None
+        uses = tuple(u - start for u in r.uses if start <= u <= end)
+        out[r.key] = (r.category, r.size_bytes, r.dtype, born, freed, uses)
+    return out
+
+
+def _first_offset(sig: _Signature) -> int:
+    events = [x for x in (sig[3], *sig[5]) if x is not None]
+    return min(events) if events else 0
+
+
+def _show(value: object) -> object:
+    return value.value if isinstance(value, Category) else value
+
+
+def _where_differs(ref: _Signature, got: _Signature) -> Tuple[int, str]:
+    """Earliest offset at which two signatures of one key differ, and what differs."""
+    if ref[:3] != got[:3]:
+        what = ", ".join(f"{name} {_show(g)} (iteration 0: {_show(r)})"
+                         for name, r, g in zip(("category", "size_bytes", "dtype"), ref[:3], got[:3]) if r != g)
+        return min(_first_offset(ref), _first_offset(got)), what
+    if ref[3] != got[3]:
+        born = [b for b in (ref[3], got[3]) if b is not None]
+        return min(born), f"born at offset {got[3]} (iteration 0: {ref[3]}; None = before the iteration)"
+    if ref[5] != got[5]:
+        for a, b in zip(ref[5], got[5]):
+            if a != b:
+                return min(a, b), f"used at offset {b} where iteration 0 used it at {a}"
+        longer, which = (ref[5], "no longer") if len(ref[5]) > len(got[5]) else (got[5], "additionally")
+        extra = longer[min(len(ref[5]), len(got[5]))]
+        return extra, f"{which} used at offset {extra}"
+    freed = [f for f in (ref[4], got[4]) if f is not None]
+    return min(freed), f"freed at offset {got[4]} (iteration 0: {ref[4]}; None = after the iteration)"
+
+
+def check_stability(trace: LifetimeTrace) -> Stability:
+    """Compare iterations 1..k-1 of ``trace`` with iteration 0.
+
+    Args:
+        trace: A trace of one or more iterations (one iteration is trivially static).
+
+    Returns:
+        The verdict and, for a dynamic graph, the first divergence: the earliest differing
+        point of the first iteration that differs.
+    """
+    bounds = trace.iteration_bounds()
+    if len(bounds) < 2:
+        return Stability(num_iterations=len(bounds), static=True, divergence=None)
+    s0, e0 = bounds[0]
+    ref_labels = [p.label for p in trace.points[s0:e0 + 1]]
+    ref_sigs = _signatures(trace, 0, s0, e0)
+    for i, (s, e) in enumerate(bounds[1:], start=1):
+        labels = [p.label for p in trace.points[s:e + 1]]
+        if labels != ref_labels:
+            j = next((j for j, (a, b) in enumerate(zip(ref_labels, labels)) if a != b),
+                     min(len(labels), len(ref_labels)))
+            expected = ref_labels[j] if j < len(ref_labels) else "the end of the iteration"
+            found = labels[j] if j < len(labels) else "the end of the iteration"
+            return Stability(len(bounds), False, Divergence(i, min(s + j, e), j, None,
+                                                            f"point {found!r} where iteration 0 had {expected!r}"))
+        sigs = _signatures(trace, i, s, e)
+        # (offset, born offset or -1 for "before the iteration", key, reason): at one offset the
+        # tensor that existed first is the cause (an input whose size changed, not its products).
+        found_at: List[Tuple[int, int, str, str]] = []
+        for key in set(ref_sigs) | set(sigs):
+            ref, got = ref_sigs.get(key), sigs.get(key)
+            if ref == got:
+                continue
+            born = min(-1 if sig[3] is None else sig[3] for sig in (ref, got) if sig is not None)
+            if ref is None:
+                found_at.append((_first_offset(got), born, key, f"tensor {key!r} is new (not in iteration 0)"))
+            elif got is None:
+                found_at.append((_first_offset(ref), born, key, f"tensor {key!r} of iteration 0 is missing"))
+            else:
+                offset, what = _where_differs(ref, got)
+                if ref[0] is Category.OPTIMIZER_STATE and ref[3] is not None and got[3] is None:
+                    what += "; optimizer state is created in the first step: run one step before tracing"
+                found_at.append((offset, born, key, f"tensor {key!r}: {what}"))
+        if found_at:
+            offset, _, key, reason = min(found_at)
+            return Stability(len(bounds), False, Divergence(i, s + offset, offset, key, reason))
+    return Stability(num_iterations=len(bounds), static=True, divergence=None)

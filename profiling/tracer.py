@@ -1,0 +1,490 @@
+"""The tensor-lifetime tracer: watches real training iterations and produces a ``LifetimeTrace``.
+
+Three kinds of instruments, all installed by :meth:`LifetimeTracer.attach` and all removed by
+:meth:`LifetimeTracer.detach`:
+
+* a ``TorchDispatchMode`` that sees every operation: which storages it reads or writes (uses) and
+  which it allocates (births); a weak reference per storage records its free;
+* hooks that produce the runtime points: module forward pre/post, module backward pre/post
+  (multi-grad hooks on outputs and inputs, which leave the autograd graph unchanged), per-parameter
+  post-accumulate-grad hooks, optimizer step pre/post hooks, and the start and end of each
+  backward graph task;
+* a ``saved_tensors_hooks`` pair that tells which storages autograd keeps for backward: those
+  become activations, keyed by the module that saved them.
+
+Only what happens inside :meth:`LifetimeTracer.iteration` blocks is recorded.
+
+Example:
+    >>> tracer = LifetimeTracer(model, optimizer)
+    >>> with tracer:
+    ...     for batch in batches:
+    ...         with tracer.iteration():
+    ...             tracer.mark_inputs(batch)
+    ...             loss_fn(model(batch)).backward(); optimizer.step(); optimizer.zero_grad()
+    >>> trace = tracer.trace()
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
+
+from profiling import _compat
+from profiling._table import RecordTable, register_existing
+from profiling._tensors import LIFT_OPS, DispatchRecorder, dispatch_round_trip_s, flat_tensors, storage_of
+from profiling.trace import (OUTSIDE_PATH, ROOT_PATH, Category, LifetimeTrace, Phase, Point, PointKind,
+                             activation_key, grad_key, input_key, state_key)
+
+__all__ = ["LifetimeTracer", "TracerConfig", "trace_iterations"]
+
+@dataclass(frozen=True, kw_only=True)
+class TracerConfig:
+    """How the tracer measures.
+
+    Attributes:
+        synchronize: On CUDA, synchronise the device at every point so each interval's measured
+            compute is its own. This removes the overlap of host and device work while tracing
+            (the traced step is slower); turn it off for lower overhead and blurrier timings.
+        subtract_dispatch_cost: Measure, when attaching, what routing one operation through the
+            dispatch mode costs on this machine (~40 ms of calibration), and subtract it per
+            operation from the measured compute, next to the tracer's own bookkeeping time which
+            is always subtracted. Off: compute times include that cost (they read high).
+    """
+
+    synchronize: bool = True
+    subtract_dispatch_cost: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("synchronize", "subtract_dispatch_cost"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TracerConfig.{name}={getattr(self, name)!r} must be True or False")
+
+
+class LifetimeTracer:
+    """Records tensor lifetimes and runtime points of a model and its optimizer.
+
+    Args:
+        model: Any ``nn.Module``; its parameter names and module paths become keys.
+        optimizer: Any ``torch.optim.Optimizer`` stepping (some of) the model's parameters, or None.
+        config: Measurement settings.
+
+    Raises:
+        ValueError: ``model`` is not a module or ``optimizer`` not an optimizer.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                 config: TracerConfig = TracerConfig()) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self._table = RecordTable()
+        self._points: List[Tuple] = []
+        self._handles: List[Any] = []
+        self._grad_handles: List[Any] = []  # per-call multi-grad hooks (die with their graph)
+        self._mode: Optional[DispatchRecorder] = None
+        self._saved_hooks: Optional[saved_tensors_hooks] = None
+        self._attached = False
+        self._detached = False
+        self._param_names = {id(p): n for n, p in model.named_parameters()}
+        first = next(model.parameters(), None)
+        self._device = first.device if first is not None else torch.device("cpu")
+        self._sync = config.synchronize and self._device.type == "cuda"
+        self._num_iterations = 0
+        self._iteration: Optional[int] = None
+        self._iteration_start = (-1, -1)  # (point, tick) of the current iteration's start
+        self._new_iteration_state()
+        self._interval_start = 0.0
+        self._overhead_s = 0.0  # our own bookkeeping since the last point (measured)
+        self._num_ops = 0  # operations and saved-tensor packs since the last point
+        self._per_op_s = 0.0  # what routing one of them through Python costs (calibrated)
+
+    # ---- attach / detach -------------------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def attach(self) -> "LifetimeTracer":
+        """Install every hook, the dispatch mode and the saved-tensor hooks; start the clock.
+
+        Raises:
+            RuntimeError: already attached, or attached before (a tracer traces once).
+        """
+        if self._attached or self._detached:
+            raise RuntimeError("a LifetimeTracer attaches once; create a new one to trace again")
+        if self.config.subtract_dispatch_cost:
+            self._per_op_s = dispatch_round_trip_s()
+        register_existing(self._table, self.model, self.optimizer, self._name_of)
+        for path, module in self.model.named_modules():
+            path = path or ROOT_PATH
+            self._handles.append(module.register_forward_pre_hook(
+                lambda m, a, path=path: self._forward_pre(path, a)))
+            self._handles.append(module.register_forward_hook(
+                lambda m, a, out, path=path: self._forward_post(path, out), always_call=True))
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(
+                    lambda param, name=name: self._grad_ready(name, param)))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(lambda *_: self._optimizer_pre()))
+            self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self._optimizer_post()))
+        outer = _compat.outer_saved_tensors_hooks()
+        self._outer_pack, self._outer_unpack = outer if outer is not None else (None, None)
+        self._saved_hooks = saved_tensors_hooks(self._pack, self._unpack)
+        self._saved_hooks.__enter__()
+        self._mode = DispatchRecorder(self._on_op)
+        self._mode.__enter__()
+        self._attached = True
+        self._interval_start = time.perf_counter()
+        return self
+
+    def detach(self) -> None:
+        """Remove everything :meth:`attach` installed; afterwards the tracer costs nothing.
+
+        Raises:
+            RuntimeError: another dispatch mode was entered after attaching and is still active
+                (modes must be exited in reverse order).
+        """
+        if not self._attached:
+            return
+        stack = _compat.dispatch_mode_stack()
+        if not stack or stack[-1] is not self._mode:
+            raise RuntimeError("another TorchDispatchMode was entered after the tracer attached and is still "
+                               "active; exit it before detaching the tracer")
+        self._mode.__exit__(None, None, None)
+        self._saved_hooks.__exit__(None, None, None)
+        for handle in self._handles + self._grad_handles:
+            handle.remove()
+        self._handles.clear()
+        self._grad_handles.clear()
+        self._table.close()
+        self._mode = self._saved_hooks = None
+        self._outer_pack = self._outer_unpack = None
+        self._attached, self._detached = False, True
+
+    def __enter__(self) -> "LifetimeTracer":
+        return self.attach()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    # ---- what the user calls ---------------------------------------------------------------
+
+    @contextmanager
+    def iteration(self) -> Iterator[int]:
+        """Record one training iteration; yields its 0-based index.
+
+        Raises:
+            RuntimeError: the tracer is not attached, or iterations are nested.
+        """
+        if not self._attached:
+            raise RuntimeError("attach the tracer before tracing an iteration: `with tracer: ...`")
+        if self._iteration is not None:
+            raise RuntimeError("tracer.iteration() blocks cannot be nested")
+        self._iteration = self._num_iterations
+        self._new_iteration_state()
+        self._emit(PointKind.ITERATION_START, "iteration", 0, Phase.OTHER)
+        self._iteration_start = (self._table.point, self._points[-1][-1])
+        try:
+            yield self._iteration
+        finally:
+            self._emit(PointKind.ITERATION_END, "iteration", 0, Phase.OTHER)
+            self._iteration = None
+            self._num_iterations += 1
+
+    def mark_inputs(self, *tensors: Any) -> None:
+        """Declare tensors (or nested lists/tuples of them) as this iteration's inputs.
+
+        Inputs get keys ``input0``, ``input1``, ... in the order marked; tensors the model's
+        forward receives are marked automatically after these.
+
+        Raises:
+            RuntimeError: called outside :meth:`iteration`.
+        """
+        if self._iteration is None:
+            raise RuntimeError("mark_inputs() must be called inside `with tracer.iteration():`")
+        for t in flat_tensors(tensors, []):
+            self._mark_input(t)
+
+    def trace(self) -> LifetimeTrace:
+        """The trace of every iteration recorded so far.
+
+        Raises:
+            ValueError: no iteration was traced.
+            RuntimeError: called inside an iteration block.
+        """
+        if self._iteration is not None:
+            raise RuntimeError("trace() was called inside `with tracer.iteration():`; call it after the block")
+        if self._num_iterations == 0:
+            raise ValueError("no iteration was traced; run each training step inside `with tracer.iteration():`")
+        points = tuple(Point(*p) for p in self._points)
+        return LifetimeTrace(points=points, tensors=self._table.records(), num_iterations=self._num_iterations,
+                             model=type(self.model).__name__,
+                             optimizer=type(self.optimizer).__name__ if self.optimizer is not None else "",
+                             device=str(self._device))
+
+    # ---- points and timing -----------------------------------------------------------------
+
+    def _new_iteration_state(self) -> None:
+        self._calls: Dict[Tuple[PointKind, str], int] = defaultdict(int)
+        self._saved_counts: Dict[Tuple[str, int], int] = defaultdict(int)
+        self._stack: List[Tuple[str, int]] = []
+        self._keys: set = set()
+        self._num_inputs = 0
+        self._external_rows: set = set()
+        self._root_calls_done = 0
+        self._graph_task = -1
+        self._tmp_label, self._tmp_count = "", 0
+
+    def _now(self) -> float:
+        if self._sync:
+            torch.cuda.synchronize(self._device)  # the wait is device compute: it belongs to the interval
+        return time.perf_counter()
+
+    def _next_call(self, kind: PointKind, name: str) -> int:
+        call = self._calls[(kind, name)]
+        self._calls[(kind, name)] = call + 1
+        return call
+
+    def _emit(self, kind: PointKind, name: str, call: int, phase: Phase, entered: Optional[float] = None) -> None:
+        now = self._now() if entered is None else entered
+        compute_s = max(now - self._interval_start - self._overhead_s - self._num_ops * self._per_op_s, 0.0)
+        tick = self._table.next_tick()
+        self._points.append((kind, name, call, self._iteration, phase, compute_s, tick))
+        self._table.point = len(self._points) - 1
+        self._tmp_label, self._tmp_count = f"{kind.value} {name}[{call}]", 0
+        self._overhead_s, self._num_ops = 0.0, 0
+        self._interval_start = time.perf_counter()
+
+    def _phase(self) -> Phase:
+        return Phase.BACKWARD if _compat.current_graph_task_id() != -1 else Phase.FORWARD
+
+    def _check_backward_start(self) -> None:
+        """Emit BACKWARD_START at the first event of a new autograd graph task."""
+        gid = _compat.current_graph_task_id()
+        if gid == -1 or gid == self._graph_task:
+            return
+        self._graph_task = gid
+        call = self._next_call(PointKind.BACKWARD_START, "backward")
+        _compat.queue_backward_callback(lambda: self._backward_end(call))
+        self._emit(PointKind.BACKWARD_START, "backward", call, Phase.BACKWARD)
+
+    def _backward_end(self, call: int) -> None:
+        if self._iteration is None or not self._attached:
+            return
+        self._graph_task = -1
+        self._emit(PointKind.BACKWARD_END, "backward", call, Phase.OTHER)
+
+    # ---- hooks -------------------------------------------------------------------------------
+
+    def _forward_pre(self, path: str, args: Tuple[Any, ...]) -> None:
+        if self._iteration is None:
+            return
+        self._check_backward_start()  # activation-checkpoint recomputation runs inside backward
+        entered = self._now()
+        call = self._next_call(PointKind.FORWARD_PRE, path)
+        self._stack.append((path, call))
+        tensors = flat_tensors(args, [])
+        if path == ROOT_PATH:
+            for t in tensors:
+                self._mark_input(t)
+        needing_grad = [t for t in tensors if t.requires_grad]
+        if needing_grad and torch.is_grad_enabled():
+            self._grad_handles.append(register_multi_grad_hook(
+                needing_grad, lambda *_: self._backward_hook(PointKind.BACKWARD_POST, path, call), mode="all"))
+        self._emit(PointKind.FORWARD_PRE, path, call, self._phase(), entered)
+
+    def _forward_post(self, path: str, output: Any) -> None:
+        if self._iteration is None:
+            return
+        entered = self._now()
+        # Pop our frame even if an inner module raised and skipped its own post hook.
+        while self._stack and self._stack[-1][0] != path:
+            self._stack.pop()
+        call = self._stack.pop()[1] if self._stack else 0
+        if path == ROOT_PATH:
+            self._root_calls_done += 1
+        needing_grad = [t for t in flat_tensors(output, []) if t.requires_grad]
+        if needing_grad and torch.is_grad_enabled():
+            self._grad_handles.append(register_multi_grad_hook(
+                needing_grad, lambda *_: self._backward_hook(PointKind.BACKWARD_PRE, path, call), mode="any"))
+        self._emit(PointKind.FORWARD_POST, path, call, self._phase(), entered)
+
+    def _backward_hook(self, kind: PointKind, path: str, call: int) -> None:
+        if self._iteration is None or not self._attached:
+            return
+        self._check_backward_start()
+        entered = self._now()
+        self._emit(kind, path, call, Phase.BACKWARD, entered)
+
+    def _grad_ready(self, name: str, param: nn.Parameter) -> None:
+        if self._iteration is None:
+            return
+        self._check_backward_start()
+        entered = self._now()
+        if param.grad is not None:
+            self._claim(param.grad, Category.GRAD, grad_key(name))
+        self._emit(PointKind.GRAD_READY, name, self._next_call(PointKind.GRAD_READY, name), Phase.BACKWARD, entered)
+
+    def _optimizer_pre(self) -> None:
+        if self._iteration is None:
+            return
+        name = type(self.optimizer).__name__
+        self._emit(PointKind.OPTIMIZER_PRE, name, self._next_call(PointKind.OPTIMIZER_PRE, name), Phase.OPTIMIZER)
+
+    def _optimizer_post(self) -> None:
+        if self._iteration is None:
+            return
+        entered = self._now()
+        for param, state in self.optimizer.state.items():
+            for state_name, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    self._claim(value, Category.OPTIMIZER_STATE, state_key(self._name_of(param), state_name))
+        name = type(self.optimizer).__name__
+        self._emit(PointKind.OPTIMIZER_POST, name, self._next_call(PointKind.OPTIMIZER_POST, name), Phase.OTHER,
+                   entered)
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        if self._iteration is not None:
+            start = time.perf_counter()
+            self._num_ops += 1
+            st = storage_of(t)
+            if st is not None:
+                row = self._row_or_external(st, t)
+                if self._table.category[row] is Category.TEMPORARY:
+                    path, call = self._stack[-1] if self._stack else (OUTSIDE_PATH, max(self._root_calls_done - 1, 0))
+                    saved = self._saved_counts[(path, call)]
+                    self._saved_counts[(path, call)] = saved + 1
+                    self._table.reclassify(row, Category.ACTIVATION, self._unique(activation_key(path, call, saved)))
+            self._overhead_s += time.perf_counter() - start
+        return self._outer_pack(t) if self._outer_pack is not None else t
+
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        return self._outer_unpack(packed) if self._outer_unpack is not None else packed
+
+    # ---- the dispatch hot path ---------------------------------------------------------------
+
+    def _on_op(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if self._iteration is None:
+            return func(*args, **kwargs)
+        self._check_backward_start()
+        start = time.perf_counter()
+        self._num_ops += 1
+        table = self._table
+        lift = func in LIFT_OPS
+        inputs = flat_tensors(kwargs, flat_tensors(args, []))
+        if not lift:
+            # Views only re-describe memory; they are not uses of it (and would hide idle time).
+            counts_as_use = not func.is_view
+            for t in inputs:
+                st = storage_of(t)
+                if st is not None:
+                    row = self._row_or_external(st, t)
+                    if counts_as_use:
+                        table.use(row)
+        self._overhead_s += time.perf_counter() - start
+        out = func(*args, **kwargs)
+        start = time.perf_counter()
+        for t in flat_tensors(out, []):
+            st = storage_of(t)
+            if st is not None and table.row_of(st) is None:
+                key = self._unique(f"{self._tmp_label}:tmp{self._tmp_count}")
+                self._tmp_count += 1
+                table.add(st, t, Category.TEMPORARY, key, iteration=self._iteration, created=table.point,
+                          created_tick=table.next_tick())
+        self._overhead_s += time.perf_counter() - start
+        return out
+
+    # ---- classification ------------------------------------------------------------------------
+
+    def _unique(self, key: str) -> str:
+        """``key``, suffixed ``#2``, ``#3``... when already used in this iteration."""
+        if key in self._keys:
+            n = 2
+            while f"{key}#{n}" in self._keys:
+                n += 1
+            key = f"{key}#{n}"
+        self._keys.add(key)
+        return key
+
+    def _row_or_external(self, st: torch.UntypedStorage, t: torch.Tensor) -> int:
+        """The storage's row; a storage first seen now existed at the start of this iteration.
+
+        Anything allocated inside an iteration is seen when it is allocated, so an unknown
+        storage was made before the iteration began (by the data pipeline, or before tracing).
+        """
+        row = self._table.row_of(st)
+        if row is None:
+            point, tick = self._iteration_start
+            key = self._unique(f"{self._tmp_label}:external{self._tmp_count}")
+            self._tmp_count += 1
+            row = self._table.add(st, t, Category.INPUT, key, iteration=self._iteration, created=point,
+                                  created_tick=tick)
+            self._external_rows.add(row)
+        return row
+
+    def _mark_input(self, t: torch.Tensor) -> None:
+        st = storage_of(t)
+        if st is None:
+            return
+        row = self._row_or_external(st, t)
+        if self._table.category[row] is Category.TEMPORARY or row in self._external_rows:
+            self._external_rows.discard(row)
+            self._table.reclassify(row, Category.INPUT, self._unique(input_key(self._num_inputs)))
+            self._num_inputs += 1
+
+    def _claim(self, t: torch.Tensor, category: Category, key: str) -> None:
+        """Give a temporary (or unknown) storage its owner's category and key."""
+        st = storage_of(t)
+        if st is None:
+            return
+        row = self._table.row_of(st)
+        if row is None:
+            point, tick = self._iteration_start
+            self._table.add(st, t, category, self._unique(key), iteration=self._iteration, created=point,
+                            created_tick=tick)
+        elif self._table.category[row] is Category.TEMPORARY:
+            self._table.reclassify(row, category, self._unique(key))
+
+    def _name_of(self, param: torch.Tensor) -> str:
+        name = self._param_names.get(id(param))
+        if name is None:  # stepped by the optimizer but not part of the model
+            name = f"<optimizer>.param{len(self._param_names)}"
+            self._param_names[id(param)] = name
+        return name
+
+
+def trace_iterations(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], step: Callable[[int], Any],
+                     num_iterations: int = 1, config: TracerConfig = TracerConfig()) -> LifetimeTrace:
+    """Trace ``num_iterations`` calls of ``step(i)`` (one full training iteration each).
+
+    Args:
+        model: The module being trained.
+        optimizer: Its optimizer (or None).
+        step: Runs iteration ``i``: forward, backward, optimizer step.
+        num_iterations: How many iterations to trace (>= 1).
+        config: Measurement settings.
+
+    Returns:
+        The trace; the tracer is detached before this returns.
+
+    Raises:
+        ValueError: ``num_iterations`` < 1, or a bad model/optimizer.
+    """
+    if not isinstance(num_iterations, int) or num_iterations < 1:
+        raise ValueError(f"num_iterations={num_iterations!r} must be an integer >= 1")
+    tracer = LifetimeTracer(model, optimizer, config)
+    with tracer:
+        for i in range(num_iterations):
+            with tracer.iteration():
+                step(i)
+    return tracer.trace()
