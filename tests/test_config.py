@@ -49,6 +49,7 @@ def test_model_target_and_kwargs_are_overridable():
     (["data=tokens"], "data.path is required with data=tokens"),
     (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid; choose one of: auto, fp32, bf16"),
     (["offload.policy=lifetime"], "offload.policy='lifetime' is not valid; choose one of: none"),
+    (["trainer.steps=3", "trainer.profile_iterations=3"], "exceeds trainer.steps=3; profile fewer iterations"),
 ])
 def test_bad_input_gives_one_line_error(overrides, expected):
     with pytest.raises(ConfigError) as info:

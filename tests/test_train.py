@@ -99,3 +99,19 @@ def test_bf16_autocast_runs_on_cpu(quiet):
     result = _train(quiet + ["trainer.steps=3", "trainer.precision=bf16"])
     assert result.summary["precision"] == "bfloat16"
     assert all(math.isfinite(x) for x in result.losses)
+
+
+def test_profiling_inside_the_loop_writes_a_trace_and_changes_no_result(quiet):
+    from profiling import load_trace
+
+    plain = _train(quiet + ["trainer.steps=6", "logging.run_name=plain"])
+    traced = _train(quiet + ["trainer.steps=6", "trainer.profile_iterations=2", "trainer.profile_warmup=2",
+                             "logging.run_name=traced"])
+    assert torch.equal(torch.tensor(plain.losses), torch.tensor(traced.losses))
+    for pa, pb in zip(plain.model.parameters(), traced.model.parameters()):
+        assert torch.equal(pa, pb)
+    trace = load_trace(traced.run_dir / "trace.tftrace")
+    assert trace.num_iterations == 2
+    assert (traced.run_dir / "profile.txt").read_text().startswith("tierflow: lifetime trace")
+    assert traced.summary["profile"] == str(traced.run_dir / "profile.txt")
+    assert "profile" not in plain.summary

@@ -159,7 +159,9 @@ class TrainerConfig:
 
     ``global_batch`` sequences make one optimizer step; they are split over ``grad_accum``
     micro-steps and over the ranks, so each rank runs micro-batches of
-    ``global_batch / (grad_accum * world_size)`` sequences.
+    ``global_batch / (grad_accum * world_size)`` sequences. ``profile_iterations > 0`` traces
+    that many steps (after ``profile_warmup`` untraced ones) with the lifetime tracer and writes
+    the trace and its report into the run directory; the tracer detaches afterwards.
     """
 
     steps: int = 200
@@ -172,11 +174,20 @@ class TrainerConfig:
     eval_batches: int = 4
     device: str = "auto"
     deterministic: bool = True
+    profile_iterations: int = 0
+    profile_warmup: int = 1
 
     def __post_init__(self) -> None:
         p: List[str] = []
         for key in ("steps", "global_batch", "grad_accum", "eval_batches"):
             _positive(p, f"trainer.{key}", getattr(self, key))
+        for key in ("profile_iterations", "profile_warmup"):
+            if getattr(self, key) < 0:
+                p.append(f"trainer.{key}={getattr(self, key)} must be >= 0")
+        if self.profile_iterations > 0 and self.profile_warmup + self.profile_iterations > self.steps:
+            p.append(f"trainer.profile_warmup+trainer.profile_iterations={self.profile_warmup}+"
+                     f"{self.profile_iterations} exceeds trainer.steps={self.steps}; profile fewer iterations "
+                     "or train more steps")
         if self.grad_clip < 0:
             p.append(f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         if self.eval_every < 0:

@@ -10,10 +10,10 @@ warm-up iterations). :func:`profile_training` builds a run from its config, prof
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
@@ -24,7 +24,7 @@ from trainer.distributed import env_world_size, init_runtime, shutdown_runtime
 from trainer.metrics import make_run_dir
 from trainer.train import RunParts, build_run, train_step
 
-__all__ = ["ProfileResult", "ProfiledSteps", "profile_steps", "profile_training"]
+__all__ = ["ProfileResult", "ProfiledSteps", "StepTracer", "profile_steps", "profile_training", "write_profile"]
 
 
 @dataclass(frozen=True)
@@ -95,23 +95,67 @@ def profile_steps(parts: RunParts, *, first_step: int, num_iterations: int, grad
     """
     _check_count("num_iterations", num_iterations, 1)
     _check_count("first_step", first_step, 0)
-    tracer = LifetimeTracer(parts.model, parts.optimizer, config) if record else None
+    window = StepTracer(parts, first_step=first_step, num_iterations=num_iterations, record=record, config=config)
     losses: List[float] = []
-    with tracer if tracer is not None else nullcontext():
-        for step in range(first_step, first_step + num_iterations):
-            # Data comes from outside the iteration, as from a loader: it enters as an input.
-            batches = parts.loader.micro_batches(step)
-            if tracer is None:
-                loss = train_step(parts.wrapped, parts.optimizer, batches, parts.amp_dtype, grad_clip)
-            else:
-                with tracer.iteration():
-                    tracer.mark_inputs(batches)
-                    loss = train_step(parts.wrapped, parts.optimizer, batches, parts.amp_dtype, grad_clip)
-            parts.scheduler.step()
-            losses.append(loss.item())
-            if on_step is not None:
-                on_step(step, losses[-1])
-    return ProfiledSteps(trace=tracer.trace() if tracer is not None else None, losses=tuple(losses))
+    for step in range(first_step, first_step + num_iterations):
+        # Data comes from outside the iteration, as from a loader: it enters as an input.
+        batches = parts.loader.micro_batches(step)
+        with window.step(step, batches):
+            loss = train_step(parts.wrapped, parts.optimizer, batches, parts.amp_dtype, grad_clip)
+        parts.scheduler.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return ProfiledSteps(trace=window.trace, losses=tuple(losses))
+
+
+class StepTracer:
+    """Traces a window of steps of any loop that wraps each step in :meth:`step`.
+
+    The tracer attaches when step ``first_step`` begins and detaches once step
+    ``first_step + num_iterations - 1`` ends (or when a traced step raises), so steps outside
+    the window run with no hook at all. :attr:`trace` is set once the window is complete.
+
+    Example:
+        >>> window = StepTracer(parts, first_step=1, num_iterations=2)
+        >>> for step in range(10):
+        ...     batches = parts.loader.micro_batches(step)
+        ...     with window.step(step, batches):
+        ...         train_step(parts.wrapped, parts.optimizer, batches, parts.amp_dtype, 1.0)
+    """
+
+    def __init__(self, parts: RunParts, *, first_step: int, num_iterations: int, record: bool = True,
+                 config: TracerConfig = TracerConfig()) -> None:
+        self.first_step = _check_count("first_step", first_step, 0)
+        self.last_step = first_step + _check_count("num_iterations", num_iterations, 1) - 1
+        self._tracer = LifetimeTracer(parts.model, parts.optimizer, config) if record else None
+        self.trace: Optional[LifetimeTrace] = None
+
+    @contextmanager
+    def step(self, step: int, batches: object) -> Iterator[None]:
+        tracer = self._tracer
+        if tracer is None or not self.first_step <= step <= self.last_step:
+            yield
+            return
+        if step == self.first_step:
+            tracer.attach()
+        try:
+            with tracer.iteration():
+                tracer.mark_inputs(batches)
+                yield
+        except BaseException:
+            tracer.detach()
+            raise
+        if step == self.last_step:
+            tracer.detach()
+            self.trace = tracer.trace()
+
+
+def write_profile(trace: LifetimeTrace, run_dir: Path, *, plot: bool) -> Tuple[Path, Path, Optional[Path]]:
+    """Write ``trace.tftrace``, ``profile.txt`` and (with ``plot``) ``memory.png`` into ``run_dir``."""
+    trace_path = save_trace(trace, run_dir / "trace.tftrace")
+    files = write_report(trace, run_dir, plot=plot)
+    return trace_path, files.summary, files.plot
 
 
 def profile_training(cfg: TrainConfig, *, num_iterations: int = 3, num_warmup: int = 1,
@@ -167,10 +211,9 @@ def profile_training(cfg: TrainConfig, *, num_iterations: int = 3, num_warmup: i
         trace = profiled.trace
         if not rt.is_main or trace is None:
             return ProfileResult(None, tuple(losses), run_dir, None, None, None, "")
-        trace_path = save_trace(trace, run_dir / "trace.tftrace")
-        files = write_report(trace, run_dir, plot=cfg.logging.plot)
-        return ProfileResult(trace, tuple(losses), run_dir, trace_path, files.summary, files.plot,
-                             files.summary.read_text().rstrip("\n"))
+        trace_path, summary_path, plot_path = write_profile(trace, run_dir, plot=cfg.logging.plot)
+        return ProfileResult(trace, tuple(losses), run_dir, trace_path, summary_path, plot_path,
+                             summary_path.read_text().rstrip("\n"))
     finally:
         shutdown_runtime(rt)
 

@@ -105,6 +105,12 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         (run_dir / "config.yaml").chmod(0o600)
     bar = _progress_bar(tc.steps) if rt.is_main and cfg.logging.progress else None
+    profiler = None
+    if tc.profile_iterations:
+        from trainer.profile import StepTracer  # trainer.profile builds on this module
+
+        profiler = StepTracer(parts, first_step=tc.profile_warmup, num_iterations=tc.profile_iterations,
+                              record=rt.is_main)
 
     tokens_per_step = tc.global_batch * cfg.data.seq_len
     losses: List[float] = []
@@ -117,7 +123,9 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
         for step in range(tc.steps):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            loss = train_step(wrapped, optimizer, loader.micro_batches(step), amp_dtype, tc.grad_clip)
+            batches = loader.micro_batches(step)
+            with profiler.step(step, batches) if profiler is not None else nullcontext():
+                loss = train_step(wrapped, optimizer, batches, amp_dtype, tc.grad_clip)
             scheduler.step()
             loss_value = rt.mean(loss).item()  # also the step's device sync
             dt = time.perf_counter() - t0
@@ -163,6 +171,10 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
         "data_loss_floor": source.entropy_floor if isinstance(source, SyntheticMarkov) else None,
         "param_digests": digests, "run_dir": str(run_dir),
     }
+    if profiler is not None and profiler.trace is not None:
+        from trainer.profile import write_profile
+
+        summary["profile"] = str(write_profile(profiler.trace, run_dir, plot=cfg.logging.plot)[1])
     if sink is not None:
         sink.finish(summary)
         if cfg.logging.plot:
@@ -261,6 +273,7 @@ def format_summary(s: Dict[str, Any]) -> str:
         f"  throughput  {s['tokens_per_s']:,.0f} tokens/s (median step {s['median_step_time_s'] * 1e3:.1f} ms)",
         f"  peak memory {s['peak_memory_bytes'] / 2**20:,.1f} MiB ({s['peak_memory_kind']})",
         f"  run dir     {s['run_dir']}",
+        *([f"  profile     {s['profile']}"] if s.get("profile") else []),
     ])
 
 
