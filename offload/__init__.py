@@ -1,6 +1,48 @@
-"""tierflow's offload engine: storage tiers, planners, the simulator and the runtime.
+"""tierflow's offload engine: storage tiers, the transfer scheduler, calibration and the HardwareModel.
 
-Filled by the tier-engine, planner and runtime issues; importable on its own, without ``trainer``.
+Importable on its own, without ``trainer``. The planner, simulator and runtime land here next.
 """
 
-__all__: list = []
+from offload._memory import aligned_empty
+from offload.config import HostTierConfig, NumaTierConfig, NvmeTierConfig, SchedulerConfig, TiersConfig
+from offload.engine import TierEngine
+from offload.errors import ChecksumError, TierConfigError, TierError, TierFullError, TierIOError, TransferCancelled
+from offload.hardware import HardwareModel, LinkModel, LinkSample, TierModel, fit_link
+from offload.host import HostTier
+from offload.numa import NumaNode, NumaTier, discover_numa_nodes, numa_placement
+from offload.nvme import NvmeTier
+from offload.scheduler import LinkStats, TransferKind, TransferScheduler
+from offload.tier import Slot, Tier, TransferHandle
+
+__all__ = [
+    "ChecksumError",
+    "HardwareModel",
+    "HostTier",
+    "HostTierConfig",
+    "LinkModel",
+    "LinkSample",
+    "LinkStats",
+    "NumaNode",
+    "NumaTier",
+    "NumaTierConfig",
+    "NvmeTier",
+    "NvmeTierConfig",
+    "SchedulerConfig",
+    "Slot",
+    "Tier",
+    "TierConfigError",
+    "TierEngine",
+    "TierError",
+    "TierFullError",
+    "TierIOError",
+    "TierModel",
+    "TiersConfig",
+    "TransferCancelled",
+    "TransferHandle",
+    "TransferKind",
+    "TransferScheduler",
+    "aligned_empty",
+    "discover_numa_nodes",
+    "fit_link",
+    "numa_placement",
+]

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "train": ("trainer.cmd_train", "train a model (also: python -m trainer.train, under torchrun too)"),
     "profile": ("trainer.cmd_profile", "trace tensor lifetimes over warm-up iterations; write trace, summary, plot"),
     "report": ("profiling.cmd_report", "summarise a trace file: text summary and memory-timeline PNG"),
+    "calibrate": ("offload.cmd_calibrate", "measure every storage link and write a HardwareModel JSON"),
 }
 
 

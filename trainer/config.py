@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from offload.config import TiersConfig  # the tiers group is owned by the tier engine
+
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
@@ -229,7 +231,7 @@ class LoggingConfig:
         _raise_if(p)
 
 
-# The three groups below are placeholders that the offload, tier and checkpoint issues fill. They
+# The two groups below are placeholders that the planner/runtime and checkpoint issues fill. They
 # accept only their "off" value today, so a user who asks for more gets told instead of ignored.
 
 
@@ -240,16 +242,6 @@ class OffloadConfig:
     def __post_init__(self) -> None:
         p: List[str] = []
         _one_of(p, "offload.policy", self.policy, ["none"])
-        _raise_if(p)
-
-
-@dataclass(kw_only=True)
-class TiersConfig:
-    preset: str = "none"
-
-    def __post_init__(self) -> None:
-        p: List[str] = []
-        _one_of(p, "tiers.preset", self.preset, ["none"])
         _raise_if(p)
 
 
