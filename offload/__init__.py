@@ -13,6 +13,10 @@ from offload.numa import NumaNode, NumaTier, discover_numa_nodes, numa_placement
 from offload.nvme import NvmeTier
 from offload.scheduler import LinkStats, TransferKind, TransferScheduler
 from offload.tier import Slot, Tier, TransferHandle
+from offload.plan import Action, Decision, OffloadPlan, PlanError, PlanFileError, PlanningError, validate_plan
+from offload.plan_config import OffloadConfig
+from offload.planner import POLICIES, Budgets, feasible_minimum_bytes, make_plan
+from offload.simulate import Simulation, simulate
 
 __all__ = [
     "ChecksumError",
@@ -45,4 +49,18 @@ __all__ = [
     "discover_numa_nodes",
     "fit_link",
     "numa_placement",
+    "Action",
+    "Budgets",
+    "Decision",
+    "OffloadConfig",
+    "OffloadPlan",
+    "POLICIES",
+    "PlanError",
+    "PlanFileError",
+    "PlanningError",
+    "Simulation",
+    "feasible_minimum_bytes",
+    "make_plan",
+    "simulate",
+    "validate_plan",
 ]

@@ -48,7 +48,7 @@ def test_model_target_and_kwargs_are_overridable():
      "trainer.global_batch=10 is not divisible by trainer.grad_accum=3; choose grad_accum among 1, 2, 5, 10"),
     (["data=tokens"], "data.path is required with data=tokens"),
     (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid; choose one of: auto, fp32, bf16"),
-    (["offload.policy=lifetime"], "offload.policy='lifetime' is not valid; choose one of: none"),
+    (["offload.policy=lru"], "offload.policy='lru' is not valid; choose one of: lifetime, none, all_host"),
     (["trainer.steps=3", "trainer.profile_iterations=3"], "exceeds trainer.steps=3; profile fewer iterations"),
 ])
 def test_bad_input_gives_one_line_error(overrides, expected):
@@ -100,4 +100,12 @@ def test_world_size_error_from_env_before_any_work(tmp_path, capsys, monkeypatch
     code = cli.main(["train", f"logging.run_root={runs}", "trainer.global_batch=16"])
     err = capsys.readouterr().err
     assert code == 2 and "world size 3 does not divide" in err and err.count("\n") == 1
+    assert not runs.exists()
+
+
+def test_training_refuses_an_offload_policy_it_cannot_execute_yet(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code = cli.main(["train", "offload=lifetime", "offload.device_budget_fraction=0.5", f"logging.run_root={runs}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "offload.policy=lifetime cannot run inside training yet" in err and "tierflow plan" in err
     assert not runs.exists()

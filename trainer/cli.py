@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "profile": ("trainer.cmd_profile", "trace tensor lifetimes over warm-up iterations; write trace, summary, plot"),
     "report": ("profiling.cmd_report", "summarise a trace file: text summary and memory-timeline PNG"),
     "calibrate": ("offload.cmd_calibrate", "measure every storage link and write a HardwareModel JSON"),
+    "plan": ("offload.cmd_plan", "plan offloading for a trace: predicted step time, plan JSON, memory PNG"),
 }
 
 

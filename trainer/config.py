@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 
 from offload.config import TiersConfig  # the tiers group is owned by the tier engine
+from offload.plan_config import OffloadConfig  # the offload group is owned by the planner
 
 __all__ = [
     "CheckpointConfig",
@@ -231,18 +232,8 @@ class LoggingConfig:
         _raise_if(p)
 
 
-# The two groups below are placeholders that the planner/runtime and checkpoint issues fill. They
+# The three groups below are placeholders that the offload, tier and checkpoint issues fill. They
 # accept only their "off" value today, so a user who asks for more gets told instead of ignored.
-
-
-@dataclass(kw_only=True)
-class OffloadConfig:
-    policy: str = "none"
-
-    def __post_init__(self) -> None:
-        p: List[str] = []
-        _one_of(p, "offload.policy", self.policy, ["none"])
-        _raise_if(p)
 
 
 @dataclass(kw_only=True)

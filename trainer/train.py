@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainer.config import TrainConfig, micro_batch_size
+from trainer.config import ConfigError, TrainConfig, micro_batch_size
 from trainer.data import Batch, ShardedLoader, SyntheticMarkov, TokenSource, build_source
 from trainer.distributed import Runtime, env_world_size, init_runtime, shutdown_runtime
 from trainer.metrics import MetricsSink, make_run_dir, peak_memory_bytes, plot_losses, reset_peak_memory
@@ -52,6 +52,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         ConfigError: a setting is wrong (raised before any device, process-group or disk work).
     """
     # 1. Everything checkable up front: batch split over ranks, the token file, the model target.
+    if cfg.offload.policy != "none":
+        # Plans can be made and simulated, but nothing executes them inside the loop yet: refuse
+        # rather than train unconstrained while the user believes offloading is on.
+        raise ConfigError(f"offload.policy={cfg.offload.policy} cannot run inside training yet (the plan runtime "
+                          "is not built); plan offline with `tierflow profile` then `tierflow plan TRACE "
+                          f"--policy {cfg.offload.policy}`, or train with offload.policy=none")
     micro_batch_size(cfg.trainer, env_world_size())
     source = build_source(cfg.data, cfg.trainer.seed)
     _check_model_builds(cfg)

@@ -1,0 +1,54 @@
+"""The ``offload`` config group: which policy plans offloading, and under which budgets.
+
+YAML in ``conf/offload/<policy>.yaml`` only selects a policy and overrides values; this dataclass
+is the schema (registered with Hydra through ``trainer.config``'s tree).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from offload.plan import PlanningError
+from offload.planner import POLICIES, Budgets
+
+__all__ = ["OffloadConfig"]
+
+
+@dataclass(kw_only=True)
+class OffloadConfig:
+    """Planner settings.
+
+    Attributes:
+        policy: ``none`` (default: nothing moves), ``lifetime`` (TERAIO/G10 rule under the budget)
+            or a baseline: ``all_host``, ``zero_offload``, ``zero_infinity``, ``belady``.
+        device_budget_bytes: Device budget in bytes; wins over ``device_budget_fraction``.
+        device_budget_fraction: Device budget as a fraction of the traced unconstrained peak
+            (e.g. 0.5). With neither set the budget is the unconstrained peak (nothing must move).
+        tier_budget_bytes: Per-tier budgets, e.g. ``{host: 64000000000}``; a tier not named gets
+            the capacity of its HardwareModel.
+    """
+
+    policy: str = "none"
+    device_budget_bytes: Optional[int] = None
+    device_budget_fraction: Optional[float] = None
+    tier_budget_bytes: Dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        p: List[str] = []
+        if self.policy not in POLICIES:
+            p.append(f"offload.policy={self.policy!r} is not valid; choose one of: {', '.join(POLICIES)}")
+        if self.device_budget_bytes is not None and self.device_budget_bytes < 0:
+            p.append(f"offload.device_budget_bytes={self.device_budget_bytes} must be >= 0")
+        if self.device_budget_fraction is not None and not 0 < self.device_budget_fraction:
+            p.append(f"offload.device_budget_fraction={self.device_budget_fraction} must be > 0, e.g. 0.5")
+        for tier, b in self.tier_budget_bytes.items():
+            if b < 0:
+                p.append(f"offload.tier_budget_bytes.{tier}={b} must be >= 0")
+        if p:
+            raise PlanningError("; ".join(p))
+
+    def budgets(self) -> Budgets:
+        """The :class:`~offload.planner.Budgets` these settings describe."""
+        return Budgets(device_bytes=self.device_budget_bytes, device_fraction=self.device_budget_fraction,
+                       tier_bytes=tuple(sorted(self.tier_budget_bytes.items())))
