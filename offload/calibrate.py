@@ -4,10 +4,12 @@ Each link is measured through the same tier code the runtime uses (so the model 
 overheads, not just the hardware's): for every transfer size and concurrency level, ``concurrency``
 transfers are submitted at once and timed until all finish, ``repeats`` times. Links measured:
 
-* ``device->host`` / ``host->device`` (CUDA only), through the pinned host pool;
+* ``device->host`` / ``host->device`` through the host pool (pinned on CUDA). Without a GPU the
+  device is process memory (DESIGN.md, Tiers) and these are the real copies into the pool, so a
+  model calibrated on a CPU machine plans offloading for that machine;
 * ``host->numa:<n>`` / ``numa:<n>->host`` for each NUMA node with memory;
 * ``host->nvme:<i>`` / ``nvme:<i>->host`` for each directory, from page-aligned host memory;
-* ``device->nvme:<i>`` / ``nvme:<i>->device`` (CUDA only): kvikio, or staged through the host.
+* ``device->nvme:<i>`` / ``nvme:<i>->device``: kvikio on CUDA, else staged through aligned buffers.
 
 Example:
     >>> plan = CalibrationPlan(sizes_bytes=(1 << 20,), concurrency=(1, 2), repeats=2)
@@ -138,7 +140,7 @@ def calibrate(plan: CalibrationPlan, *, nvme_dirs: Sequence[str] = (), numa_node
         numa_nodes: nodes to measure; None measures every node with memory, ``[]`` none.
         host_budget_bytes: the host tier's capacity to record (default: available memory now).
         numa_sysfs_root: NUMA topology root.
-        use_cuda: measure device links; default when CUDA is available.
+        use_cuda: the device is a CUDA GPU; default when CUDA is available (else process memory).
         name: label of the model (default: the host name).
         progress: called with one line per measured link.
 
@@ -165,13 +167,20 @@ def calibrate(plan: CalibrationPlan, *, nvme_dirs: Sequence[str] = (), numa_node
             nvme_capacity.append(probe.capacity_bytes)
     host_cfg = HostTierConfig(enabled=True, budget_bytes=need, slab_bytes=max(plan.sizes_bytes))
     tiers.append(TierModel("host", "host", host_budget_bytes or psutil.virtual_memory().available, "host DRAM"))
+    device = "cuda" if use_cuda else "cpu"
+
+    def device_buffer(n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.uint8, device=device)
+
     if use_cuda:
-        free, total = torch.cuda.mem_get_info()
-        tiers.append(TierModel("device", "device", total, torch.cuda.get_device_name()))
-        say("device <-> host (pinned pool)")
-        w, r = measure_link(lambda s, c: HostTier(host_cfg, s), lambda n: torch.empty(n, dtype=torch.uint8, device="cuda"), plan)
-        links += [_link("device", "host", w, "pinned host pool"), _link("host", "device", r, "pinned host pool")]
-        _report(progress, links[-2:])
+        tiers.append(TierModel("device", "device", torch.cuda.mem_get_info()[1], torch.cuda.get_device_name()))
+    else:
+        tiers.append(TierModel("device", "device", psutil.virtual_memory().total, "CPU memory (no GPU)"))
+    via_pool = "pinned host pool" if use_cuda else "host pool copy (CPU device)"
+    say(f"device <-> host ({via_pool})")
+    w, r = measure_link(lambda s, c: HostTier(host_cfg, s), device_buffer, plan)
+    links += [_link("device", "host", w, via_pool), _link("host", "device", r, via_pool)]
+    _report(progress, links[-2:])
 
     nodes = discover_numa_nodes(numa_sysfs_root)
     chosen = [n for n in nodes if n.total_bytes > 0] if numa_nodes is None else [n for n in nodes if n.node_id in numa_nodes]
@@ -196,11 +205,11 @@ def calibrate(plan: CalibrationPlan, *, nvme_dirs: Sequence[str] = (), numa_node
         w, r = measure_link(opener, lambda n: aligned_empty(n), plan)
         links += [_link("host", tier, w, f"O_DIRECT, {chunk >> 20} MiB chunks"), _link(tier, "host", r, f"O_DIRECT, {chunk >> 20} MiB chunks")]
         _report(progress, links[-2:])
-        if use_cuda:
-            say(f"device <-> {tier}")
-            w, r = measure_link(opener, lambda n: torch.empty(n, dtype=torch.uint8, device="cuda"), plan)
-            links += [_link("device", tier, w, "kvikio or staged"), _link(tier, "device", r, "kvikio or staged")]
-            _report(progress, links[-2:])
+        via_nvme = "kvikio or staged" if use_cuda else "staged through aligned buffers (CPU device)"
+        say(f"device <-> {tier}")
+        w, r = measure_link(opener, device_buffer, plan)
+        links += [_link("device", tier, w, via_nvme), _link(tier, "device", r, via_nvme)]
+        _report(progress, links[-2:])
 
     return HardwareModel(name=name or socket.gethostname(), tiers=tuple(tiers), links=tuple(links),
                          source=f"tierflow calibrate: sizes {list(plan.sizes_bytes)} B, concurrency "

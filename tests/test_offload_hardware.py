@@ -110,7 +110,9 @@ def test_calibrate_writes_a_hardware_model_for_this_machine(tmp_path, capsys):
                    "--sizes", "256K,1M", "--concurrency", "1,2", "--repeats", "1", "tiers.nvme.chunk_bytes=262144"])
     assert rc == 0, capsys.readouterr().err
     model = HardwareModel.load(str(out))
-    assert {l.name for l in model.links} == {"host->numa:0", "numa:0->host", "host->nvme:0", "nvme:0->host"}
+    device_links = {"device->host", "host->device", "device->nvme:0", "nvme:0->device"}
+    assert {l.name for l in model.links} == {"host->numa:0", "numa:0->host", "host->nvme:0", "nvme:0->host"} | device_links
+    assert model.tier("device").capacity_bytes > 0
     assert {t.name for t in model.tiers} >= {"host", "numa:0", "nvme:0"}
     for link in model.links:
         assert len(link.samples) == 4 and link.bandwidth_bytes_per_s > 0 and link.latency_s >= 0
