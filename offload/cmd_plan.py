@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("no hardware model: pick a preset (tiers=h100_sxm_pcie5_2nvme) or pass "
                          "tiers.hardware_file=hw.json from `tierflow calibrate`")
     out = Path(args.out) if args.out else trace_path.parent
-    if not out.is_dir():
-        raise FileNotFoundError(f"--out {out} is not a directory; create it first")
+    if out.exists() and not out.is_dir():
+        raise FileNotFoundError(f"--out {out} exists and is not a directory; pass a directory")
     trace = load_trace(trace_path)
     plan = make_plan(trace, hardware, budgets, args.policy)
     sim = simulate(trace, plan, hardware)
@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  fits                 {'yes' if plan.fits else 'NO'}")
     for line in problems:
         print(f"  problem: {line}")
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)  # only once the plan exists: nothing written on failure
     plan_path = plan.save(out / "plan.json")
     png = plot_plan(trace, plan, out / "plan.png")
     print(f"  plan          {plan_path}")

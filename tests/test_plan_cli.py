@@ -68,3 +68,10 @@ def test_offload_config_group_selects_policy_and_budgets():
     assert cfg.offload.budgets() == Budgets(device_fraction=0.5, tier_bytes=(("host", 1000),))
     with pytest.raises(ConfigError, match="offload.device_budget_fraction=-1.0 must be > 0"):
         load_config(["offload.device_budget_fraction=-1"])
+
+
+def test_plan_creates_a_missing_out_directory_owner_only(tmp_path, trace_file):
+    out = tmp_path / "plans" / "a"
+    rc = cli_main(["plan", trace_file, "tiers=h100_sxm_pcie5_2nvme", "--budget", "80%", "--out", str(out)])
+    assert rc == 0
+    assert (out / "plan.json").is_file() and stat.S_IMODE(out.stat().st_mode) == 0o700
