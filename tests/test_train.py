@@ -115,3 +115,9 @@ def test_profiling_inside_the_loop_writes_a_trace_and_changes_no_result(quiet):
     assert (traced.run_dir / "profile.txt").read_text().startswith("tierflow: lifetime trace")
     assert traced.summary["profile"] == str(traced.run_dir / "profile.txt")
     assert "profile" not in plain.summary
+
+
+def test_a_tiers_preset_that_training_cannot_use_yet_warns(quiet):
+    with pytest.warns(UserWarning, match="tiers=h100_sxm_pcie5_2nvme .* is not used by training yet"):
+        result = _train(quiet + ["trainer.steps=2", "tiers=h100_sxm_pcie5_2nvme"])
+    assert len(result.losses) == 2

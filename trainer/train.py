@@ -12,6 +12,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +59,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ConfigError(f"offload.policy={cfg.offload.policy} cannot run inside training yet (the plan runtime "
                           "is not built); plan offline with `tierflow profile` then `tierflow plan TRACE "
                           f"--policy {cfg.offload.policy}`, or train with offload.policy=none")
+    if cfg.tiers.preset != "none" or cfg.tiers.hardware_file:
+        warnings.warn(f"tiers={cfg.tiers.preset} (hardware_file={cfg.tiers.hardware_file}) is not used by training "
+                      "yet: nothing is offloaded until the plan runtime lands; `tierflow plan` and `tierflow "
+                      "calibrate` use it", stacklevel=2)
     micro_batch_size(cfg.trainer, env_world_size())
     source = build_source(cfg.data, cfg.trainer.seed)
     _check_model_builds(cfg)
