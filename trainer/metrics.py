@@ -10,6 +10,7 @@ import json
 import textwrap
 import os
 import resource
+import sys
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 from trainer.config import LoggingConfig
 
-__all__ = ["MetricsSink", "make_run_dir", "peak_memory_bytes", "plot_losses", "reset_peak_memory"]
+__all__ = ["MetricsSink", "make_run_dir", "peak_memory_bytes", "plot_losses", "progress_bar", "reset_peak_memory"]
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -120,6 +121,13 @@ def plot_losses(records: List[Dict[str, Any]], path: Path, title: str, floor: Op
     fig.savefig(path)
     os.chmod(path, 0o600)
     plt.close(fig)
+
+
+def progress_bar(total: int, desc: str):
+    """The rank-0 progress bar of a loop over ``total`` optimizer steps (on stderr)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
 
 
 def _private_opener(path: str, flags: int) -> int:

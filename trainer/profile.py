@@ -9,20 +9,18 @@ warm-up iterations). :func:`profile_training` builds a run from its config, prof
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
-from omegaconf import OmegaConf
 
 from profiling import LifetimeTrace, LifetimeTracer, TracerConfig, save_trace, write_report
 from trainer.config import TrainConfig, micro_batch_size
 from trainer.data import build_source
 from trainer.distributed import env_world_size, init_runtime, shutdown_runtime
-from trainer.metrics import make_run_dir
-from trainer.train import RunParts, build_run, train_step
+from trainer.metrics import progress_bar
+from trainer.train import RunParts, build_run, prepare_run_dir, train_step
 
 __all__ = ["ProfileResult", "ProfiledSteps", "StepTracer", "profile_steps", "profile_training", "write_profile"]
 
@@ -186,12 +184,8 @@ def profile_training(cfg: TrainConfig, *, num_iterations: int = 3, num_warmup: i
     rt = init_runtime(cfg.trainer.device)
     try:
         parts = build_run(cfg, rt, source)
-        name = cfg.model._target_.rsplit(".", 1)[-1]
-        run_dir = Path(rt.broadcast(str(make_run_dir(cfg.logging, f"{name}-profile")) if rt.is_main else None))
-        if rt.is_main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-            (run_dir / "config.yaml").chmod(0o600)
-        bar = _progress_bar(num_warmup + num_iterations) if rt.is_main and cfg.logging.progress else None
+        run_dir = prepare_run_dir(cfg, rt, "-profile")
+        bar = progress_bar(num_warmup + num_iterations, "profile") if rt.is_main and cfg.logging.progress else None
         losses: List[float] = []
         try:
             for step in range(num_warmup):
@@ -217,8 +211,3 @@ def profile_training(cfg: TrainConfig, *, num_iterations: int = 3, num_warmup: i
     finally:
         shutdown_runtime(rt)
 
-
-def _progress_bar(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="profile", unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)

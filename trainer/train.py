@@ -29,11 +29,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer.config import ConfigError, TrainConfig, micro_batch_size
 from trainer.data import Batch, ShardedLoader, SyntheticMarkov, TokenSource, build_source
 from trainer.distributed import Runtime, env_world_size, init_runtime, shutdown_runtime
-from trainer.metrics import MetricsSink, make_run_dir, peak_memory_bytes, plot_losses, reset_peak_memory
+from trainer.metrics import (MetricsSink, make_run_dir, peak_memory_bytes, plot_losses, progress_bar,
+                             reset_peak_memory)
 from trainer.model import build_model, count_parameters
 from trainer.optim import build_optimizer
 
-__all__ = ["RunParts", "TrainResult", "build_run", "dry_run", "main", "parameter_digest", "train", "train_step"]
+__all__ = ["RunParts", "TrainResult", "build_run", "dry_run", "main", "parameter_digest", "prepare_run_dir", "train",
+           "train_step"]
 
 
 @dataclass
@@ -110,12 +112,9 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
                                                     parts.scheduler, parts.loader)
     amp_dtype = parts.amp_dtype
 
-    run_dir = Path(rt.broadcast(str(make_run_dir(cfg.logging, _model_name(cfg))) if rt.is_main else None))
+    run_dir = prepare_run_dir(cfg, rt)
     sink = MetricsSink(cfg.logging, run_dir, asdict(cfg)) if rt.is_main else None
-    if rt.is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        (run_dir / "config.yaml").chmod(0o600)
-    bar = _progress_bar(tc.steps) if rt.is_main and cfg.logging.progress else None
+    bar = progress_bar(tc.steps, "train") if rt.is_main and cfg.logging.progress else None
     profiler = None
     if tc.profile_iterations:
         from trainer.profile import StepTracer  # trainer.profile builds on this module
@@ -301,10 +300,14 @@ def _model_name(cfg: TrainConfig) -> str:
     return cfg.model._target_.rsplit(".", 1)[-1]
 
 
-def _progress_bar(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+def prepare_run_dir(cfg: TrainConfig, rt: Runtime, suffix: str = "") -> Path:
+    """Rank 0 creates the run directory and saves ``config.yaml`` in it; every rank gets its path."""
+    if not rt.is_main:
+        return Path(rt.broadcast(None))
+    run_dir = make_run_dir(cfg.logging, _model_name(cfg) + suffix)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    (run_dir / "config.yaml").chmod(0o600)
+    return Path(rt.broadcast(str(run_dir)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
