@@ -1,15 +1,21 @@
-"""Optimizer and learning-rate schedule built from :class:`OptimizerConfig`."""
+"""Optimizer and learning-rate schedule built from :class:`OptimizerConfig`.
+
+With ``optimizer.tiered.enabled=true`` the optimizer is wrapped in a
+:class:`~offload.TieredOptimizer` whose state lives in the run's ``tiers`` (``docs/optimizer.md``);
+the schedule then steers the wrapper, which shares the wrapped optimizer's hyperparameters.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from trainer.config import OptimizerConfig
+from offload import TieredOptimizer, TiersConfig
+from trainer.config import ConfigError, OptimizerConfig
 
 __all__ = ["build_optimizer", "lr_factor"]
 
@@ -25,8 +31,19 @@ def lr_factor(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int) -> Tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW or SGD with weight decay on matrices and embeddings only (not norms or biases)."""
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int,
+                    tiers: Optional[TiersConfig] = None) -> Tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW or SGD with weight decay on matrices and embeddings only (not norms or biases).
+
+    Args:
+        model: the module whose trainable parameters are optimized.
+        cfg: the ``optimizer`` group.
+        total_steps: optimizer steps of the run (for the cosine schedule).
+        tiers: the run's ``tiers`` group; needed when ``cfg.tiered.enabled``.
+
+    Raises:
+        ConfigError: ``optimizer.tiered.enabled=true`` without tiers, or with a path not enabled there.
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
@@ -36,4 +53,11 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int) ->
         opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     else:
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.tiered.enabled:
+        missing = [p for p in cfg.tiered.paths if tiers is None or not getattr(tiers, p).enabled]
+        if missing:
+            raise ConfigError(f"optimizer.tiered.paths={list(cfg.tiered.paths)} needs tier(s) {missing} enabled in the "
+                              f"run's tiers config, e.g. tiers.{missing[0]}.enabled=true"
+                              + (" tiers.nvme.dirs=[/mnt/nvme0]" if "nvme" in missing else ""))
+        opt = TieredOptimizer(opt, config=cfg.tiered, tiers=tiers)
     return opt, LambdaLR(opt, lambda step: lr_factor(cfg, step, total_steps))

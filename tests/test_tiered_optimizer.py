@@ -1,0 +1,537 @@
+"""The tiered optimizer: bit-identical to the plain optimizer on every tier, state_dict round trips,
+swap files removed, and an atomic step under injected disk faults."""
+
+import dataclasses
+import errno
+import os
+import time
+import warnings
+
+import pytest
+import torch
+
+from offload import (HostTierConfig, NumaTierConfig, NvmeTier, NvmeTierConfig, TierConfigError, TieredOptimizer,
+                     TieredOptimizerConfig, TieredStepError, TierEngine, TiersConfig)
+from offload._nvme_io import PosixIO
+
+KiB, MiB = 1 << 10, 1 << 20
+STEPS = 20
+
+
+class SignMomentum(torch.optim.Optimizer):
+    """A user's own optimizer: momentum of the gradient sign, state created lazily with two tensors."""
+
+    def __init__(self, params, lr=1e-2, beta=0.8):
+        super().__init__(params, dict(lr=lr, beta=beta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["buf"] = torch.zeros_like(p)
+                    state["seen"] = torch.zeros_like(p, dtype=torch.int32)
+                    state["count"] = 0
+                state["count"] += 1
+                state["seen"].add_(1)
+                state["buf"].mul_(group["beta"]).add_(p.grad.sign(), alpha=1 - group["beta"])
+                p.add_(state["buf"] * state["seen"].float().rsqrt(), alpha=-group["lr"])
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Embedding(50, 24), torch.nn.Linear(24, 48), torch.nn.GELU(),
+                               torch.nn.LayerNorm(48), torch.nn.Linear(48, 50))
+
+
+def _groups(model):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+
+
+OPTIMIZERS = {
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True),
+    "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+    "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.05),
+    "user": lambda ps: SignMomentum(ps, lr=1e-2),
+}
+
+
+def _tiers(tmp_path, kind, nvme_dirs=1):
+    if kind == "host":
+        return TiersConfig(host=HostTierConfig(enabled=True, budget_bytes=4 * MiB, slab_bytes=MiB))
+    if kind == "numa":
+        return TiersConfig(numa=NumaTierConfig(enabled=True, nodes=[0], budget_bytes=4 * MiB, slab_bytes=MiB))
+    dirs = []
+    for i in range(nvme_dirs):
+        (tmp_path / f"ssd{i}").mkdir(exist_ok=True)
+        dirs.append(str(tmp_path / f"ssd{i}"))
+    return TiersConfig(nvme=NvmeTierConfig(enabled=True, dirs=dirs, chunk_bytes=16 * KiB, budget_bytes=16 * MiB),
+                       numa=NumaTierConfig(enabled=True, nodes=[0], budget_bytes=4 * MiB, slab_bytes=MiB))
+
+
+def _train(model, opt, steps=STEPS, sched=None):
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.randint(0, 50, (4, 6), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(1, 1).flatten())
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.detach())
+    return torch.stack(losses) if losses else None
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def _same_state(sd_a, sd_b):
+    assert sd_a["param_groups"] == sd_b["param_groups"]
+    assert sd_a["state"].keys() == sd_b["state"].keys()
+    for k, s in sd_a["state"].items():
+        assert s.keys() == sd_b["state"][k].keys()
+        for name, v in s.items():
+            w = sd_b["state"][k][name]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (k, name)
+    return True
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numa binds to node 0 here; nvme may lack O_DIRECT
+        yield
+
+
+TIER_CASES = {"host-2k": ("host", 2 * KiB, False), "numa-6k": ("numa", 6 * KiB, False),
+              "nvme+numa-3k": ("nvme", 3 * KiB, False), "host-3k-overlap": ("host", 3 * KiB, True),
+              "nvme+numa-64k": ("nvme", 64 * KiB, False)}
+MATRIX = [(case, name) for case in TIER_CASES for name in sorted(OPTIMIZERS)
+          if case != "nvme+numa-64k" or name in ("adam", "adamw_fused", "user")]  # one sub-group: 3 suffice
+
+
+@pytest.mark.parametrize("case,name", MATRIX, ids=[f"{c}-{n}" for c, n in MATRIX])
+def test_twenty_steps_are_bit_identical_to_the_plain_optimizer(tmp_path, case, name):
+    kind, subgroup_bytes, overlap = TIER_CASES[case]
+    plain_model, tiered_model = _model(), _model()
+    plain = OPTIMIZERS[name](_groups(plain_model))
+    paths = ["nvme", "numa"] if kind == "nvme" else [kind]
+    cfg = TieredOptimizerConfig(paths=paths, subgroup_bytes=subgroup_bytes, overlap_backward=overlap)
+    with TieredOptimizer(OPTIMIZERS[name](_groups(tiered_model)), config=cfg, tiers=_tiers(tmp_path, kind)) as opt:
+        plain_sched = torch.optim.lr_scheduler.LambdaLR(plain, lambda s: 1.0 / (1 + s))
+        tiered_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        assert torch.equal(_train(plain_model, plain, sched=plain_sched), _train(tiered_model, opt, sched=tiered_sched))
+        assert _same(plain_model, tiered_model)
+        assert _same_state(plain.state_dict(), opt.state_dict())
+        assert not opt.inner.state  # between steps the state lives only in the tiers
+        placed = opt.placement()
+        assert set(placed) <= set(paths)
+        assert opt.num_subgroups > 2 or subgroup_bytes > 16 * KiB
+        if kind == "host" and not overlap:  # Note [in-place update]: no copies after the first step
+            assert opt.counters["reads"] == 0 and opt.counters["in_place_updates"] >= (STEPS - 1) * opt.num_subgroups
+            assert all(b.tensor is None for b in opt._pipe.buffers)  # staging buffers given back
+        elif subgroup_bytes < 16 * KiB:
+            assert opt.counters["reads"] > 0  # streamed, not all cached
+        if overlap:
+            assert opt.overlap_backward and opt.counters["redone_steps"] == 0
+        if kind == "nvme" and subgroup_bytes < 16 * KiB:
+            assert set(placed) == {"nvme", "numa"}  # striped over both paths
+
+
+def test_state_dict_round_trips_between_tiered_and_plain(tmp_path):
+    model_a, model_b = _model(), _model()
+    plain = torch.optim.AdamW(_groups(model_a), lr=1e-2)
+    _train(model_a, plain, steps=3)
+    model_b.load_state_dict(model_a.state_dict())
+    cfg = TieredOptimizerConfig(paths=["nvme"], subgroup_bytes=4 * KiB)
+    with TieredOptimizer(torch.optim.AdamW(_groups(model_b), lr=1e-2), config=cfg,
+                         tiers=_tiers(tmp_path, "nvme")) as opt:
+        opt.load_state_dict(plain.state_dict())  # plain -> tiered
+        _train(model_a, plain, steps=4)
+        _train(model_b, opt, steps=4)
+        assert _same(model_a, model_b)
+        assert _same_state(plain.state_dict(), opt.state_dict())
+        fresh = torch.optim.AdamW(_groups(model_b), lr=1e-2)
+        fresh.load_state_dict(opt.state_dict())  # tiered -> plain
+        _train(model_a, plain, steps=2)
+        _train(model_b, fresh, steps=2)
+        assert _same(model_a, model_b)
+
+
+def test_wrapping_an_optimizer_that_already_has_state_moves_it_to_the_tiers(tmp_path):
+    model_a, model_b = _model(), _model()
+    a = torch.optim.SGD(model_a.parameters(), lr=0.05, momentum=0.9)
+    b = torch.optim.SGD(model_b.parameters(), lr=0.05, momentum=0.9)
+    _train(model_a, a, steps=2)
+    _train(model_b, b, steps=2)
+    with TieredOptimizer(b, config=TieredOptimizerConfig(paths=["host"], subgroup_bytes=4 * KiB),
+                         tiers=_tiers(tmp_path, "host")) as opt:
+        assert not b.state
+        _train(model_a, a, steps=3)
+        _train(model_b, opt, steps=3)
+        assert _same(model_a, model_b)
+
+
+def test_resident_state_stays_in_memory_and_stays_exact(tmp_path):
+    model_a, model_b = _model(), _model()
+    plain = torch.optim.Adam(model_a.parameters(), lr=1e-2)
+    cfg = TieredOptimizerConfig(paths=["host"], subgroup_bytes=4 * KiB, resident_bytes=12 * KiB)
+    with TieredOptimizer(torch.optim.Adam(model_b.parameters(), lr=1e-2), config=cfg,
+                         tiers=_tiers(tmp_path, "host")) as opt:
+        _train(model_a, plain, steps=5)
+        _train(model_b, opt, steps=5)
+        assert _same(model_a, model_b)
+        assert opt.placement().keys() == {"resident", "host"}
+
+
+def test_swap_files_are_gone_after_close(tmp_path):
+    model = _model()
+    cfg = TieredOptimizerConfig(paths=["nvme"], subgroup_bytes=4 * KiB)
+    tiers = _tiers(tmp_path, "nvme", nvme_dirs=2)
+    opt = TieredOptimizer(torch.optim.Adam(model.parameters()), config=cfg, tiers=tiers)
+    _train(model, opt, steps=2)
+    swap = [os.path.join(root, f) for d in tiers.nvme.dirs for root, _, files in os.walk(d) for f in files]
+    assert len(swap) == 2  # one swap file per directory
+    opt.close()
+    assert not any(files for d in tiers.nvme.dirs for _, _, files in os.walk(d))
+    with TierEngine(tiers) as engine:  # a shared engine stays open; the optimizer frees its slots
+        with TieredOptimizer(torch.optim.Adam(model.parameters()), config=cfg, tiers=engine) as opt2:
+            _train(model, opt2, steps=2)
+            assert engine.nvme.num_slots > 0
+        assert engine.nvme.num_slots == 0
+
+
+class _DiskFillsAt(PosixIO):
+    """Fails every write from the Nth on (counting from 1) with ENOSPC: a disk filling mid-step."""
+
+    def __init__(self, fail_at):
+        self.fail_at, self.writes = fail_at, 0
+
+    def write(self, ctx, file, buf, offset):
+        self.writes += 1
+        if self.writes >= self.fail_at:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        super().write(ctx, file, buf, offset)
+
+
+@pytest.mark.parametrize("fail_in_step", [1, 3])
+def test_disk_full_mid_step_keeps_the_previous_step(tmp_path, fail_in_step):
+    (tmp_path / "ssd").mkdir()
+    model_a, model_b = _model(), _model()
+    plain = torch.optim.Adam(model_a.parameters(), lr=1e-2)
+    io = _DiskFillsAt(fail_at=10 ** 9)
+    cfg = NvmeTierConfig(enabled=True, dirs=[str(tmp_path / "ssd")], chunk_bytes=16 * KiB, preallocate=False,
+                         budget_bytes=16 * MiB)
+    tier = NvmeTier(cfg, raw_io=io)
+    opt = TieredOptimizer(torch.optim.Adam(model_b.parameters(), lr=1e-2),
+                          config=TieredOptimizerConfig(paths=["nvme"], subgroup_bytes=3 * KiB), tiers={"nvme": tier})
+    with tier, opt:
+        _train(model_a, plain, steps=fail_in_step - 1)
+        _train(model_b, opt, steps=fail_in_step - 1)
+        before = [p.detach().clone() for p in model_b.parameters()]
+        state_before = opt.state_dict() if fail_in_step > 1 else None
+        io.fail_at = io.writes + 4  # the 4th write of the step fails, after some sub-groups updated
+        with pytest.raises(TieredStepError, match=r"step \d+ failed: nvme tier: write of chunk .* No space left on device.*"
+                                                  r"parameters and optimizer state are unchanged"):
+            _train(model_b, opt, steps=1)
+        assert all(torch.equal(p, q) for p, q in zip(model_b.parameters(), before))
+        if state_before is not None:
+            assert _same_state(state_before, opt.state_dict())
+        else:
+            assert opt.state_dict()["state"] == {}
+        io.fail_at = 10 ** 9  # space freed: the same step succeeds and training continues exactly
+        _train(model_a, plain, steps=3)
+        _train(model_b, opt, steps=3)
+        assert _same(model_a, model_b)
+        assert _same_state(plain.state_dict(), opt.state_dict())
+
+
+def test_a_full_budget_is_refused_without_changing_anything(tmp_path):
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    (tmp_path / "ssd").mkdir()
+    tiers = TiersConfig(nvme=NvmeTierConfig(enabled=True, dirs=[str(tmp_path / "ssd")], budget_bytes=64 * KiB,
+                                            chunk_bytes=16 * KiB))
+    with TieredOptimizer(torch.optim.Adam(model.parameters()), tiers=tiers,
+                         config=TieredOptimizerConfig(paths=["nvme"], subgroup_bytes=4 * KiB)) as opt:
+        with pytest.raises(TieredStepError, match="no path has room .* raise the tiers' budgets"):
+            _train(model, opt, steps=1)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_config_and_wrapping_errors_say_what_to_do(tmp_path):
+    from offload import TierConfigError
+
+    with pytest.raises(TierConfigError, match=r"paths=\['disk'\] must list one or more of"):
+        TieredOptimizerConfig(paths=["disk"])
+    with pytest.raises(TierConfigError, match="num_buffers=1 must be >= 2"):
+        TieredOptimizerConfig(num_buffers=1)
+    model = _model()
+    with pytest.raises(TierConfigError, match=r"paths lists \['nvme'\], which are not enabled"):
+        TieredOptimizer(torch.optim.Adam(model.parameters()), tiers=_tiers(tmp_path, "host"))
+    with pytest.raises(TierConfigError, match="LBFGS cannot be tiered"):
+        TieredOptimizer(torch.optim.LBFGS(model.parameters()), tiers=_tiers(tmp_path, "host"))
+    with pytest.raises(TypeError, match="wraps a torch.optim.Optimizer instance"):
+        TieredOptimizer(torch.optim.Adam, tiers=_tiers(tmp_path, "host"))
+
+
+def test_build_optimizer_wraps_when_tiered_is_enabled(tmp_path):
+    from trainer.config import ConfigError, OptimizerConfig
+    from trainer.optim import build_optimizer
+
+    model_a, model_b = _model(), _model()
+    plain, plain_sched = build_optimizer(model_a, OptimizerConfig(warmup_steps=2), total_steps=6)
+    cfg = OptimizerConfig(warmup_steps=2, tiered=TieredOptimizerConfig(enabled=True, paths=["host"], subgroup_bytes=4 * KiB))
+    with pytest.raises(ConfigError, match=r"needs tier\(s\) \['host'\] enabled .* tiers.host.enabled=true"):
+        build_optimizer(model_b, cfg, total_steps=6)
+    tiered, tiered_sched = build_optimizer(model_b, cfg, total_steps=6, tiers=_tiers(tmp_path, "host"))
+    with tiered:
+        assert isinstance(tiered, TieredOptimizer)
+        assert torch.equal(_train(model_a, plain, steps=6, sched=plain_sched),
+                           _train(model_b, tiered, steps=6, sched=tiered_sched))
+        assert _same(model_a, model_b)
+
+
+class _WaitForEarlyUpdate(torch.autograd.Function):
+    """Identity whose backward (at the model's input end, so backward is far from over) waits until
+    the optimizer has begun updating a sub-group: makes "updates start before backward ends" observable."""
+
+    @staticmethod
+    def forward(ctx, x, opt, armed):
+        ctx.opt, ctx.armed, ctx.before = opt, armed, opt.counters["early_updates"]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        deadline = time.monotonic() + 20
+        while ctx.armed[0] and ctx.opt.counters["early_updates"] == ctx.before and _working(ctx.opt) \
+                and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return grad, None, None
+
+
+def _working(opt):
+    """The early copy phase is running (not finished, not switched off)."""
+    return opt._early is not None and opt._early.thread.is_alive()
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.body = torch.nn.Embedding(50, 24), torch.nn.Sequential(*list(_model())[1:])
+        self.opt, self.armed = None, [False]
+
+    def forward(self, x):
+        h = self.emb(x)
+        if self.opt is not None:
+            h = _WaitForEarlyUpdate.apply(h, self.opt, self.armed)
+        return self.body(h)
+
+
+def _accumulating_train(model, opt, steps, passes, clip=0.0):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        for k in range(passes):
+            x = torch.randint(0, 50, (4, 6), generator=gen)
+            model.armed[0] = k == passes - 1  # only the step's last backward can start updates
+            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(1, 1).flatten()) / passes
+            loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+
+
+def test_overlap_starts_updates_during_backward_and_stays_exact_with_accumulation(tmp_path):
+    plain_model, tiered_model = _Net(), _Net()
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2)
+    cfg = TieredOptimizerConfig(paths=["nvme"], subgroup_bytes=3 * KiB, overlap_backward=True,
+                                backward_passes_per_step=2)
+    with TieredOptimizer(torch.optim.AdamW(tiered_model.parameters(), lr=1e-2), config=cfg,
+                         tiers=_tiers(tmp_path, "nvme")) as opt:
+        tiered_model.opt = opt
+        _accumulating_train(plain_model, plain, steps=4, passes=2)
+        _accumulating_train(tiered_model, opt, steps=4, passes=2)
+        assert _same(plain_model, tiered_model)
+        assert _same_state(plain.state_dict(), opt.state_dict())
+        assert opt.counters["early_updates"] >= 4  # at least one sub-group per step began during backward
+        assert opt.overlap_backward and opt.counters["redone_steps"] == 0
+
+
+@pytest.mark.parametrize("case", ["clipping", "more_backward_passes_than_configured"])
+def test_overlap_redoes_a_step_whose_gradients_changed_and_turns_itself_off(tmp_path, case):
+    clip, passes = (0.05, 1) if case == "clipping" else (0.0, 2)
+    plain_model, tiered_model = _Net(), _Net()
+    plain = torch.optim.Adam(plain_model.parameters(), lr=1e-2)
+    cfg = TieredOptimizerConfig(paths=["host"], subgroup_bytes=3 * KiB, overlap_backward=True)
+    with TieredOptimizer(torch.optim.Adam(tiered_model.parameters(), lr=1e-2), config=cfg,
+                         tiers=_tiers(tmp_path, "host")) as opt:
+        tiered_model.opt = opt
+        tiered_model.armed = [True]
+        _accumulating_train(plain_model, plain, steps=3, passes=passes, clip=clip)
+        with pytest.warns(UserWarning, match=r"overlap_backward: .* this step was redone .* exactly, and overlap is off"):
+            warnings.simplefilter("always")
+            _accumulating_train(tiered_model, opt, steps=3, passes=passes, clip=clip)
+        assert _same(plain_model, tiered_model)
+        assert _same_state(plain.state_dict(), opt.state_dict())
+        assert not opt.overlap_backward and opt.counters["redone_steps"] == 1
+
+
+def test_deepspeed_cpu_adam_kernel_is_exact_against_plain_deepspeed_cpu_adam(tmp_path):
+    from offload._optim_kernel import choose_cpu_kernel, deepspeed_cpu_adam
+
+    cls, why = deepspeed_cpu_adam()
+    if cls is None:
+        pytest.skip(f"DeepSpeedCPUAdam cannot load here: {why}")
+    plain_model, a_model, b_model = _model(), _model(), _model()
+    plain = cls(_groups(plain_model), lr=1e-2, adamw_mode=True)
+    cfg = TieredOptimizerConfig(paths=["nvme"], subgroup_bytes=3 * KiB)
+    with TieredOptimizer(cls(_groups(a_model), lr=1e-2, adamw_mode=True), config=cfg,
+                         tiers=_tiers(tmp_path, "nvme")) as wrapped, \
+            TieredOptimizer(torch.optim.AdamW(_groups(b_model), lr=1e-2),
+                            config=TieredOptimizerConfig(paths=["host"], subgroup_bytes=3 * KiB, cpu_kernel="deepspeed"),
+                            tiers=_tiers(tmp_path, "host")) as converted:
+        assert converted.cpu_kernel.name == "deepspeed" and type(converted.inner) is cls
+        losses = [_train(m, o, steps=8) for m, o in ((plain_model, plain), (a_model, wrapped), (b_model, converted))]
+        assert torch.equal(losses[0], losses[1]) and torch.equal(losses[0], losses[2])
+        assert _same(plain_model, a_model) and _same(plain_model, b_model)
+        assert _same_state(plain.state_dict(), wrapped.state_dict())
+    opt, choice = choose_cpu_kernel(torch.optim.AdamW(_model().parameters(), fused=True), "auto", sample_numel=1 << 16)
+    assert choice.torch_s > 0 and choice.deepspeed_s > 0 and choice.name in ("torch", "deepspeed")
+    assert (type(opt) is cls) == (choice.name == "deepspeed")
+    with pytest.raises(TierConfigError, match="cpu_kernel=deepspeed cannot be used: SGD is not"):
+        choose_cpu_kernel(torch.optim.SGD(_model().parameters(), lr=0.1), "deepspeed")
+
+
+def _fake_sysfs_with_this_process_on_node0(root):
+    """Node 0 holds this process's CPUs, node 1 other CPUs, node 2 is memory-only (a CXL expander)."""
+    mine = sorted(os.sched_getaffinity(0))
+    for node, cpus in {0: ",".join(map(str, mine)), 1: "1000-1001", 2: ""}.items():
+        d = root / f"node{node}"
+        d.mkdir(parents=True)
+        (d / "cpulist").write_text(cpus + "\n")
+        (d / "meminfo").write_text(f"Node {node} MemTotal: 16777216 kB\nNode {node} MemFree: 8388608 kB\n")
+        (d / "distance").write_text("10 20 30\n")
+    return root
+
+
+def _mapping_start(address):
+    """Start of the mapping holding ``address`` (the kernel merges neighbours with the same policy)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= address < hi:
+                return lo
+    raise AssertionError(f"{address:#x} is not mapped")
+
+
+def test_staging_buffers_and_resident_state_are_bound_to_the_local_node(tmp_path):
+    from offload.numa import numa_placement
+
+    sysfs = _fake_sysfs_with_this_process_on_node0(tmp_path / "node")
+    tiers = TiersConfig(numa=NumaTierConfig(enabled=True, nodes=[0], budget_bytes=4 * MiB, slab_bytes=MiB,
+                                            sysfs_root=str(sysfs)))
+    model_a, model_b = _model(), _model()
+    plain = torch.optim.Adam(model_a.parameters(), lr=1e-2)
+    cfg = TieredOptimizerConfig(paths=["numa"], subgroup_bytes=4 * KiB, resident_bytes=12 * KiB)
+    with TieredOptimizer(torch.optim.Adam(model_b.parameters(), lr=1e-2), config=cfg, tiers=tiers) as opt:
+        _train(model_a, plain, steps=3)
+        _train(model_b, opt, steps=3)
+        assert _same(model_a, model_b)
+        assert opt.local_nodes == (0,)
+        resident = [r.memory.tensor for r in opt._pipe.records if r.path == "resident"]
+        staging = [b.tensor for b in opt._pipe.buffers if b.tensor is not None]
+        assert resident and staging
+        for t in resident + staging:
+            assert numa_placement(_mapping_start(t.data_ptr()))["policy"] == "bind:0"
+    off = dataclasses.replace(cfg, local_numa="off")
+    with TieredOptimizer(torch.optim.Adam(model_b.parameters()), config=off, tiers=tiers) as opt:
+        assert opt.local_nodes == ()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("update_device", ["cpu", "device"])
+def test_cuda_parameters_are_bit_identical_with_cpu_or_device_updates(tmp_path, update_device):
+    """CPU update of CUDA parameters (state and update on the host) and device update of host-held
+    state, each against the plain optimizer where that update runs, fed the same gradients."""
+    from offload.hardware import HardwareModel, LinkModel
+
+    links = (LinkModel("host", "device", 25e9, 1e-5), LinkModel("device", "host", 25e9, 1e-5))
+    hardware = HardwareModel(name="test", links=links)
+    tiered_model = _model().cuda()
+    ref_model = _model().cuda() if update_device == "device" else _model()
+    ref = torch.optim.AdamW(_groups(ref_model), lr=1e-2, foreach=False)
+    cfg = TieredOptimizerConfig(paths=["host"], subgroup_bytes=3 * KiB, update_device=update_device,
+                                device_budget_bytes=1 << 30)
+    with TieredOptimizer(torch.optim.AdamW(_groups(tiered_model), lr=1e-2, foreach=False), config=cfg,
+                         tiers=_tiers(tmp_path, "host"), hardware=hardware) as opt:
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            for p, q in zip(tiered_model.parameters(), ref_model.parameters()):
+                g = torch.randn(p.shape, generator=gen)
+                p.grad, q.grad = g.cuda(), g.to(q.device)
+            opt.step()
+            ref.step()
+        torch.cuda.synchronize()
+        assert all(torch.equal(p.cpu(), q.cpu()) for p, q in zip(tiered_model.parameters(), ref_model.parameters()))
+        assert set(opt.update_placement().where) == {update_device}
+        assert all(p.is_cuda for p in tiered_model.parameters())
+
+
+def test_tierflow_train_with_the_tiered_optimizer_is_bit_identical(quiet, monkeypatch):
+    from trainer.compose import load_config
+    from trainer.train import train
+
+    closed = []
+    close = TieredOptimizer.close
+    monkeypatch.setattr(TieredOptimizer, "close", lambda self: (closed.append(self.num_steps), close(self)))
+
+    common = quiet + ["trainer.steps=6", "trainer.grad_accum=2", "trainer.global_batch=8"]
+    tiered = ["optimizer.tiered.enabled=true", "optimizer.tiered.paths=[host]", "optimizer.tiered.subgroup_bytes=65536",
+              "tiers.host.enabled=true", "tiers.host.budget_bytes=67108864", "tiers.host.slab_bytes=8388608"]
+    runs = [train(load_config(common + extra + [f"logging.run_name=r{i}"])[0]) for i, extra in enumerate([[], tiered])]
+    assert torch.equal(torch.tensor(runs[0].losses), torch.tensor(runs[1].losses))
+    for (name, a), (_, b) in zip(runs[0].model.named_parameters(), runs[1].model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert closed == [6]  # the trainer used the tiered optimizer for every step, then closed it
+
+
+def test_trainer_with_tiered_optimizer_and_offload_runtime_shares_one_engine(quiet, monkeypatch):
+    """Both on: the runtime plans in the optimizer's open tiers, moves no optimizer state, and
+    the run stays bit-identical to a plain run without either."""
+    from offload.runtime import OffloadRuntime
+    from trainer.compose import load_config
+    from trainer.train import train
+
+    engines = []
+    init = OffloadRuntime.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        engines.append((self.engine is not None and self.engine is getattr(self.optimizer, "engine", None),
+                        self._movable))
+
+    monkeypatch.setattr(OffloadRuntime, "__init__", spy)
+    common = [q for q in quiet if q != "offload=none"] + ["trainer.steps=6", "trainer.global_batch=8"]
+    tiered = ["offload=lifetime", "offload.device_budget_fraction=0.7", "optimizer.tiered.enabled=true",
+              "optimizer.tiered.paths=[host]", "optimizer.tiered.subgroup_bytes=65536", "tiers.host.enabled=true",
+              "tiers.host.budget_bytes=67108864", "tiers.host.slab_bytes=8388608"]
+    plain = train(load_config(common + ["offload=none", "logging.run_name=plain"])[0])
+    both = train(load_config(common + tiered + ["logging.run_name=both"])[0])
+    assert torch.equal(torch.tensor(plain.losses), torch.tensor(both.losses))
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), both.model.named_parameters()):
+        assert torch.equal(a, b), name
+    (shared, movable), = engines
+    assert shared and "optimizer_state" not in movable
+    assert both.summary["offload"]["steps"].get("planned", 0) > 0
