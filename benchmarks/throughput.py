@@ -75,7 +75,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as run_root:
         for size in args.sizes:
-            overrides = [f"model={size}", f"trainer.global_batch={args.global_batch}"]
+            # offload=none: the default config offloads; this compares the plain trainer with a bare loop.
+            overrides = [f"model={size}", f"trainer.global_batch={args.global_batch}", "offload=none"]
             bare, ours = [], []
             for r in range(args.repeats):
                 bare.append(bare_loop_tokens_per_s(overrides, args.steps))

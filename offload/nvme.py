@@ -314,7 +314,9 @@ class NvmeTier(Tier):
                 problems.append(f"{where} is not a directory")
                 continue
             try:
-                private = tempfile.mkdtemp(prefix="tierflow-swap-", dir=root)  # mode 0700
+                rank = os.environ.get("RANK")  # one private directory per process; the name shows whose
+                prefix = f"tierflow-swap-rank{rank}-" if rank is not None else "tierflow-swap-"
+                private = tempfile.mkdtemp(prefix=prefix, dir=root)  # mode 0700
             except OSError as exc:
                 problems.append(f"{where} is not writable ({os.strerror(exc.errno or errno.EACCES)}); "
                                 f"choose a directory you can write to")

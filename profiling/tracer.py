@@ -38,9 +38,10 @@ from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
 
 from profiling import _compat
 from profiling._table import RecordTable, register_existing
+from profiling.keys import ModuleCalls
 from profiling._tensors import LIFT_OPS, DispatchRecorder, dispatch_round_trip_s, flat_tensors, storage_of
-from profiling.trace import (OUTSIDE_PATH, ROOT_PATH, Category, LifetimeTrace, Phase, Point, PointKind,
-                             activation_key, grad_key, input_key, state_key)
+from profiling.trace import (ROOT_PATH, Category, LifetimeTrace, Phase, Point, PointKind,
+                             grad_key, input_key, state_key)
 
 __all__ = ["LifetimeTracer", "TracerConfig", "trace_iterations"]
 
@@ -95,6 +96,7 @@ class LifetimeTracer:
         self._attached = False
         self._detached = False
         self._param_names = {id(p): n for n, p in model.named_parameters()}
+        self._direct_params: Dict[str, List[nn.Parameter]] = {}  # module path -> its own parameters
         first = next(model.parameters(), None)
         self._device = first.device if first is not None else torch.device("cpu")
         self._sync = config.synchronize and self._device.type == "cuda"
@@ -126,6 +128,7 @@ class LifetimeTracer:
         register_existing(self._table, self.model, self.optimizer, self._name_of)
         for path, module in self.model.named_modules():
             path = path or ROOT_PATH
+            self._direct_params[path] = [p for p in module._parameters.values() if p is not None]
             self._handles.append(module.register_forward_pre_hook(
                 lambda m, a, path=path: self._forward_pre(path, a)))
             self._handles.append(module.register_forward_hook(
@@ -198,6 +201,7 @@ class LifetimeTracer:
             yield self._iteration
         finally:
             self._emit(PointKind.ITERATION_END, "iteration", 0, Phase.OTHER)
+            self._module_calls.reset()  # drops its weak references to parameter storages
             self._iteration = None
             self._num_iterations += 1
 
@@ -236,12 +240,10 @@ class LifetimeTracer:
 
     def _new_iteration_state(self) -> None:
         self._calls: Dict[Tuple[PointKind, str], int] = defaultdict(int)
-        self._saved_counts: Dict[Tuple[str, int], int] = defaultdict(int)
-        self._stack: List[Tuple[str, int]] = []
+        self._module_calls = ModuleCalls()  # the stack and saved-tensor numbering (shared with the runtime)
         self._keys: set = set()
         self._num_inputs = 0
         self._external_rows: set = set()
-        self._root_calls_done = 0
         self._graph_task = -1
         self._tmp_label, self._tmp_count = "", 0
 
@@ -292,7 +294,8 @@ class LifetimeTracer:
         self._check_backward_start()  # activation-checkpoint recomputation runs inside backward
         entered = self._now()
         call = self._next_call(PointKind.FORWARD_PRE, path)
-        self._stack.append((path, call))
+        self._module_calls.enter(path, call)
+        self._module_calls.note_parameters(self._direct_params.get(path, ()))  # Note [parameter storages]
         tensors = flat_tensors(args, [])
         if path == ROOT_PATH:
             for t in tensors:
@@ -307,12 +310,8 @@ class LifetimeTracer:
         if self._iteration is None:
             return
         entered = self._now()
-        # Pop our frame even if an inner module raised and skipped its own post hook.
-        while self._stack and self._stack[-1][0] != path:
-            self._stack.pop()
-        call = self._stack.pop()[1] if self._stack else 0
-        if path == ROOT_PATH:
-            self._root_calls_done += 1
+        # Pops our frame even if an inner module raised and skipped its own post hook.
+        call = self._module_calls.exit(path)
         needing_grad = [t for t in flat_tensors(output, []) if t.requires_grad]
         if needing_grad and torch.is_grad_enabled():
             self._grad_handles.append(register_multi_grad_hook(
@@ -360,11 +359,11 @@ class LifetimeTracer:
             st = storage_of(t)
             if st is not None:
                 row = self._row_or_external(st, t)
-                if self._table.category[row] is Category.TEMPORARY:
-                    path, call = self._stack[-1] if self._stack else (OUTSIDE_PATH, max(self._root_calls_done - 1, 0))
-                    saved = self._saved_counts[(path, call)]
-                    self._saved_counts[(path, call)] = saved + 1
-                    self._table.reclassify(row, Category.ACTIVATION, self._unique(activation_key(path, call, saved)))
+                calls = self._module_calls
+                calls.note_parameters(self._direct_params.get(calls.owner()[0], ()))  # gathered late, too
+                if self._table.category[row] is Category.TEMPORARY and not calls.is_parameter_storage(st):
+                    key = self._module_calls.next_saved_key()  # Note [saved-tensor keys]
+                    self._table.reclassify(row, Category.ACTIVATION, self._unique(key))
             self._overhead_s += time.perf_counter() - start
         return self._outer_pack(t) if self._outer_pack is not None else t
 

@@ -19,3 +19,39 @@ class BigramLM(nn.Module):
 class NotAModule:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
+
+
+class BranchyTiedLM(nn.Module):
+    """Two parallel branches joined by a product, a residual, and an output head tied to the embedding."""
+
+    def __init__(self, vocab_size: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, hidden)
+        self.left = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+        self.right = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.Tanh())
+        self.mix = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, vocab_size, bias=False)
+        self.out.weight = self.emb.weight  # tied: one parameter used by two modules
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        h = h + self.mix(self.left(h) * self.right(h))
+        return self.out(h)
+
+
+class DataDependentLM(nn.Module):
+    """Control flow that changes per step: an extra block runs only when the batch's token sum is odd."""
+
+    def __init__(self, vocab_size: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, hidden)
+        self.body = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+        self.extra = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.Tanh(), nn.Linear(2 * hidden, hidden))
+        self.out = nn.Linear(hidden, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        h = h + self.body(h)
+        if int(tokens.sum()) % 2:
+            h = h + self.extra(h)
+        return self.out(h)

@@ -1,0 +1,41 @@
+"""The trainer's offload switch: the default config offloads, bit-identically, and writes its plan."""
+
+import json
+import stat
+
+import pytest
+import torch
+
+from trainer.compose import load_config
+from trainer.train import format_summary, train
+
+
+def _train(overrides):
+    cfg, _ = load_config(overrides)
+    return train(cfg)
+
+
+def test_default_config_trains_with_offloading_exactly_and_saves_the_plan(quiet):
+    base = [o for o in quiet if o != "offload=none"] + ["trainer.steps=8", "trainer.global_batch=16"]
+    cfg, _ = load_config(base)
+    assert cfg.offload.policy == "lifetime" and cfg.offload.device_budget_fraction == 0.5 and cfg.tiers.host.enabled
+    off = _train(base + ["offload=none", "logging.run_name=plain"])
+    on = _train(base + ["logging.run_name=offloaded"])
+    assert torch.equal(torch.tensor(off.losses), torch.tensor(on.losses))
+    assert on.summary["param_digests"] == off.summary["param_digests"]
+    o = on.summary["offload"]
+    assert o["steps"] == {"warmup": 1, "profile": 2, "planned": 5}
+    assert sum(o["bytes_out"].values()) > 0 and o["device_peak_bytes"] <= o["device_budget_bytes"]
+    for name in ("plan.json", "plan.txt", "trace.tftrace"):
+        assert stat.S_IMODE((on.run_dir / name).stat().st_mode) == 0o600, name
+    lines = [json.loads(line) for line in (on.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["offload/bytes_out/host"] > 0 and "offload/stall_s" in lines[-1]
+    text = format_summary(on.summary)
+    assert "of the unconstrained peak" in text and "measured peak" in text
+
+
+def test_impossible_budget_fails_fast_in_the_trainer(quiet):
+    from offload import PlanningError
+
+    with pytest.raises(PlanningError, match="feasible minimum"):
+        _train([o for o in quiet if o != "offload=none"] + ["trainer.steps=50", "offload.device_budget_fraction=0.02"])
