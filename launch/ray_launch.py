@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,28 +134,39 @@ def launch(cfg: LaunchConfig, overrides: Sequence[str]) -> List[Dict[str, Any]]:
                                f"{cfg.start_timeout_s:.0f} s; the cluster has {ray.cluster_resources()}: lower "
                                "--workers or the per-worker resources, or add nodes")
         worker_cls = ray.remote(_Worker)
-        for attempt in range(cfg.max_restarts + 1):
-            workers = [worker_cls.options(
+
+        def make_workers() -> List[Any]:
+            return [worker_cls.options(
                 num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
                                                                      placement_group_bundle_index=i)).remote()
                 for i in range(cfg.workers)]
-            try:
-                return _run_group(ray, workers, overrides)
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                left = cfg.max_restarts - attempt
-                if left <= 0:
-                    raise RuntimeError(f"the worker group failed and --max-restarts {cfg.max_restarts} is spent: "
-                                       f"{_short(e)}") from None
-                print(f"ray_launch: a worker failed ({_short(e)}); restarting all {cfg.workers} workers "
-                      f"({left} restart{'s' if left != 1 else ''} left)", file=sys.stderr, flush=True)
-            finally:
-                for w in workers:
-                    ray.kill(w, no_restart=True)
-        raise AssertionError("unreachable: the loop returns or raises")
+
+        return _attempts(ray, make_workers, overrides, max_restarts=cfg.max_restarts,
+                         kill=lambda w: ray.kill(w, no_restart=True))
     finally:
         remove_placement_group(pg)
         ray.shutdown()
+
+
+def _attempts(ray: Any, make_workers: Callable[[], List[Any]], overrides: Sequence[str], *, max_restarts: int,
+              kill: Callable[[Any], None]) -> List[Dict[str, Any]]:
+    """Run the group; when a worker dies, tear all down and start again, ``max_restarts`` times."""
+    for attempt in range(max_restarts + 1):
+        workers = make_workers()
+        try:
+            return _run_group(ray, workers, overrides)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            left = max_restarts - attempt
+            if left <= 0:
+                raise RuntimeError(f"the worker group failed and --max-restarts {max_restarts} is spent: "
+                                   f"{_short(e)}") from None
+            print(f"ray_launch: a worker failed ({_short(e)}); restarting all {len(workers)} workers "
+                  f"({left} restart{'s' if left != 1 else ''} left)", file=sys.stderr, flush=True)
+        finally:
+            for w in workers:
+                kill(w)
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
 def _run_group(ray: Any, workers: List[Any], overrides: Sequence[str]) -> List[Dict[str, Any]]:

@@ -53,18 +53,50 @@ def test_two_workers_finish_with_identical_parameters(tmp_path, subprocess_env):
     assert len(summary["param_digests"]) == 2 and summary["param_digests"][0] == summary["param_digests"][1]
 
 
+def _losses(run_dir):
+    """The last recorded loss of every step (a resumed run appends the steps it redoes)."""
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
 @pytest.mark.slow
-def test_a_killed_worker_restarts_the_group(tmp_path, subprocess_env):
+def test_a_killed_worker_restarts_the_group_and_resumes_from_memory(tmp_path, subprocess_env, snapshot_store_dir):
     marker = tmp_path / "killed"
     model = ["model._target_=tests._faults.KillOnceLM", f"+model.kwargs.marker={marker}",
-             "+model.kwargs.kill_at_call=3", "logging.run_name=restart"]
-    failed = _launch(["--workers", "2", *model], tmp_path, subprocess_env)
-    assert failed.returncode == 1 and marker.exists()
-    assert "--max-restarts 0 is spent" in failed.stderr
-
-    marker.unlink()
-    proc = _launch(["--workers", "2", "--max-restarts", "1", *model[:-1], "logging.run_name=restart2"],
+             "+model.kwargs.kill_at_call=5", "trainer.steps=8"]
+    snapshots = ["checkpoint=memory", "checkpoint.every_steps=1", "checkpoint.parity_shards=0",
+                 "checkpoint.persist_every=0", "checkpoint.persist_on_finish=false",
+                 f"checkpoint.store_dir={snapshot_store_dir}"]
+    proc = _launch(["--workers", "2", "--max-restarts", "1", *model, *snapshots, "logging.run_name=restart"],
                    tmp_path, subprocess_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert marker.exists() and "restarting all 2 workers" in proc.stderr
+    assert marker.exists() and "restarting all 2 workers (1 restart left)" in proc.stderr
+    assert "resumed from step" in proc.stdout, proc.stdout[-2000:]
     assert "parameters identical on every rank: True" in proc.stdout
+
+    # The same run, uninterrupted (the marker is there: nothing is killed): every loss equal.
+    reference = _launch(["--workers", "2", *model, "logging.run_name=reference"], tmp_path, subprocess_env)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert _losses(tmp_path / "restart") == _losses(tmp_path / "reference")
+
+
+def test_a_dead_group_without_restarts_left_fails_with_the_cause(monkeypatch):
+    """The restart loop gives up after --max-restarts, naming the failure (Ray itself is faked)."""
+
+    class Died(Exception):
+        pass
+
+    class FakeRay:
+        class exceptions:
+            RayActorError = Died
+            RayTaskError = Died
+
+    calls = []
+
+    def run_group(ray, workers, overrides):
+        calls.append(len(workers))
+        raise Died("The actor died unexpectedly before finishing this task.\nworker exit: SIGKILL")
+
+    monkeypatch.setattr(ray_launch, "_run_group", run_group)
+    with pytest.raises(RuntimeError, match="--max-restarts 1 is spent: worker exit: SIGKILL"):
+        ray_launch._attempts(FakeRay, lambda: [object(), object()], [], max_restarts=1, kill=lambda w: None)
+    assert calls == [2, 2]
