@@ -17,6 +17,9 @@ from offload.plan import Action, Decision, OffloadPlan, PlanError, PlanFileError
 from offload.plan_config import OffloadConfig
 from offload.planner import POLICIES, Budgets, feasible_minimum_bytes, make_plan
 from offload.simulate import Simulation, simulate
+from offload._optim_plan import UpdateCosts, UpdatePlacement, place_updates
+from offload.optimizer import TieredOptimizer, TieredOptimizerConfig, TieredStepError
+from offload.runtime import BudgetExceededError, OffloadRuntime, StepReport, explain_plan, nominal_hardware
 
 __all__ = [
     "ChecksumError",
@@ -63,4 +66,15 @@ __all__ = [
     "make_plan",
     "simulate",
     "validate_plan",
+    "TieredOptimizer",
+    "TieredOptimizerConfig",
+    "TieredStepError",
+    "UpdateCosts",
+    "UpdatePlacement",
+    "place_updates",
+    "BudgetExceededError",
+    "OffloadRuntime",
+    "StepReport",
+    "explain_plan",
+    "nominal_hardware",
 ]

@@ -11,7 +11,7 @@ def test_defaults_compose_to_typed_config():
     cfg, composed = load_config()
     assert cfg.model.n_layer == 2 and cfg.model.d_model == 128  # model=tiny
     assert cfg.data.kind == "synthetic" and cfg.optimizer.name == "adamw"
-    assert cfg.logging.backend == "wandb" and cfg.offload.policy == "none"
+    assert cfg.logging.backend == "wandb" and cfg.offload.policy == "lifetime"
     assert composed.trainer.steps == cfg.trainer.steps
 
 
@@ -103,9 +103,14 @@ def test_world_size_error_from_env_before_any_work(tmp_path, capsys, monkeypatch
     assert not runs.exists()
 
 
-def test_training_refuses_an_offload_policy_it_cannot_execute_yet(tmp_path, capsys):
+def test_offloading_ranks_that_oversubscribe_host_memory_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import psutil
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks of this node, each asking for over half the RAM
     runs = tmp_path / "runs"
-    code = cli.main(["train", "offload=lifetime", "offload.device_budget_fraction=0.5", f"logging.run_root={runs}"])
+    too_big = psutil.virtual_memory().total // 2 + (1 << 30)
+    code = cli.main(["train", "offload=lifetime", f"tiers.host.budget_bytes={too_big}", f"logging.run_root={runs}"])
     err = capsys.readouterr().err
-    assert code == 2 and "offload.policy=lifetime cannot run inside training yet" in err and "tierflow plan" in err
+    assert code == 2 and "host memory is oversubscribed: 2 rank(s) on this node" in err
+    assert "tiers.host.budget_bytes" in err
     assert not runs.exists()

@@ -17,7 +17,7 @@ def _torchrun(args, env, timeout=300):
 
 
 def test_two_ranks_finish_with_identical_parameters(tmp_path, subprocess_env):
-    common = ["logging=none", "logging.progress=false", "logging.plot=false", f"logging.run_root={tmp_path}",
+    common = ["logging=none", "offload=none", "logging.progress=false", "logging.plot=false", f"logging.run_root={tmp_path}",
               "trainer.steps=8", "trainer.global_batch=16", "trainer.grad_accum=2", "trainer.eval_every=4",
               "trainer.eval_batches=1"]
     proc = _torchrun(common + ["logging.run_name=ddp"], subprocess_env)

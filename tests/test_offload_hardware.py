@@ -10,7 +10,7 @@ from trainer.cli import main as cli_main
 from trainer.compose import group_options, load_config
 from trainer.config import ConfigError
 
-PRESETS = ["a100_pcie4_1nvme", "cxl_2expanders", "h100_sxm_pcie5_2nvme", "none"]
+PRESETS = ["a100_pcie4_1nvme", "cxl_2expanders", "h100_sxm_pcie5_2nvme", "host", "none"]
 
 
 def _model():
@@ -72,12 +72,14 @@ def test_fit_link_recovers_bandwidth_and_latency_from_exact_samples():
         fit_link([])
 
 
-def test_presets_are_valid_hardware_models_and_none_is_the_default():
+def test_presets_are_valid_hardware_models_and_host_is_the_default():
     assert group_options("tiers") == PRESETS
-    cfg, _ = load_config([])
-    assert cfg.tiers.preset == "none" and cfg.tiers.hardware_model() is None
+    cfg, _ = load_config([])  # the default offloads to a host pool, planned with nominal links
+    assert cfg.tiers.preset == "host" and cfg.tiers.hardware_model() is None
+    assert cfg.tiers.host.enabled and not (cfg.tiers.numa.enabled or cfg.tiers.nvme.enabled)
+    cfg, _ = load_config(["tiers=none"])
     assert not (cfg.tiers.host.enabled or cfg.tiers.numa.enabled or cfg.tiers.nvme.enabled)
-    for preset in PRESETS[:-1]:
+    for preset in PRESETS[:-2]:
         cfg, _ = load_config([f"tiers={preset}"])
         model = cfg.tiers.hardware_model()
         assert model.name == preset and model.links and model.tiers

@@ -118,6 +118,6 @@ def test_profiling_inside_the_loop_writes_a_trace_and_changes_no_result(quiet):
 
 
 def test_a_tiers_preset_that_training_cannot_use_yet_warns(quiet):
-    with pytest.warns(UserWarning, match="tiers=h100_sxm_pcie5_2nvme .* is not used by training yet"):
+    with pytest.warns(UserWarning, match="tiers=h100_sxm_pcie5_2nvme .* is not used: offload.policy=none"):
         result = _train(quiet + ["trainer.steps=2", "tiers=h100_sxm_pcie5_2nvme"])
     assert len(result.losses) == 2

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 
 from offload.config import TiersConfig  # the tiers group is owned by the tier engine
+from offload.optimizer import TieredOptimizerConfig  # optimizer.tiered is owned by the tiered optimizer
 from offload.plan_config import OffloadConfig  # the offload group is owned by the planner
 
 __all__ = [
@@ -125,7 +126,10 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
-    """Optimizer and learning-rate schedule (linear warm-up, then cosine down to ``min_lr_ratio``)."""
+    """Optimizer and learning-rate schedule (linear warm-up, then cosine down to ``min_lr_ratio``).
+
+    ``tiered.enabled=true`` keeps the optimizer state in the run's ``tiers`` (``docs/optimizer.md``).
+    """
 
     name: str = "adamw"
     lr: float = 3e-3
@@ -137,6 +141,7 @@ class OptimizerConfig:
     schedule: str = "cosine"
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
+    tiered: TieredOptimizerConfig = field(default_factory=TieredOptimizerConfig)
 
     def __post_init__(self) -> None:
         p: List[str] = []
@@ -232,17 +237,57 @@ class LoggingConfig:
         _raise_if(p)
 
 
-# The three groups below are placeholders that the offload, tier and checkpoint issues fill. They
-# accept only their "off" value today, so a user who asks for more gets told instead of ignored.
-
-
 @dataclass(kw_only=True)
 class CheckpointConfig:
+    """In-memory snapshots, their copies on peers, disk checkpoints and automatic recovery.
+
+    Every ``every_steps`` optimizer steps the state is snapshotted into shared memory owned by a
+    per-node store process (it survives the trainer), copied in the background during the next
+    forward/backward. With ``parity_shards = m > 0`` each snapshot is also spread over peers on
+    other nodes as ``data_shards = k`` data + ``m`` parity shards (``k = 1``: ``m`` full
+    replicas), so losing any ``m`` nodes still allows recovery. Every ``persist_every``
+    snapshots (0: never by cadence), on SIGUSR1, on SIGTERM and at the end
+    (``persist_on_finish``) the snapshot is also written to ``dir`` in
+    torch.distributed.checkpoint format. On start the newest complete snapshot is restored:
+    ``restore=auto`` tries memory (local, then peers) then disk. ``node_id`` names this rank's
+    node (``auto``: ``$TIERFLOW_NODE_ID`` or the host name; ``%r``/``%l`` expand to the rank/local rank).
+
+    Trade-off: each snapshot holds two copies of the state per rank in host memory (double
+    buffer), plus ``2 * (k + m - 1) / k`` shard copies per peer.
+    """
+
     enabled: bool = False
+    every_steps: int = 10
+    data_shards: int = 1
+    parity_shards: int = 0
+    persist_every: int = 0
+    persist_on_finish: bool = True
+    dir: Optional[str] = None
+    keep: int = 2
+    restore: str = "auto"
+    node_id: str = "auto"
+    store_dir: Optional[str] = None
+    idle_timeout_s: float = 600.0
+    free_on_finish: bool = True
 
     def __post_init__(self) -> None:
-        if self.enabled:
-            raise ConfigError("checkpoint.enabled=true is not available in this version; use checkpoint.enabled=false")
+        p: List[str] = []
+        _positive(p, "checkpoint.every_steps", self.every_steps)
+        _positive(p, "checkpoint.data_shards", self.data_shards)
+        _positive(p, "checkpoint.keep", self.keep)
+        _positive(p, "checkpoint.idle_timeout_s", self.idle_timeout_s)
+        for key in ("parity_shards", "persist_every"):
+            if getattr(self, key) < 0:
+                p.append(f"checkpoint.{key}={getattr(self, key)} must be >= 0 (0 turns it off)")
+        if self.data_shards > 1 and self.parity_shards == 0:
+            p.append(f"checkpoint.data_shards={self.data_shards} without parity spreads no redundancy; "
+                     "set checkpoint.parity_shards >= 1 or data_shards=1")
+        _one_of(p, "checkpoint.restore", self.restore, ["auto", "memory", "disk", "none"])
+        bare = self.node_id.replace("%r", "").replace("%l", "")
+        if not bare or any(not (c.isalnum() or c in "_.-") for c in bare):
+            p.append(f"checkpoint.node_id={self.node_id!r} must be auto or letters, digits and _.- "
+                     "(%r and %l expand to the rank and local rank)")
+        _raise_if(p)
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,6 @@ import math
 import random
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from trainer.checkpoint import check_checkpoint_config, run_config_hash, start_checkpointing
 from trainer.config import ConfigError, TrainConfig, micro_batch_size
 from trainer.data import Batch, ShardedLoader, SyntheticMarkov, TokenSource, build_source
 from trainer.distributed import Runtime, env_world_size, init_runtime, shutdown_runtime
@@ -55,19 +55,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         ConfigError: a setting is wrong (raised before any device, process-group or disk work).
     """
     # 1. Everything checkable up front: batch split over ranks, the token file, the model target.
-    if cfg.offload.policy != "none":
-        # Plans can be made and simulated, but nothing executes them inside the loop yet: refuse
-        # rather than train unconstrained while the user believes offloading is on.
-        raise ConfigError(f"offload.policy={cfg.offload.policy} cannot run inside training yet (the plan runtime "
-                          "is not built); plan offline with `tierflow profile` then `tierflow plan TRACE "
-                          f"--policy {cfg.offload.policy}`, or train with offload.policy=none")
-    if cfg.tiers.preset != "none" or cfg.tiers.hardware_file:
-        warnings.warn(f"tiers={cfg.tiers.preset} (hardware_file={cfg.tiers.hardware_file}) is not used by training "
-                      "yet: nothing is offloaded until the plan runtime lands; `tierflow plan` and `tierflow "
-                      "calibrate` use it", stacklevel=2)
     micro_batch_size(cfg.trainer, env_world_size())
+    if cfg.offload.policy == "none" and (cfg.tiers.preset not in ("none", "host") or cfg.tiers.hardware_file):
+        import warnings
+
+        warnings.warn(f"tiers={cfg.tiers.preset} (hardware_file={cfg.tiers.hardware_file}) is not used: "
+                      "offload.policy=none moves nothing; choose a policy, e.g. offload=lifetime", stacklevel=2)
+    check_checkpoint_config(cfg.checkpoint, env_world_size())
     source = build_source(cfg.data, cfg.trainer.seed)
     _check_model_builds(cfg)
+    _check_host_memory(cfg)  # every rank of this node with its host tiers must fit, before any tier opens
     # 2. Join the process group and run; leave it even when the run fails.
     rt = init_runtime(cfg.trainer.device)
     try:
@@ -99,7 +96,7 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
     model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len).to(rt.device)
     wrapped: nn.Module = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
         if rt.distributed else model
-    optimizer, scheduler = build_optimizer(model, cfg.optimizer, tc.steps)
+    optimizer, scheduler = build_optimizer(model, cfg.optimizer, tc.steps, tiers=cfg.tiers)
     loader = ShardedLoader(source, global_batch=tc.global_batch, grad_accum=tc.grad_accum,
                            rank=rt.rank, world_size=rt.world_size, device=rt.device)
     return RunParts(model, wrapped, optimizer, scheduler, loader, source, autocast_dtype(tc.precision, rt.device))
@@ -113,10 +110,17 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
     amp_dtype = parts.amp_dtype
 
     run_dir = prepare_run_dir(cfg, rt)
+    # In-memory snapshots: restore the newest complete one (memory, peers, disk) before training.
+    ckpt = start_checkpointing(cfg.checkpoint, parts, rt, run_dir, config_hash=run_config_hash(cfg))
+    start_step = ckpt.restore() if ckpt is not None else 0
     sink = MetricsSink(cfg.logging, run_dir, asdict(cfg)) if rt.is_main else None
     bar = progress_bar(tc.steps, "train") if rt.is_main and cfg.logging.progress else None
+    if bar is not None and start_step:
+        bar.update(start_step)
+    # Offloading: the runtime profiles its first steps, plans, then runs every later step under the plan.
+    offload = _start_offload(cfg, parts, checkpointing=ckpt is not None)
     profiler = None
-    if tc.profile_iterations:
+    if tc.profile_iterations and offload is None:  # with offloading, the runtime's own trace is the profile
         from trainer.profile import StepTracer  # trainer.profile builds on this module
 
         profiler = StepTracer(parts, first_step=tc.profile_warmup, num_iterations=tc.profile_iterations,
@@ -130,13 +134,16 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
     reset_peak_memory(rt.device)
     start = time.perf_counter()
     try:
-        for step in range(tc.steps):
+        for step in range(start_step, tc.steps):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             batches = loader.micro_batches(step)
-            with profiler.step(step, batches) if profiler is not None else nullcontext():
+            with profiler.step(step, batches) if profiler is not None else nullcontext(), \
+                    offload.step(batches) if offload is not None else nullcontext():
                 loss = train_step(wrapped, optimizer, batches, amp_dtype, tc.grad_clip)
             scheduler.step()
+            if ckpt is not None:
+                ckpt.after_step(step + 1)  # snapshot: copied in the background during the next step
             loss_value = rt.mean(loss).item()  # also the step's device sync
             dt = time.perf_counter() - t0
             step_times.append(dt)
@@ -147,6 +154,8 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
             record: Dict[str, Any] = {"loss": loss_value, "lr": lr, "step_time_s": dt,
                                       "tokens_per_s": tokens_per_step / dt,
                                       "peak_memory_bytes": peak_memory_bytes(rt.device)}
+            if offload is not None:
+                record.update(offload.last_report.metrics())
             if (tc.eval_every and (step + 1) % tc.eval_every == 0) or step + 1 == tc.steps:
                 record["val_loss"] = evaluate(wrapped, loader, tc.eval_batches, amp_dtype, rt)
                 val_losses.append((step + 1, record["val_loss"]))
@@ -157,13 +166,21 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}",
                                 refresh=False)
                 bar.update(1)
+        if ckpt is not None:
+            ckpt.finish(tc.steps)  # last snapshot, persisted if configured
     except BaseException:
+        if ckpt is not None:
+            ckpt.abort()
         if sink is not None:
             sink.close_on_error()
         raise
     finally:
         if bar is not None:
             bar.close()
+        if offload is not None:
+            offload.close()  # every tensor back on the device, hooks removed, tiers closed
+        if hasattr(optimizer, "close"):
+            optimizer.close()  # a tiered optimizer frees its slots and removes its swap files
 
     wall_s = time.perf_counter() - start
     digests = rt.gather(parameter_digest(model))
@@ -180,11 +197,20 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
         "uniform_loss": math.log(cfg.data.vocab_size),
         "data_loss_floor": source.entropy_floor if isinstance(source, SyntheticMarkov) else None,
         "param_digests": digests, "run_dir": str(run_dir),
+        **(ckpt.summary() if ckpt is not None else {}),
     }
     if profiler is not None and profiler.trace is not None:
         from trainer.profile import write_profile
 
         summary["profile"] = str(write_profile(profiler.trace, run_dir, plot=cfg.logging.plot)[1])
+    if offload is not None:
+        summary["offload"] = offload.summary()
+        if rt.is_main:  # plan.json, plan.txt (its explanation), plan.png, trace.tftrace
+            summary["offload"]["files"] = {k: str(v) for k, v in offload.save_plan(run_dir, plot=cfg.logging.plot).items()}
+        if tc.profile_iterations and offload.trace is not None and rt.is_main:
+            from trainer.profile import write_profile
+
+            summary["profile"] = str(write_profile(offload.trace, run_dir, plot=cfg.logging.plot)[1])
     if sink is not None:
         sink.finish(summary)
         if cfg.logging.plot:
@@ -192,6 +218,55 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
                         summary["data_loss_floor"])
         print(format_summary(summary), flush=True)
     return TrainResult(losses, val_losses, summary, model, run_dir, records)
+
+
+def _start_offload(cfg: TrainConfig, parts: "RunParts", *, checkpointing: bool):
+    """The plan runtime for ``cfg.offload`` (None with ``offload.policy=none``).
+
+    Every rank profiles, plans and runs its own plan; the budget is per rank. With in-memory
+    snapshots on, parameters and optimizer states stay resident between steps (the snapshot copies
+    them then). Under DistributedDataParallel, DDP owns parameter storage (broadcasts, bucket
+    views) and gradients (its reducer's hooks copy them into buckets as they become ready), so
+    only activations and optimizer states move (docs/runtime.md, "Data parallelism").
+    """
+    if cfg.offload.policy == "none":
+        return None
+    from offload.runtime import OffloadRuntime
+
+    movable = {"param", "grad", "optimizer_state", "activation"}
+    if checkpointing:
+        movable -= {"param", "optimizer_state"}
+    if parts.wrapped is not parts.model:  # DDP
+        movable -= {"param", "grad"}
+    shared = getattr(parts.optimizer, "engine", None)
+    if cfg.optimizer.tiered.enabled:
+        # The tiered optimizer keeps its states in the tiers already; the runtime uses the same open
+        # tiers (one host budget, one set of swap directories) rather than a second engine.
+        movable -= {"optimizer_state"}
+    if shared is not None:
+        return OffloadRuntime(parts.model, parts.optimizer, cfg.offload, tiers=shared,
+                              hardware=cfg.tiers.hardware_model(), movable=frozenset(movable))
+    return OffloadRuntime(parts.model, parts.optimizer, cfg.offload, tiers=cfg.tiers, movable=frozenset(movable))
+
+
+def _check_host_memory(cfg: TrainConfig) -> None:
+    """Refuse (TierConfigError, with the numbers) a node whose ranks and host tiers cannot fit in RAM.
+
+    A rank's process memory is estimated as its RSS now plus, when it trains on the CPU, the
+    model's training state (weights, gradients, optimizer moments), which lives in host RAM too.
+    """
+    uses_tiers = cfg.offload.policy != "none" or cfg.optimizer.tiered.enabled
+    if not uses_tiers or not (cfg.tiers.host.enabled or cfg.tiers.numa.enabled):
+        return
+    import psutil
+
+    from offload.capacity import check_host_memory, host_demand, ranks_on_this_node
+
+    process = psutil.Process().memory_info().rss
+    on_cpu = cfg.trainer.device == "cpu" or (cfg.trainer.device == "auto" and not torch.cuda.is_available())
+    if on_cpu:
+        process += dry_run(cfg)["training_state_bytes"]
+    check_host_memory(host_demand(cfg.tiers, ranks_on_node=ranks_on_this_node(), process_bytes_per_rank=process))
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch],
@@ -284,7 +359,31 @@ def format_summary(s: Dict[str, Any]) -> str:
         f"  peak memory {s['peak_memory_bytes'] / 2**20:,.1f} MiB ({s['peak_memory_kind']})",
         f"  run dir     {s['run_dir']}",
         *([f"  profile     {s['profile']}"] if s.get("profile") else []),
+        *_offload_lines(s.get("offload")),
+        *([f"  snapshots   {s['snapshots']} ({s['snapshot_stall_s'] * 1e3:.1f} ms training stall in all), "
+           f"{s['checkpoints_persisted']} persisted"
+           + (f"; resumed from step {s['resumed_from_step']} ({s['resumed_from']})" if 'resumed_from' in s else "")]
+          if "snapshots" in s else []),
     ])
+
+
+def _offload_lines(o: Optional[Dict[str, Any]]) -> List[str]:
+    if not o or "device_budget_bytes" not in o:
+        return [f"  offloading {o['policy']}: no plan was made"] if o else []
+    mib = 2 ** 20
+    moved = sum(o["bytes_out"].values()) + sum(o["bytes_in"].values())
+    steps = o["steps"]
+    return [
+        f"  offloading  {o['policy']} on {o['hardware']}: budget {o['device_budget_bytes'] / mib:,.1f} MiB = "
+        f"{o['device_budget_bytes'] / max(o['unconstrained_peak_bytes'], 1):.0%} of the unconstrained peak "
+        f"{o['unconstrained_peak_bytes'] / mib:,.1f} MiB",
+        f"              measured peak {o['device_peak_bytes'] / mib:,.1f} MiB (device, as the runtime accounts it); "
+        f"moved {moved / mib:,.1f} MiB ({', '.join(sorted(o['bytes_out'])) or 'nothing'}); "
+        f"stall {o['stall_s'] * 1e3:,.1f} ms",
+        f"              steps: {steps.get('planned', 0)} planned, {steps.get('fallback', 0)} fallback, "
+        f"{steps.get('profile', 0)} profiled; {o['plan_hits']} plan hits, {o['fallbacks']} fallbacks, "
+        f"{o['divergent_iterations']} divergent, {o['reprofiles']} re-profiles",
+    ]
 
 
 def _check_model_builds(cfg: TrainConfig) -> None:
