@@ -12,6 +12,7 @@
 #   TIERFLOW_TORCH_INDEX  an index for it, e.g. https://download.pytorch.org/whl/cpu for a CPU build
 #                         or https://download.pytorch.org/whl/cu128 for CUDA (default: pip's own)
 #   TIERFLOW_EXTRAS       extras of the project to install (default: dev)
+#   TIERFLOW_DEEPSPEED    the deepspeed requirement, installed for the dev and deepspeed extras
 #   PYTHON                the interpreter that creates the venv (default: python3)
 #   TIERFLOW_VENV         where the venv lives (default: .venv in the checkout)
 set -euo pipefail
@@ -35,6 +36,17 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
 fi
 
 extras=${TIERFLOW_EXTRAS:-dev}
+# DeepSpeed (its plugin and the peer in benchmarks) is published as a source package whose build
+# imports torch: built in an isolated environment it would pull a second, CUDA, torch. Build it
+# against the torch just installed instead. The dev extra's tests need it.
+case ",$extras," in
+  *,dev,*|*,deepspeed,*)
+    if ! "$py" -c "import deepspeed" >/dev/null 2>&1; then
+      say "installing ${TIERFLOW_DEEPSPEED:-deepspeed>=0.15} (built against this torch)"
+      "$py" -m pip install --quiet setuptools wheel
+      DS_BUILD_OPS=0 "$py" -m pip install --quiet --no-build-isolation "${TIERFLOW_DEEPSPEED:-deepspeed>=0.15}"
+    fi ;;
+esac
 stamp="$venv/.tierflow-installed"
 want="$(cat pyproject.toml | sha256sum | cut -c1-16) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
