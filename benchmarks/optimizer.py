@@ -113,7 +113,6 @@ def worker_tierflow(args: Dict[str, Any]) -> Dict[str, Any]:
 
 def worker_deepspeed(args: Dict[str, Any]) -> Dict[str, Any]:
     import deepspeed
-    import torch
     import torch.nn.functional as F
 
     from trainer.metrics import progress_bar

@@ -28,7 +28,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 __all__ = ["Action", "Decision", "OffloadPlan", "PlanError", "PlanFileError", "PlanningError", "absent_intervals",
            "interval_range", "plan_memory", "validate_plan"]

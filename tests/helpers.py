@@ -55,3 +55,24 @@ class DataDependentLM(nn.Module):
         if int(tokens.sum()) % 2:
             h = h + self.extra(h)
         return self.out(h)
+
+
+def disk_fills_at(fail_at: int):
+    """An NVMe-tier I/O backend that fails every write from the ``fail_at``-th on (counting from 1)
+    with ENOSPC, like a disk filling mid-transfer. ``.writes`` counts the writes tried."""
+    import errno
+    import os
+
+    from offload._nvme_io import PosixIO
+
+    class DiskFillsAt(PosixIO):
+        def __init__(self) -> None:
+            self.fail_at, self.writes = fail_at, 0
+
+        def write(self, ctx, file, buf, offset):
+            self.writes += 1
+            if self.writes >= self.fail_at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            super().write(ctx, file, buf, offset)
+
+    return DiskFillsAt()

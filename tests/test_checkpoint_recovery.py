@@ -12,7 +12,6 @@ import time
 import numpy as np
 import psutil
 import pytest
-import torch
 
 from tests.conftest import PYTHON, REPO
 from trainer.checkpoint.persist import load_checkpoint

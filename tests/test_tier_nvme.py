@@ -1,6 +1,5 @@
 """The nvme tier on real files: striping, O_DIRECT, permissions, bad directories, full disks, checksums."""
 
-import errno
 import os
 import stat
 import subprocess
@@ -12,7 +11,7 @@ import torch
 from offload import (ChecksumError, NvmeTier, NvmeTierConfig, TierConfigError, TierFullError, TierIOError,
                      aligned_empty)
 from offload import nvme as nvme_module
-from offload._nvme_io import PosixIO
+from tests.helpers import disk_fills_at
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -162,21 +161,8 @@ def test_a_full_disk_is_found_at_reserve_and_earlier_slots_stay_readable(tmp_pat
         subprocess.run(["umount", str(small)], check=True)
 
 
-class _FailingIO(PosixIO):
-    """Fails the Nth write (counting from 1) with ENOSPC, like a disk filling mid-transfer."""
-
-    def __init__(self, fail_at):
-        self.fail_at, self.writes = fail_at, 0
-
-    def write(self, ctx, file, buf, offset):
-        self.writes += 1
-        if self.writes >= self.fail_at:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        super().write(ctx, file, buf, offset)
-
-
 def test_write_failure_mid_transfer_gives_a_clear_error_and_keeps_other_slots(tmp_path):
-    io = _FailingIO(fail_at=4)
+    io = disk_fills_at(4)
     with NvmeTier(_cfg(_dirs(tmp_path, 2), preallocate=False), raw_io=io) as tier:
         good = []
         for i in range(3):

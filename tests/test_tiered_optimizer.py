@@ -2,7 +2,6 @@
 swap files removed, and an atomic step under injected disk faults."""
 
 import dataclasses
-import errno
 import os
 import time
 import warnings
@@ -12,7 +11,7 @@ import torch
 
 from offload import (HostTierConfig, NumaTierConfig, NvmeTier, NvmeTierConfig, TierConfigError, TieredOptimizer,
                      TieredOptimizerConfig, TieredStepError, TierEngine, TiersConfig)
-from offload._nvme_io import PosixIO
+from tests.helpers import disk_fills_at
 
 KiB, MiB = 1 << 10, 1 << 20
 STEPS = 20
@@ -211,25 +210,12 @@ def test_swap_files_are_gone_after_close(tmp_path):
         assert engine.nvme.num_slots == 0
 
 
-class _DiskFillsAt(PosixIO):
-    """Fails every write from the Nth on (counting from 1) with ENOSPC: a disk filling mid-step."""
-
-    def __init__(self, fail_at):
-        self.fail_at, self.writes = fail_at, 0
-
-    def write(self, ctx, file, buf, offset):
-        self.writes += 1
-        if self.writes >= self.fail_at:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        super().write(ctx, file, buf, offset)
-
-
 @pytest.mark.parametrize("fail_in_step", [1, 3])
 def test_disk_full_mid_step_keeps_the_previous_step(tmp_path, fail_in_step):
     (tmp_path / "ssd").mkdir()
     model_a, model_b = _model(), _model()
     plain = torch.optim.Adam(model_a.parameters(), lr=1e-2)
-    io = _DiskFillsAt(fail_at=10 ** 9)
+    io = disk_fills_at(10 ** 9)
     cfg = NvmeTierConfig(enabled=True, dirs=[str(tmp_path / "ssd")], chunk_bytes=16 * KiB, preallocate=False,
                          budget_bytes=16 * MiB)
     tier = NvmeTier(cfg, raw_io=io)

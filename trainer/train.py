@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer.checkpoint import check_checkpoint_config, run_config_hash, start_checkpointing
-from trainer.config import ConfigError, TrainConfig, micro_batch_size
+from trainer.config import TrainConfig, micro_batch_size
 from trainer.data import Batch, ShardedLoader, SyntheticMarkov, TokenSource, build_source
 from trainer.distributed import Runtime, env_world_size, init_runtime, shutdown_runtime
 from trainer.metrics import (MetricsSink, make_run_dir, peak_memory_bytes, plot_losses, progress_bar,
