@@ -19,7 +19,7 @@ from trainer.checkpoint.store import segment_prefix
 
 pytestmark = pytest.mark.slow
 
-STEPS = 24
+STEPS = 18  # persisted at 6, 12, 18 (every 3 snapshots of every 2 steps): keep=2 leaves 12 and 18
 
 
 def _common(tmp_path, store_dir, batch=16):
