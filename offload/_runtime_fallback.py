@@ -119,7 +119,12 @@ class Fallback:
 
     def start(self) -> None:
         """Enter the fault-in mode (at a point: never inside another mode's dispatch)."""
-        if self._mode is None and threading.get_ident() == self.thread:
+        # Note [no mode from backward]: the autograd engine sets its captured thread-local state
+        # (the dispatch-mode stack included) around every node it runs, so a mode entered in a
+        # backward hook is dropped again by the engine. A divergence found in backward is handled
+        # at points only; the mode starts with the next iteration that diverges in forward.
+        in_backward = torch._C._current_graph_task_id() != -1
+        if self._mode is None and threading.get_ident() == self.thread and not in_backward:
             self._mode = _FaultIn(self)
             self._mode.__enter__()
 
@@ -132,7 +137,10 @@ class Fallback:
         if self._mode is None:
             return
         stack = _compat.dispatch_mode_stack()
-        if not stack or stack[-1] is not self._mode:
+        if not any(m is self._mode for m in stack):  # already gone: Note [no mode from backward]
+            self._mode = None
+            return
+        if stack[-1] is not self._mode:
             raise RuntimeError("a TorchDispatchMode entered inside the training step is still active at its end; "
                                "exit it inside the step")
         self._mode.__exit__(None, None, None)
