@@ -76,3 +76,16 @@ def disk_fills_at(fail_at: int):
             super().write(ctx, file, buf, offset)
 
     return DiskFillsAt()
+
+
+def fake_numa_sysfs(root, cpulists):
+    """A /sys/devices/system/node tree under ``root``: node N lists CPUs ``cpulists[N]`` ("" for a
+    memory-only node, how a CXL expander appears), 16 GiB each, distance 10 to itself."""
+    n = len(cpulists)
+    for node, cpus in cpulists.items():
+        d = root / f"node{node}"
+        d.mkdir(parents=True)
+        (d / "cpulist").write_text(cpus + "\n")
+        (d / "meminfo").write_text(f"Node {node} MemTotal: 16777216 kB\nNode {node} MemFree: 8388608 kB\n")
+        (d / "distance").write_text(" ".join(["10", "20"] + ["30"] * (n - 2)) + "\n")
+    return root

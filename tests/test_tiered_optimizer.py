@@ -11,7 +11,7 @@ import torch
 
 from offload import (HostTierConfig, NumaTierConfig, NvmeTier, NvmeTierConfig, TierConfigError, TieredOptimizer,
                      TieredOptimizerConfig, TieredStepError, TierEngine, TiersConfig)
-from tests.helpers import disk_fills_at
+from tests.helpers import disk_fills_at, fake_numa_sysfs
 
 KiB, MiB = 1 << 10, 1 << 20
 STEPS = 20
@@ -403,13 +403,7 @@ def test_deepspeed_cpu_adam_kernel_is_exact_against_plain_deepspeed_cpu_adam(tmp
 def _fake_sysfs_with_this_process_on_node0(root):
     """Node 0 holds this process's CPUs, node 1 other CPUs, node 2 is memory-only (a CXL expander)."""
     mine = sorted(os.sched_getaffinity(0))
-    for node, cpus in {0: ",".join(map(str, mine)), 1: "1000-1001", 2: ""}.items():
-        d = root / f"node{node}"
-        d.mkdir(parents=True)
-        (d / "cpulist").write_text(cpus + "\n")
-        (d / "meminfo").write_text(f"Node {node} MemTotal: 16777216 kB\nNode {node} MemFree: 8388608 kB\n")
-        (d / "distance").write_text("10 20 30\n")
-    return root
+    return fake_numa_sysfs(root, {0: ",".join(map(str, mine)), 1: "1000-1001", 2: ""})
 
 
 def _mapping_start(address):
@@ -473,51 +467,3 @@ def test_cuda_parameters_are_bit_identical_with_cpu_or_device_updates(tmp_path, 
         assert all(torch.equal(p.cpu(), q.cpu()) for p, q in zip(tiered_model.parameters(), ref_model.parameters()))
         assert set(opt.update_placement().where) == {update_device}
         assert all(p.is_cuda for p in tiered_model.parameters())
-
-
-def test_tierflow_train_with_the_tiered_optimizer_is_bit_identical(quiet, monkeypatch):
-    from trainer.compose import load_config
-    from trainer.train import train
-
-    closed = []
-    close = TieredOptimizer.close
-    monkeypatch.setattr(TieredOptimizer, "close", lambda self: (closed.append(self.num_steps), close(self)))
-
-    common = quiet + ["trainer.steps=6", "trainer.grad_accum=2", "trainer.global_batch=8"]
-    tiered = ["optimizer.tiered.enabled=true", "optimizer.tiered.paths=[host]", "optimizer.tiered.subgroup_bytes=65536",
-              "tiers.host.enabled=true", "tiers.host.budget_bytes=67108864", "tiers.host.slab_bytes=8388608"]
-    runs = [train(load_config(common + extra + [f"logging.run_name=r{i}"])[0]) for i, extra in enumerate([[], tiered])]
-    assert torch.equal(torch.tensor(runs[0].losses), torch.tensor(runs[1].losses))
-    for (name, a), (_, b) in zip(runs[0].model.named_parameters(), runs[1].model.named_parameters()):
-        assert torch.equal(a, b), name
-    assert closed == [6]  # the trainer used the tiered optimizer for every step, then closed it
-
-
-def test_trainer_with_tiered_optimizer_and_offload_runtime_shares_one_engine(quiet, monkeypatch):
-    """Both on: the runtime plans in the optimizer's open tiers, moves no optimizer state, and
-    the run stays bit-identical to a plain run without either."""
-    from offload.runtime import OffloadRuntime
-    from trainer.compose import load_config
-    from trainer.train import train
-
-    engines = []
-    init = OffloadRuntime.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        engines.append((self.engine is not None and self.engine is getattr(self.optimizer, "engine", None),
-                        self._movable))
-
-    monkeypatch.setattr(OffloadRuntime, "__init__", spy)
-    common = [q for q in quiet if q != "offload=none"] + ["trainer.steps=6", "trainer.global_batch=8"]
-    tiered = ["offload=lifetime", "offload.device_budget_fraction=0.7", "optimizer.tiered.enabled=true",
-              "optimizer.tiered.paths=[host]", "optimizer.tiered.subgroup_bytes=65536", "tiers.host.enabled=true",
-              "tiers.host.budget_bytes=67108864", "tiers.host.slab_bytes=8388608"]
-    plain = train(load_config(common + ["offload=none", "logging.run_name=plain"])[0])
-    both = train(load_config(common + tiered + ["logging.run_name=both"])[0])
-    assert torch.equal(torch.tensor(plain.losses), torch.tensor(both.losses))
-    for (name, a), (_, b) in zip(plain.model.named_parameters(), both.model.named_parameters()):
-        assert torch.equal(a, b), name
-    (shared, movable), = engines
-    assert shared and "optimizer_state" not in movable
-    assert both.summary["offload"]["steps"].get("planned", 0) > 0

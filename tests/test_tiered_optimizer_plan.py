@@ -2,6 +2,7 @@
 
 import pytest
 
+from tests.helpers import fake_numa_sysfs
 from offload import discover_numa_nodes
 from offload._optim_plan import (PathSpec, UpdateCosts, choose_path, numa_roles, partition_subgroups, place_updates,
                                  step_order)
@@ -67,13 +68,7 @@ def test_no_device_update_without_room_in_the_trough_or_calibration():
 
 def _fake_sysfs(root):
     """Two CPU sockets (0: CPUs 0-3, 1: CPUs 4-7) and two CXL expanders (2, 3)."""
-    for node, cpus in {0: "0-3", 1: "4-7", 2: "", 3: ""}.items():
-        d = root / f"node{node}"
-        d.mkdir(parents=True)
-        (d / "cpulist").write_text(cpus + "\n")
-        (d / "meminfo").write_text(f"Node {node} MemTotal: 16777216 kB\nNode {node} MemFree: 8388608 kB\n")
-        (d / "distance").write_text("10 20 30 30\n")
-    return root
+    return fake_numa_sysfs(root, {0: "0-3", 1: "4-7", 2: "", 3: ""})
 
 
 def test_numa_roles_keep_hot_state_local_and_cold_state_on_memory_only_nodes(tmp_path):
