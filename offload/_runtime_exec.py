@@ -54,7 +54,7 @@ from offload._runtime_trace import MOVABLE, Schedule
 from offload.plan import OffloadPlan
 from profiling import _compat
 from profiling._tensors import flat_tensors
-from profiling.keys import ModuleCalls
+from profiling.keys import ModuleCalls, StorageMap
 from profiling.trace import ROOT_PATH, PointKind
 
 __all__ = ["BudgetExceededError", "Executor"]
@@ -87,14 +87,15 @@ class Executor:
         self.movable = movable
         self.params: Dict[str, nn.Parameter] = dict(model.named_parameters())
         self.name_of = {id(p): n for n, p in self.params.items()}
-        self.param_of_storage = {id(p.untyped_storage()): n for n, p in self.params.items()}
+        # Storages by identity, not by id (ZeRO-3 frees parameter storages: see StorageMap).
+        self.param_of_storage = StorageMap((p.untyped_storage(), n) for n, p in self.params.items())
         self.module_params = {(path or ROOT_PATH): [self.name_of[id(p)] for p in m._parameters.values()
                                                     if p is not None and id(p) in self.name_of]
                               for path, m in model.named_modules()}
         self.direct_params = {(path or ROOT_PATH): [p for p in m._parameters.values() if p is not None]
                               for path, m in model.named_modules()}
-        self.fixed_storages = {id(p.untyped_storage()) for p in model.parameters()} | \
-            {id(b.untyped_storage()) for b in model.buffers()}
+        self.fixed_storages = StorageMap((t.untyped_storage(), None)
+                                         for t in list(model.parameters()) + list(model.buffers()))
         self._handles: List[Any] = []
         self.active = False
         self._checkpoint_gens: Dict[Tuple[str, int], Any] = {}
@@ -141,7 +142,7 @@ class Executor:
         self.saved: Dict[str, "weakref.ref[torch.UntypedStorage]"] = {}
         self.seen: Dict[int, Tuple[Any, str]] = {}  # id(storage) -> (weakref, key), keyed this iteration
         self.input_tensors = [t for t in flat_tensors(inputs, []) if t.device.type != "meta"]
-        self.inputs = {id(t.untyped_storage()) for t in self.input_tensors}
+        self.inputs = StorageMap((t.untyped_storage(), None) for t in self.input_tensors)
         self.hits = self.missed = 0
         self.fallback: Optional[Fallback] = None
         self.here = 0  # the trace's point where the iteration is now (the fallback's next-use hints)
@@ -302,7 +303,8 @@ class Executor:
         self.calls.note_parameters(self.direct_params.get(path, ()))  # Note [parameter storages]
         tensors = flat_tensors(args, [])
         if path == ROOT_PATH:
-            self.inputs.update(id(t.untyped_storage()) for t in tensors)
+            for t in tensors:
+                self.inputs.add(t.untyped_storage())
         needing_grad = [t for t in tensors if t.requires_grad]
         if needing_grad and torch.is_grad_enabled():
             register_multi_grad_hook(needing_grad, lambda *_: self._backward_hook(PointKind.BACKWARD_POST, path, call),
@@ -391,10 +393,10 @@ class Executor:
             return t, None
         st = t.untyped_storage()
         sid = id(st)
-        if sid in self.fixed_storages:
-            return t, self.param_of_storage.get(sid)  # a parameter (or a view of one): back before unpack
+        if st in self.fixed_storages:
+            return t, self.param_of_storage.get(st)  # a parameter (or a view of one): back before unpack
         self.calls.note_parameters(self.direct_params.get(self.calls.owner()[0], ()))  # gathered late, too
-        if sid in self.inputs or not st.nbytes() or self.calls.is_parameter_storage(st):
+        if st in self.inputs or not st.nbytes() or self.calls.is_parameter_storage(st):
             return t, None
         known = self.seen.get(sid)
         if known is not None and known[0]() is st:

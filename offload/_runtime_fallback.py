@@ -225,7 +225,7 @@ class Fallback:
         fixed = ex.fixed_storages
         for ref, key in ex.seen.values():
             st = ref()
-            if st is not None and id(st) not in fixed and id(st) not in ex.inputs:
+            if st is not None and st not in fixed and st not in ex.inputs:
                 add(key, st, "activation")
         return out
 

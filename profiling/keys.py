@@ -31,7 +31,40 @@ import torch
 
 from profiling.trace import OUTSIDE_PATH, ROOT_PATH, activation_key
 
-__all__ = ["ModuleCalls"]
+__all__ = ["ModuleCalls", "StorageMap"]
+
+
+class StorageMap:
+    """Values keyed by storage identity, never by a dead storage's recycled ``id``.
+
+    ``id(storage)`` alone is not an identity: once a storage dies (ZeRO-3 frees every gathered
+    parameter buffer after its module ran), a new storage, an activation say, may get the same
+    ``id``. A map that kept only ids would take that activation for a parameter and skip its
+    number, so the iteration looked divergent at random. Each entry keeps a weak reference and
+    a lookup matches only the very storage it was made for.
+
+    Example:
+        >>> st = torch.zeros(2).untyped_storage()
+        >>> m = StorageMap({st: "w"})
+        >>> st in m, m.get(st), torch.zeros(2).untyped_storage() in m
+        (True, 'w', False)
+    """
+
+    def __init__(self, items: Iterable[Tuple[torch.UntypedStorage, Any]] | Dict[Any, Any] = ()) -> None:
+        self._refs: Dict[int, Tuple[Any, Any]] = {}
+        for st, value in (items.items() if isinstance(items, dict) else items):
+            self.add(st, value)
+
+    def add(self, storage: torch.UntypedStorage, value: Any = None) -> None:
+        self._refs[id(storage)] = (weakref.ref(storage), value)
+
+    def get(self, storage: torch.UntypedStorage, default: Any = None) -> Any:
+        entry = self._refs.get(id(storage))
+        return entry[1] if entry is not None and entry[0]() is storage else default
+
+    def __contains__(self, storage: torch.UntypedStorage) -> bool:
+        entry = self._refs.get(id(storage))
+        return entry is not None and entry[0]() is storage
 
 
 class ModuleCalls:
@@ -55,7 +88,7 @@ class ModuleCalls:
         self._saved: Dict[Tuple[str, int], int] = defaultdict(int)
         self.stack: List[Tuple[str, int]] = []
         self.root_calls_done = 0
-        self._param_storages: Dict[int, Any] = {}  # id(storage) -> weakref (Note [parameter storages])
+        self._param_storages = StorageMap()  # Note [parameter storages]
 
     def note_parameters(self, params: Iterable[torch.Tensor]) -> None:
         """Remember the storages ``params`` live in now (call when their module starts)."""
@@ -63,12 +96,11 @@ class ModuleCalls:
             if p.device.type != "meta":
                 st = p.untyped_storage()
                 if st.nbytes():
-                    self._param_storages[id(st)] = weakref.ref(st)
+                    self._param_storages.add(st)
 
     def is_parameter_storage(self, storage: torch.UntypedStorage) -> bool:
         """True when ``storage`` held a module's parameters when that module started."""
-        ref = self._param_storages.get(id(storage))
-        return ref is not None and ref() is storage
+        return storage in self._param_storages
 
     def next_call(self, path: str) -> int:
         """The call index of the next forward call of ``path`` in this iteration (0, 1, ...)."""

@@ -33,7 +33,7 @@ def run(stage: int, tierflow: bool, steps: int, section: dict) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     tf = attach(engine) if tierflow else None
     g = torch.Generator().manual_seed(1)
-    losses, modes = [], []
+    losses, modes, peaks = [], [], []
     for _ in range(steps):
         tokens = torch.randint(0, 64, (4, 33), generator=g)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -43,8 +43,10 @@ def run(stage: int, tierflow: bool, steps: int, section: dict) -> dict:
             engine.step()
         losses.append(loss.item())
         if tf:
-            modes.append(tf.last_report.mode)
-    out = {"losses": losses, "modes": modes}
+            r = tf.last_report
+            modes.append(r.mode)
+            peaks.append([r.device_peak_bytes, r.fallback_settled_peak_bytes])
+    out = {"losses": losses, "modes": modes, "peaks": peaks}
     if tf:
         out["summary"] = {k: v for k, v in tf.summary().items() if isinstance(v, (int, float, str))}
         out["bytes_moved"] = tf.runtime.totals["bytes_out"]

@@ -47,14 +47,10 @@ def test_zero2_and_zero3_losses_and_parameters_equal_plain_deepspeed(subprocess_
         assert ours["digest"] == plain["digest"], f"ZeRO-{stage}: parameters differ"
         # Offloading really ran: the plan executed on the later steps and moved activations.
         assert ours["modes"][:3] == ["warmup", "profile", "profile"]
-        # ZeRO-3's gathered parameter buffers take no saved-tensor number (Note [parameter storages]),
-        # so planned steps match the trace. Known: under ZeRO-3 one step in a few runs still diverges
-        # (a buffer numbered differently, cause not found); it falls back exactly (checked above) and
-        # the next step is planned again, so allow one such step, never a run that stays off the plan.
-        modes = ours["modes"][3:]
-        allowed = 0 if stage == 2 else 1
-        assert set(modes) <= {"planned", "fallback"} and modes[-1] == "planned", f"ZeRO-{stage}: {ours['modes']}"
-        assert modes.count("fallback") <= allowed, f"ZeRO-{stage}: {ours['modes']}"
-        assert ours["summary"]["divergent_iterations"] <= allowed
+        # ZeRO-3 frees and re-gathers parameter buffers every step; the runtime tells a freed
+        # buffer's recycled id from a live storage (StorageMap), so every later step follows the plan.
+        assert ours["modes"][3:] == ["planned"] * (len(ours["modes"]) - 3), f"ZeRO-{stage}: {ours['modes']}"
+        assert ours["summary"]["divergent_iterations"] == 0
         assert ours["bytes_moved"].get("host", 0) > 0
         assert ours["summary"]["device_peak_bytes"] <= ours["summary"]["device_budget_bytes"]
+        assert all(peak <= ours["summary"]["device_budget_bytes"] for peak, _ in ours["peaks"][3:])
