@@ -51,3 +51,26 @@ def test_trainer_with_tiered_optimizer_and_offload_runtime_shares_one_engine(qui
     (shared, movable), = engines
     assert shared and "optimizer_state" not in movable
     assert both.summary["offload"]["steps"].get("planned", 0) > 0
+
+
+def test_overlap_under_gradient_accumulation_follows_trainer_grad_accum(quiet, monkeypatch):
+    """trainer.grad_accum=2 tells the tiered optimizer that a gradient is final after two backward
+    passes: overlapped updates start only then, so no step has to be redone, and the run is exact."""
+    from trainer.compose import load_config
+    from trainer.config import ConfigError
+    from trainer.train import train
+
+    redone = []
+    close = TieredOptimizer.close
+    monkeypatch.setattr(TieredOptimizer, "close", lambda self: (redone.append(self.num_redone_steps), close(self)))
+    common = quiet + ["trainer.steps=4", "trainer.grad_accum=2", "trainer.global_batch=8", "trainer.grad_clip=0"]
+    tiered = ["optimizer.tiered.enabled=true", "optimizer.tiered.paths=[host]", "optimizer.tiered.subgroup_bytes=65536",
+              "optimizer.tiered.overlap_backward=true", "tiers.host.enabled=true", "tiers.host.budget_bytes=67108864",
+              "tiers.host.slab_bytes=8388608"]
+    runs = [train(load_config(common + extra + [f"logging.run_name=o{i}"])[0]) for i, extra in enumerate([[], tiered])]
+    assert torch.equal(torch.tensor(runs[0].losses), torch.tensor(runs[1].losses))
+    for (name, a), (_, b) in zip(runs[0].model.named_parameters(), runs[1].model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert redone == [0]
+    with __import__("pytest").raises(ConfigError, match="backward_passes_per_step=3 but trainer.grad_accum=2"):
+        train(load_config(common + tiered + ["optimizer.tiered.backward_passes_per_step=3", "logging.run_name=bad"])[0])

@@ -7,6 +7,7 @@ the schedule then steers the wrapper, which shares the wrapped optimizer's hyper
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Tuple
 
@@ -32,7 +33,7 @@ def lr_factor(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int,
-                    tiers: Optional[TiersConfig] = None) -> Tuple[torch.optim.Optimizer, LambdaLR]:
+                    tiers: Optional[TiersConfig] = None, grad_accum: int = 1) -> Tuple[torch.optim.Optimizer, LambdaLR]:
     """AdamW or SGD with weight decay on matrices and embeddings only (not norms or biases).
 
     Args:
@@ -40,9 +41,12 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int,
         cfg: the ``optimizer`` group.
         total_steps: optimizer steps of the run (for the cosine schedule).
         tiers: the run's ``tiers`` group; needed when ``cfg.tiered.enabled``.
+        grad_accum: backward passes per optimizer step (``trainer.grad_accum``): the tiered
+            optimizer's ``backward_passes_per_step`` follows it unless set (then they must agree).
 
     Raises:
-        ConfigError: ``optimizer.tiered.enabled=true`` without tiers, or with a path not enabled there.
+        ConfigError: ``optimizer.tiered.enabled=true`` without tiers, or with a path not enabled there,
+            or with ``backward_passes_per_step`` set to another value than ``grad_accum``.
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -59,5 +63,12 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int,
             raise ConfigError(f"optimizer.tiered.paths={list(cfg.tiered.paths)} needs tier(s) {missing} enabled in the "
                               f"run's tiers config, e.g. tiers.{missing[0]}.enabled=true"
                               + (" tiers.nvme.dirs=[/mnt/nvme0]" if "nvme" in missing else ""))
-        opt = TieredOptimizer(opt, config=cfg.tiered, tiers=tiers)
+        tiered = cfg.tiered
+        if tiered.backward_passes_per_step not in (1, grad_accum):
+            raise ConfigError(f"optimizer.tiered.backward_passes_per_step={tiered.backward_passes_per_step} but "
+                              f"trainer.grad_accum={grad_accum}: each step accumulates {grad_accum} backward passes; "
+                              f"leave backward_passes_per_step unset (it follows trainer.grad_accum)")
+        # Overlap must know when a gradient is final: after the last of the step's backward passes.
+        tiered = dataclasses.replace(tiered, backward_passes_per_step=grad_accum)
+        opt = TieredOptimizer(opt, config=tiered, tiers=tiers)
     return opt, LambdaLR(opt, lambda step: lr_factor(cfg, step, total_steps))

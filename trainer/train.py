@@ -96,7 +96,7 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
     model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len).to(rt.device)
     wrapped: nn.Module = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
         if rt.distributed else model
-    optimizer, scheduler = build_optimizer(model, cfg.optimizer, tc.steps, tiers=cfg.tiers)
+    optimizer, scheduler = build_optimizer(model, cfg.optimizer, tc.steps, tiers=cfg.tiers, grad_accum=tc.grad_accum)
     loader = ShardedLoader(source, global_batch=tc.global_batch, grad_accum=tc.grad_accum,
                            rank=rt.rank, world_size=rt.world_size, device=rt.device)
     return RunParts(model, wrapped, optimizer, scheduler, loader, source, autocast_dtype(tc.precision, rt.device))
