@@ -86,7 +86,9 @@ class _FaultIn(TorchDispatchMode):
             outputs = set()
             for t in flat_tensors(out, []):
                 st = storage_of(t)
-                if st is not None and id(st) not in inputs and id(st) not in fb.allocated:
+                known = fb.allocated.get(id(st)) if st is not None else None
+                # A dead storage's id may be recycled by this new one (StorageMap): compare identity.
+                if st is not None and id(st) not in inputs and (known is None or known() is not st):
                     fb.allocated[id(st)] = weakref.ref(st)
                     fb.level += st.nbytes()
                     outputs.add(id(st))
