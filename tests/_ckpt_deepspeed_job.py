@@ -4,12 +4,13 @@ Run by tests/test_checkpoint_deepspeed.py under torchrun (DeepSpeed's process gr
 pytest). For each ZeRO stage: an uninterrupted run of STEPS steps; then a run that snapshots every
 step and is torn down after CUT steps without finishing (a crash, as far as the store can tell);
 then a fresh engine, built from other initial weights and another RNG state, restores the
-snapshot and trains on. Prints one JSON line per rank: ``RESULT {stage: {...}}``.
+snapshot and trains on. Each rank writes ``{stage: {...}}`` to ``<out dir>/result<rank>.json``.
 """
 
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -100,4 +101,6 @@ if __name__ == "__main__":
 
     deepspeed.init_distributed(dist_backend="gloo")
     results = {stage: run(stage, store_dir) for stage in stages}
-    print(f"RESULT {torch.distributed.get_rank()} " + json.dumps(results), flush=True)
+    # One file per rank: two ranks printing long lines to one pipe can interleave them.
+    out = Path(sys.argv[3]) / f"result{torch.distributed.get_rank()}.json"
+    out.write_text(json.dumps(results))

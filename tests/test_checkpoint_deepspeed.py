@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import PYTHON, REPO
-from trainer.checkpoint.deepspeed import _join, _split, _TensorRef, attach_snapshots
+from trainer.checkpoint.deepspeed import _join, _split, _TensorRef, attach_snapshots, snapshot_config
 
 
 def test_state_dict_tensors_split_out_and_come_back_as_copies():
@@ -33,19 +33,32 @@ def test_attach_rejects_what_it_cannot_snapshot():
     assert attach_snapshots(object(), {"enabled": False}).restore() == 0  # disabled: inert
 
 
+def test_the_tierflow_checkpoint_section_of_the_deepspeed_config_is_read():
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(config={"tierflow": {"checkpoint": {"every_steps": 3, "keep": 4}}})
+    cfg = snapshot_config(engine)
+    assert cfg.enabled and cfg.every_steps == 3 and cfg.keep == 4
+    with pytest.warns(UserWarning, match="tierflow.checkpoint section .* is ignored"):
+        assert snapshot_config(engine, {"every_steps": 5}).every_steps == 5  # explicit settings win
+    assert snapshot_config(SimpleNamespace(config={"train_batch_size": 4})).every_steps == 10  # no section: defaults
+    off = SimpleNamespace(config={"tierflow": {"checkpoint": {"enabled": False}}})
+    assert attach_snapshots(off).checkpointer is None  # disabled by the section: inert, no engine needed
+    for bad, message in (({"every_step": 1}, "tierflow.checkpoint: Key 'every_step' not in 'CheckpointConfig'"),
+                         ({"every_steps": 0}, "tierflow.checkpoint.every_steps=0 must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            attach_snapshots(SimpleNamespace(config={"tierflow": {"checkpoint": bad}}))
+
+
 @pytest.mark.slow
-def test_zero2_and_zero3_resume_from_memory_bit_identically(subprocess_env, free_port, snapshot_store_dir):
+def test_zero2_and_zero3_resume_from_memory_bit_identically(subprocess_env, free_port, snapshot_store_dir, tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed is installed by the dev extra; run ./launch/setup.sh test")
     env = {**subprocess_env, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "_ckpt_deepspeed_job.py"), "2,3", str(snapshot_store_dir)]
+           str(REPO / "tests" / "_ckpt_deepspeed_job.py"), "2,3", str(snapshot_store_dir), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            _, rank, payload = line.split(" ", 2)
-            results[int(rank)] = json.loads(payload)
+    results = {int(f.stem[len("result"):]): json.loads(f.read_text()) for f in tmp_path.glob("result*.json")}
     assert sorted(results) == [0, 1]
     for rank, per_stage in results.items():
         for stage in ("2", "3"):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -41,9 +42,9 @@ import torch.distributed as dist
 
 from trainer.checkpoint._state import Captured, capture_rng, restore_rng
 from trainer.checkpoint.manager import Checkpointer, check_checkpoint_config, open_checkpointer
-from trainer.config import CheckpointConfig
+from trainer.config import CheckpointConfig, ConfigError
 
-__all__ = ["DeepSpeedSnapshots", "DeepSpeedState", "attach_snapshots", "engine_config_hash"]
+__all__ = ["DeepSpeedSnapshots", "DeepSpeedState", "attach_snapshots", "engine_config_hash", "snapshot_config"]
 
 _COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
 
@@ -250,7 +251,8 @@ def attach_snapshots(engine: Any, cfg: Union[CheckpointConfig, Mapping[str, Any]
     Args:
         engine: the ``DeepSpeedEngine``; ``deepspeed.init_distributed`` must have run.
         cfg: a :class:`CheckpointConfig` or a dict of its keys (``enabled`` defaults to true here);
-            None: snapshots every 10 steps, no peer copies.
+            None: the ``tierflow.checkpoint`` section of the engine's DeepSpeed config, else
+            snapshots every 10 steps, no peer copies (see :func:`snapshot_config`).
         persist_dir: where disk checkpoints go (default: ``cfg.dir``, else ``./checkpoints``).
         config_hash: names this run's snapshots (default: a hash of the DeepSpeed config, the
             parameter shapes and the world size, so another configuration never restores them).
@@ -262,7 +264,7 @@ def attach_snapshots(engine: Any, cfg: Union[CheckpointConfig, Mapping[str, Any]
     Example:
         >>> snaps = attach_snapshots(engine, {"every_steps": 1, "parity_shards": 1})  # doctest: +SKIP
     """
-    cfg = _as_config(cfg)
+    cfg = snapshot_config(engine, cfg)
     if not cfg.enabled:
         return DeepSpeedSnapshots(None)
     from trainer.distributed import Runtime
@@ -280,7 +282,28 @@ def attach_snapshots(engine: Any, cfg: Union[CheckpointConfig, Mapping[str, Any]
     return DeepSpeedSnapshots(ckpt)
 
 
-def _as_config(cfg: Union[CheckpointConfig, Mapping[str, Any], None]) -> CheckpointConfig:
+def snapshot_config(engine: Any, cfg: Union[CheckpointConfig, Mapping[str, Any], None] = None) -> CheckpointConfig:
+    """The snapshot settings :func:`attach_snapshots` uses: ``cfg`` if given (it wins, and a
+    ``tierflow.checkpoint`` section beside it is ignored with a warning), else that section of the
+    engine's DeepSpeed config, else the defaults; ``enabled`` defaults to true.
+
+    Raises:
+        ValueError: an unknown or bad key, named with its path (``tierflow.checkpoint.every_steps``).
+    """
+    from offload.deepspeed_plugin import config_section, read_section
+
+    section = config_section(engine)
+    from_section = read_section(section).checkpoint if section is not None else None  # validates the whole section
+    if cfg is not None:
+        if from_section is not None:
+            warnings.warn("attach_snapshots: the tierflow.checkpoint section of the DeepSpeed config is ignored "
+                          "because settings were passed explicitly; drop one of them", stacklevel=3)
+        return _as_config(cfg)
+    return _as_config(from_section, where="tierflow.checkpoint")
+
+
+def _as_config(cfg: Union[CheckpointConfig, Mapping[str, Any], None], *,
+               where: Optional[str] = None) -> CheckpointConfig:
     if isinstance(cfg, CheckpointConfig):
         return cfg
     from omegaconf import OmegaConf
@@ -290,4 +313,8 @@ def _as_config(cfg: Union[CheckpointConfig, Mapping[str, Any], None]) -> Checkpo
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CheckpointConfig), values))
     except OmegaConfBaseException as e:
-        raise ValueError(f"checkpoint settings for DeepSpeed: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{where or 'checkpoint settings for DeepSpeed'}: {str(e).splitlines()[0]}") from None
+    except ConfigError as e:  # __post_init__ names keys checkpoint.<key>; in a DeepSpeed config they live elsewhere
+        if where is None:
+            raise
+        raise ConfigError(f"{where}: {str(e).replace('checkpoint.', where + '.')}") from None
