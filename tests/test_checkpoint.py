@@ -156,17 +156,24 @@ def _restore(store, tmp_path, parts=None, verified=None):
     return res, model, opt, sched
 
 
+def _snapped(store_dir, tmp_path, steps):
+    """A store on node "n" and one rank's model, optimizer, scheduler and snapshotter, trained
+    ``steps`` steps with a snapshot after each, every copy finished."""
+    store = StoreClient(store_dir, "n")
+    model, opt, sched = _parts()
+    snap = _snapshotter(store, model, opt, sched, tmp_path)
+    _train(model, opt, sched, steps, snap)
+    snap.drain()
+    return store, model, opt, sched, snap
+
+
 def _state(model, opt):
     return {**{k: v.clone() for k, v in model.state_dict().items()},
             **{f"{i}.{n}": v.clone() for i, st in opt.state_dict()["state"].items() for n, v in st.items()}}
 
 
 def test_restore_from_memory_continues_bit_identically(tmp_path, snapshot_store_dir):
-    store = StoreClient(snapshot_store_dir, "n")
-    model, opt, sched = _parts()
-    snap = _snapshotter(store, model, opt, sched, tmp_path)
-    _train(model, opt, sched, 5, snap)
-    snap.drain()
+    store, model, opt, sched, snap = _snapped(snapshot_store_dir, tmp_path, 5)
     want = _state(model, opt)
     _train(model, opt, sched, 3, start=5)
     snap.close()
@@ -187,11 +194,7 @@ def test_restore_from_memory_continues_bit_identically(tmp_path, snapshot_store_
 
 
 def test_restore_into_live_optimizer_state_overwrites_it_in_place(tmp_path, snapshot_store_dir):
-    store = StoreClient(snapshot_store_dir, "n")
-    model, opt, sched = _parts()
-    snap = _snapshotter(store, model, opt, sched, tmp_path)
-    _train(model, opt, sched, 4, snap)
-    snap.drain()
+    store, model, opt, sched, snap = _snapped(snapshot_store_dir, tmp_path, 4)
     want = _state(model, opt)
     _train(model, opt, sched, 2, start=4)  # the live state moves on
     snap.close()
@@ -205,11 +208,7 @@ def test_restore_into_live_optimizer_state_overwrites_it_in_place(tmp_path, snap
 
 
 def test_corrupted_newest_snapshot_falls_back_to_the_older_one(tmp_path, snapshot_store_dir):
-    store = StoreClient(snapshot_store_dir, "n")
-    model, opt, sched = _parts()
-    snap = _snapshotter(store, model, opt, sched, tmp_path)
-    _train(model, opt, sched, 3, snap)
-    snap.drain()
+    store, model, opt, sched, snap = _snapped(snapshot_store_dir, tmp_path, 3)
     snap.close()
     newest = max((store.open_existing(n) for n in store.names()), key=lambda s: parse_header(s.buf).step)
     assert parse_header(newest.buf).step == 3
@@ -224,10 +223,7 @@ def test_corrupted_newest_snapshot_falls_back_to_the_older_one(tmp_path, snapsho
 
 def test_a_step_snapshotted_twice_restores_from_either_slot(tmp_path, snapshot_store_dir):
     """Checkpointer.finish() snapshots the last step again to persist it: both slots hold that step."""
-    store = StoreClient(snapshot_store_dir, "n")
-    model, opt, sched = _parts()
-    snap = _snapshotter(store, model, opt, sched, tmp_path)
-    _train(model, opt, sched, 2, snap)
+    store, model, opt, sched, snap = _snapped(snapshot_store_dir, tmp_path, 2)
     snap.snapshot(2)
     snap.drain()
     snap.close()
@@ -242,11 +238,7 @@ def test_a_step_snapshotted_twice_restores_from_either_slot(tmp_path, snapshot_s
 def test_a_corrupted_only_snapshot_is_discarded_and_the_next_start_is_fresh(tmp_path, snapshot_store_dir):
     """Note [restore while hashing]: the corrupted snapshot was already loaded when its checksum
     failed, and nothing older exists: the restore refuses to start from that state."""
-    store = StoreClient(snapshot_store_dir, "n")
-    model, opt, sched = _parts()
-    snap = _snapshotter(store, model, opt, sched, tmp_path)
-    _train(model, opt, sched, 1, snap)
-    snap.drain()
+    store, model, opt, sched, snap = _snapped(snapshot_store_dir, tmp_path, 1)
     snap.close()
     (only,) = [store.open_existing(n) for n in store.names() if parse_header(store.open_existing(n).buf)]
     only.buf[HEADER_BYTES + 3] ^= 0x01
