@@ -87,15 +87,15 @@ class Executor:
         self.movable = movable
         self.params: Dict[str, nn.Parameter] = dict(model.named_parameters())
         self.name_of = {id(p): n for n, p in self.params.items()}
-        # Storages by identity, not by id (ZeRO-3 frees parameter storages: see StorageMap).
-        self.param_of_storage = StorageMap((p.untyped_storage(), n) for n, p in self.params.items())
         self.module_params = {(path or ROOT_PATH): [self.name_of[id(p)] for p in m._parameters.values()
                                                     if p is not None and id(p) in self.name_of]
                               for path, m in model.named_modules()}
         self.direct_params = {(path or ROOT_PATH): [p for p in m._parameters.values() if p is not None]
                               for path, m in model.named_modules()}
-        self.fixed_storages = StorageMap((t.untyped_storage(), None)
-                                         for t in list(model.parameters()) + list(model.buffers()))
+        # Parameter storages -> the parameter's name, buffers' -> None; matched by identity, not by
+        # id (ZeRO-3 frees parameter storages: see StorageMap). Parameters last, so they win.
+        self.fixed_storages = StorageMap([(b.untyped_storage(), None) for b in model.buffers()]
+                                         + [(p.untyped_storage(), n) for n, p in self.params.items()])
         self._handles: List[Any] = []
         self.active = False
         self._checkpoint_gens: Dict[Tuple[str, int], Any] = {}
@@ -394,7 +394,7 @@ class Executor:
         st = t.untyped_storage()
         sid = id(st)
         if st in self.fixed_storages:
-            return t, self.param_of_storage.get(st)  # a parameter (or a view of one): back before unpack
+            return t, self.fixed_storages.get(st)  # a parameter (or a view of one): back before unpack
         self.calls.note_parameters(self.direct_params.get(self.calls.owner()[0], ()))  # gathered late, too
         if st in self.inputs or not st.nbytes() or self.calls.is_parameter_storage(st):
             return t, None
