@@ -1,28 +1,87 @@
-"""tierflow's offload engine: storage tiers, the transfer scheduler, calibration and the HardwareModel.
+"""tierflow's offload engine: plan where idle tensors wait, and move them there during training.
 
-Importable on its own, without ``trainer``. The planner, simulator and runtime land here next.
+Subpackages, each with one reason to change (``docs/architecture.md``):
+
+- :mod:`~tierflow.offload.core`: the shared vocabulary (HardwareModel, tier names, errors, units).
+- :mod:`~tierflow.offload.tiers`: storage tiers, the transfer scheduler, the engine, calibration.
+- :mod:`~tierflow.offload.plan`: plan types, the planning context, policies, simulator, explanation.
+- :mod:`~tierflow.offload.runtime`: executes a plan inside training (executor, fallback, residency).
+- :mod:`~tierflow.offload.optim`: the tiered optimizer.
+- :mod:`~tierflow.offload.integrations`: DeepSpeed.
+
+Importable on its own, without ``tierflow.trainer``. The names below are the public API.
 """
 
-from offload._memory import aligned_empty
-from offload.config import HostTierConfig, NumaTierConfig, NvmeTierConfig, SchedulerConfig, TiersConfig
-from offload.engine import TierEngine
-from offload.errors import ChecksumError, TierConfigError, TierError, TierFullError, TierIOError, TransferCancelled
-from offload.hardware import HardwareModel, LinkModel, LinkSample, TierModel, fit_link
-from offload.host import HostTier
-from offload.numa import NumaNode, NumaTier, discover_numa_nodes, numa_placement
-from offload.nvme import NvmeTier
-from offload.scheduler import LinkStats, TransferKind, TransferScheduler
-from offload.tier import Slot, Tier, TransferHandle
-from offload.plan import Action, Decision, OffloadPlan, PlanError, PlanFileError, PlanningError, validate_plan
-from offload.plan_config import OffloadConfig
-from offload.planner import POLICIES, Budgets, feasible_minimum_bytes, make_plan
-from offload.simulate import Simulation, simulate
-from offload._optim_plan import UpdateCosts, UpdatePlacement, place_updates
-from offload.optimizer import TieredOptimizer, TieredOptimizerConfig, TieredStepError
-from offload.runtime import BudgetExceededError, OffloadRuntime, StepReport, explain_plan, nominal_hardware
+from tierflow.offload.core import (
+    ChecksumError,
+    HardwareModel,
+    LinkModel,
+    LinkSample,
+    TierConfigError,
+    TierError,
+    TierFullError,
+    TierIOError,
+    TierModel,
+    TierName,
+    TransferCancelled,
+    fit_link,
+)
+from tierflow.offload.optim import (
+    TieredOptimizer,
+    TieredOptimizerConfig,
+    TieredStepError,
+    UpdateCosts,
+    UpdatePlacement,
+    place_updates,
+)
+from tierflow.offload.plan import (
+    POLICIES,
+    Action,
+    Budgets,
+    Decision,
+    OffloadPlan,
+    PlanError,
+    PlanFileError,
+    PlanningError,
+    Simulation,
+    explain_plan,
+    feasible_minimum_bytes,
+    make_plan,
+    plot_plan,
+    simulate,
+    validate_plan,
+)
+from tierflow.offload.runtime import BudgetExceededError, OffloadConfig, OffloadRuntime, StepReport
+from tierflow.offload.runtime.offload_runtime import nominal_hardware
+from tierflow.offload.tiers import (
+    HostTier,
+    HostTierConfig,
+    LinkStats,
+    NumaNode,
+    NumaTier,
+    NumaTierConfig,
+    NvmeTier,
+    NvmeTierConfig,
+    SchedulerConfig,
+    Slot,
+    Tier,
+    TierEngine,
+    TiersConfig,
+    TransferHandle,
+    TransferKind,
+    TransferScheduler,
+    aligned_empty,
+    discover_numa_nodes,
+    numa_placement,
+)
 
 __all__ = [
+    "POLICIES",
+    "Action",
+    "BudgetExceededError",
+    "Budgets",
     "ChecksumError",
+    "Decision",
     "HardwareModel",
     "HostTier",
     "HostTierConfig",
@@ -34,8 +93,16 @@ __all__ = [
     "NumaTierConfig",
     "NvmeTier",
     "NvmeTierConfig",
+    "OffloadConfig",
+    "OffloadPlan",
+    "OffloadRuntime",
+    "PlanError",
+    "PlanFileError",
+    "PlanningError",
     "SchedulerConfig",
+    "Simulation",
     "Slot",
+    "StepReport",
     "Tier",
     "TierConfigError",
     "TierEngine",
@@ -43,38 +110,27 @@ __all__ = [
     "TierFullError",
     "TierIOError",
     "TierModel",
+    "TierName",
+    "TieredOptimizer",
+    "TieredOptimizerConfig",
+    "TieredStepError",
     "TiersConfig",
     "TransferCancelled",
     "TransferHandle",
     "TransferKind",
     "TransferScheduler",
-    "aligned_empty",
-    "discover_numa_nodes",
-    "fit_link",
-    "numa_placement",
-    "Action",
-    "Budgets",
-    "Decision",
-    "OffloadConfig",
-    "OffloadPlan",
-    "POLICIES",
-    "PlanError",
-    "PlanFileError",
-    "PlanningError",
-    "Simulation",
-    "feasible_minimum_bytes",
-    "make_plan",
-    "simulate",
-    "validate_plan",
-    "TieredOptimizer",
-    "TieredOptimizerConfig",
-    "TieredStepError",
     "UpdateCosts",
     "UpdatePlacement",
-    "place_updates",
-    "BudgetExceededError",
-    "OffloadRuntime",
-    "StepReport",
+    "aligned_empty",
+    "discover_numa_nodes",
     "explain_plan",
+    "feasible_minimum_bytes",
+    "fit_link",
+    "make_plan",
     "nominal_hardware",
+    "numa_placement",
+    "place_updates",
+    "plot_plan",
+    "simulate",
+    "validate_plan",
 ]

@@ -2,7 +2,7 @@
 
 Importable on its own, without ``trainer``::
 
-    from profiling import LifetimeTracer, memory_timeline, save_trace
+    from tierflow.profiling import LifetimeTracer, memory_timeline, save_trace
     tracer = LifetimeTracer(model, optimizer)
     with tracer:
         for batch in batches:
@@ -14,16 +14,41 @@ Importable on its own, without ``trainer``::
     save_trace(trace, "trace.tftrace")
 """
 
-from profiling.idle import IdleInterval, IdleScore, idle_intervals, top_idle_tensors
-from profiling.report import ReportFiles, format_report, plot_memory_timeline, write_report
-from profiling.stability import Divergence, Stability, check_stability
-from profiling.storage import FORMAT_VERSION, TraceFileError, load_trace, save_trace
-from profiling.timeline import CATEGORIES, ActiveFraction, MemoryTimeline, Peak, active_fraction, memory_timeline
-from profiling.trace import (Category, LifetimeTrace, Phase, Point, PointKind, TensorRecord, activation_key, grad_key,
-                             input_key, state_key, validate_trace)
-from profiling.tracer import LifetimeTracer, TracerConfig, trace_iterations
+from tierflow.profiling import torch_compat
+from tierflow.profiling._tensors import flat_tensors, storage_of
+from tierflow.profiling.idle import IdleInterval, IdleScore, idle_intervals, top_idle_tensors
+from tierflow.profiling.report import ReportFiles, format_report, plot_memory_timeline, write_report
+from tierflow.profiling.stability import Divergence, Stability, check_stability
+from tierflow.profiling.storage import FORMAT_VERSION, TraceFileError, load_trace, save_trace
+from tierflow.profiling.timeline import (
+                             CATEGORIES,
+                             ActiveFraction,
+                             MemoryTimeline,
+                             Peak,
+                             active_fraction,
+                             memory_timeline,
+)
+from tierflow.profiling.trace import (
+                             Category,
+                             LifetimeTrace,
+                             Phase,
+                             Point,
+                             PointKind,
+                             TensorRecord,
+                             activation_key,
+                             grad_key,
+                             input_key,
+                             point_label,
+                             state_key,
+                             validate_trace,
+)
+from tierflow.profiling.tracer import LifetimeTracer, TracerConfig, trace_iterations
+from tierflow.profiling.window import TraceWindow
 
 __all__ = [
+    "flat_tensors",
+    "storage_of",
+    "torch_compat",
     "CATEGORIES",
     "FORMAT_VERSION",
     "ActiveFraction",
@@ -42,6 +67,7 @@ __all__ = [
     "Stability",
     "TensorRecord",
     "TraceFileError",
+    "TraceWindow",
     "TracerConfig",
     "activation_key",
     "active_fraction",
@@ -54,6 +80,7 @@ __all__ = [
     "memory_timeline",
     "plot_memory_timeline",
     "save_trace",
+    "point_label",
     "state_key",
     "top_idle_tensors",
     "trace_iterations",

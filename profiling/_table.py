@@ -14,8 +14,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from profiling._tensors import storage_of
-from profiling.trace import Category, TensorRecord, grad_key, state_key
+from tierflow.profiling._tensors import storage_of
+from tierflow.profiling.trace import Category, TensorRecord, grad_key, state_key
 
 __all__ = ["RecordTable", "register_existing"]
 
@@ -30,7 +30,7 @@ class RecordTable:
     """Rows of tensor storages seen while tracing; frees are recorded by weakref callbacks.
 
     ``point`` and ``tick`` are the clock the tracer advances: every allocation, free and point
-    takes the next tick (see Note [ticks] in :mod:`profiling.trace`).
+    takes the next tick (see Note [ticks] in :mod:`tierflow.profiling.trace`).
     """
 
     def __init__(self) -> None:

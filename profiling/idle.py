@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from profiling.trace import Category, LifetimeTrace
+from tierflow.profiling.trace import Category, LifetimeTrace
 
 __all__ = ["IdleInterval", "IdleScore", "idle_intervals", "top_idle_tensors"]
 

@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 
-from profiling.trace import OUTSIDE_PATH, ROOT_PATH, activation_key
+from tierflow.profiling.trace import OUTSIDE_PATH, ROOT_PATH, activation_key
 
 __all__ = ["ModuleCalls", "StorageMap"]
 

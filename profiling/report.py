@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from profiling.idle import top_idle_tensors
-from profiling.stability import check_stability
-from profiling.timeline import CATEGORIES, active_fraction, memory_timeline
-from profiling.trace import Category, LifetimeTrace, Phase, PointKind
+from tierflow.profiling.idle import top_idle_tensors
+from tierflow.profiling.stability import check_stability
+from tierflow.profiling.timeline import CATEGORIES, active_fraction, memory_timeline
+from tierflow.profiling.trace import Category, LifetimeTrace, Phase, PointKind
 
 __all__ = ["TERAIO_ACTIVE_FRACTION", "ReportFiles", "format_bytes", "format_report", "phase_compute_s",
            "plot_memory_timeline", "write_report"]
@@ -119,9 +119,11 @@ def plot_memory_timeline(trace: LifetimeTrace, path: Path) -> Path:
     Returns:
         ``path``.
     """
+    # matplotlib costs about a second to import: only when a plot is written.
     import matplotlib
 
     matplotlib.use("Agg")
+    # matplotlib costs about a second to import: only when a plot is written.
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from profiling.trace import Category, LifetimeTrace
+from tierflow.profiling.trace import Category, LifetimeTrace
 
 __all__ = ["Divergence", "Stability", "check_stability"]
 

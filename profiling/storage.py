@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
 
-from profiling.trace import Category, LifetimeTrace, Phase, Point, PointKind, TensorRecord, validate_trace
+from tierflow.profiling.trace import Category, LifetimeTrace, Phase, Point, PointKind, TensorRecord, validate_trace
 
 __all__ = ["FORMAT_VERSION", "TraceFileError", "load_trace", "save_trace"]
 
@@ -139,7 +139,7 @@ def _corrupt(path: Path, what: str) -> TraceFileError:
 def _read_header(path: Path, blob: bytes) -> Tuple[Dict[str, Any], int]:
     if not blob.startswith(_MAGIC):
         raise TraceFileError(f"{path} is not a tierflow trace file (wrong magic bytes); pass a .tftrace file "
-                             "written by `tierflow profile` or profiling.save_trace")
+                             "written by `tierflow profile` or tierflow.profiling.save_trace")
     if len(blob) < len(_MAGIC) + 4:
         raise _corrupt(path, "truncated header")
     (n,) = struct.unpack_from("<I", blob, len(_MAGIC))

@@ -1,7 +1,7 @@
 """Memory over time, derived from a trace: live bytes per category, the peak, the active fraction.
 
-Pure functions of a :class:`~profiling.trace.LifetimeTrace`; no device is needed. The exact
-order of allocations and frees (Note [ticks] in :mod:`profiling.trace`) makes the peak the true
+Pure functions of a :class:`~tierflow.profiling.trace.LifetimeTrace`; no device is needed. The exact
+order of allocations and frees (Note [ticks] in :mod:`tierflow.profiling.trace`) makes the peak the true
 high-water mark of the traced tensors, including peaks between two points.
 """
 
@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from profiling.trace import Category, LifetimeTrace
+from tierflow.profiling.trace import Category, LifetimeTrace
 
 __all__ = ["CATEGORIES", "ActiveFraction", "MemoryTimeline", "Peak", "active_fraction", "memory_timeline"]
 

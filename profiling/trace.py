@@ -32,6 +32,7 @@ __all__ = [
     "activation_key",
     "grad_key",
     "input_key",
+    "point_label",
     "state_key",
     "validate_trace",
 ]
@@ -79,6 +80,14 @@ class Phase(str, Enum):
     OTHER = "other"
 
 
+def point_label(kind: "PointKind", name: str, call_index: int) -> str:
+    """The one spelling of a point: ``kind name[call]``, e.g. ``forward_pre h.0.attn[0]``.
+
+    The tracer records it, the runtime matches live points against it; both call this.
+    """
+    return f"{kind.value} {name}[{call_index}]"
+
+
 @dataclass(frozen=True, slots=True)
 class Point:
     """One runtime point.
@@ -105,7 +114,7 @@ class Point:
     @property
     def label(self) -> str:
         """``kind name[call]``: the same string at the same place of every iteration."""
-        return f"{self.kind.value} {self.name}[{self.call_index}]"
+        return point_label(self.kind, self.name, self.call_index)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,12 +36,22 @@ import torch
 from torch import nn
 from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
 
-from profiling import _compat
-from profiling._table import RecordTable, register_existing
-from profiling.keys import ModuleCalls
-from profiling._tensors import LIFT_OPS, DispatchRecorder, dispatch_round_trip_s, flat_tensors, storage_of
-from profiling.trace import (ROOT_PATH, Category, LifetimeTrace, Phase, Point, PointKind,
-                             grad_key, input_key, state_key)
+from tierflow.profiling import torch_compat
+from tierflow.profiling._table import RecordTable, register_existing
+from tierflow.profiling._tensors import LIFT_OPS, DispatchRecorder, dispatch_round_trip_s, flat_tensors, storage_of
+from tierflow.profiling.keys import ModuleCalls
+from tierflow.profiling.trace import (
+    ROOT_PATH,
+    Category,
+    LifetimeTrace,
+    Phase,
+    Point,
+    PointKind,
+    grad_key,
+    input_key,
+    point_label,
+    state_key,
+)
 
 __all__ = ["LifetimeTracer", "TracerConfig", "trace_iterations"]
 
@@ -140,7 +150,7 @@ class LifetimeTracer:
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(lambda *_: self._optimizer_pre()))
             self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self._optimizer_post()))
-        outer = _compat.outer_saved_tensors_hooks()
+        outer = torch_compat.outer_saved_tensors_hooks()
         self._outer_pack, self._outer_unpack = outer if outer is not None else (None, None)
         self._saved_hooks = saved_tensors_hooks(self._pack, self._unpack)
         self._saved_hooks.__enter__()
@@ -159,7 +169,7 @@ class LifetimeTracer:
         """
         if not self._attached:
             return
-        stack = _compat.dispatch_mode_stack()
+        stack = torch_compat.dispatch_mode_stack()
         if not stack or stack[-1] is not self._mode:
             raise RuntimeError("another TorchDispatchMode was entered after the tracer attached and is still "
                                "active; exit it before detaching the tracer")
@@ -263,21 +273,21 @@ class LifetimeTracer:
         tick = self._table.next_tick()
         self._points.append((kind, name, call, self._iteration, phase, compute_s, tick))
         self._table.point = len(self._points) - 1
-        self._tmp_label, self._tmp_count = f"{kind.value} {name}[{call}]", 0
+        self._tmp_label, self._tmp_count = point_label(kind, name, call), 0
         self._overhead_s, self._num_ops = 0.0, 0
         self._interval_start = time.perf_counter()
 
     def _phase(self) -> Phase:
-        return Phase.BACKWARD if _compat.current_graph_task_id() != -1 else Phase.FORWARD
+        return Phase.BACKWARD if torch_compat.current_graph_task_id() != -1 else Phase.FORWARD
 
     def _check_backward_start(self) -> None:
         """Emit BACKWARD_START at the first event of a new autograd graph task."""
-        gid = _compat.current_graph_task_id()
+        gid = torch_compat.current_graph_task_id()
         if gid == -1 or gid == self._graph_task:
             return
         self._graph_task = gid
         call = self._next_call(PointKind.BACKWARD_START, "backward")
-        _compat.queue_backward_callback(lambda: self._backward_end(call))
+        torch_compat.queue_backward_callback(lambda: self._backward_end(call))
         self._emit(PointKind.BACKWARD_START, "backward", call, Phase.BACKWARD)
 
     def _backward_end(self, call: int) -> None:

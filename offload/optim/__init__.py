@@ -1,0 +1,11 @@
+"""The tiered optimizer: any torch.optim optimizer with its state streamed through the tiers.
+
+Sub-groups are read ahead, updated by the wrapped optimizer's own step and written behind;
+:func:`place_updates` decides per sub-group whether the update runs on the CPU or the device.
+"""
+
+from tierflow.offload.optim.optimizer import TieredOptimizer, TieredOptimizerConfig, TieredStepError
+from tierflow.offload.optim.placement import UpdateCosts, UpdatePlacement, place_updates
+
+__all__ = ["TieredOptimizer", "TieredOptimizerConfig", "TieredStepError", "UpdateCosts", "UpdatePlacement",
+           "place_updates"]

@@ -1,0 +1,194 @@
+"""The planning context every policy reads, and the two steps every policy shares.
+
+:func:`build_context` derives, once per planning pass, what a policy needs from a trace, a
+HardwareModel and budgets: point times, interval durations, the unplanned memory timeline and its
+peaks, idle intervals and the offload tiers cheapest first. :func:`finish_plan` sorts a policy's
+decisions, simulates them against the same timeline, and returns the plan with its predictions.
+Policies import this module; the registry in :mod:`tierflow.offload.plan.planner` imports the
+policies (the same shape as DCP's ``planner_helpers`` / ``default_planner``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tierflow.offload.core.hardware import HardwareModel
+from tierflow.offload.core.names import kind_of
+from tierflow.offload.plan.simulate import simulate
+from tierflow.offload.plan.types import Decision, OffloadPlan, PlanningError
+from tierflow.profiling.idle import idle_intervals
+from tierflow.profiling.timeline import MemoryTimeline, memory_timeline
+from tierflow.profiling.trace import PointKind, validate_trace
+
+__all__ = ["Budgets", "PlanContext", "block_of", "build_context", "feasible_minimum_bytes", "finish_plan",
+           "recompute_blocks"]
+
+#: Tier kinds from cheapest per byte to dearest: a tensor goes to the cheapest tier that hides it.
+_KIND_ORDER = {"nvme": 0, "numa": 1, "host": 2}
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What each tier may hold at once.
+
+    Attributes:
+        device_bytes: Device budget in bytes (wins over ``device_fraction``).
+        device_fraction: Device budget as a fraction of the unconstrained peak (0 < f <= 1...).
+        tier_bytes: ``(tier, bytes)`` for other tiers; a tier not named gets its HardwareModel
+            capacity.
+    """
+
+    device_bytes: Optional[int] = None
+    device_fraction: Optional[float] = None
+    tier_bytes: Tuple[Tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        p = []
+        if self.device_bytes is not None and self.device_bytes < 0:
+            p.append(f"device budget {self.device_bytes} bytes must be >= 0")
+        if self.device_fraction is not None and not self.device_fraction > 0:
+            p.append(f"device budget fraction {self.device_fraction} must be > 0 (e.g. 0.5 of the unconstrained peak)")
+        p.extend(f"tier budget {name}={b} must be >= 0" for name, b in self.tier_bytes if b < 0)
+        if p:
+            raise PlanningError("; ".join(p))
+
+    def device_budget(self, unconstrained_peak_bytes: int) -> int:
+        if self.device_bytes is not None:
+            return int(self.device_bytes)
+        if self.device_fraction is not None:
+            return int(self.device_fraction * unconstrained_peak_bytes)
+        return int(unconstrained_peak_bytes)
+
+
+@dataclass
+class PlanContext:
+    """Everything a policy needs, derived once from the trace and hardware (read-only for policies).
+
+    Attributes:
+        trace: The LifetimeTrace.
+        hardware: The HardwareModel (None when no tier exists).
+        point_s: ``point_s[p]``: time at which compute reaches point ``p`` (unconstrained).
+        duration_s: ``duration_s[p]``: compute of interval ``p`` (0 for the last).
+        interval_peak: Unplanned device peak of every interval.
+        device_budget: Device budget in bytes.
+        tier_budgets: ``{tier: bytes}`` of every offload tier.
+        tiers: Offload tiers with a link both ways to the device, cheapest kind first.
+        intervals: Idle intervals of non-empty tensors.
+        timeline: The unplanned memory timeline (shared with the simulator: computed once).
+    """
+
+    trace: object
+    hardware: Optional[HardwareModel]
+    point_s: np.ndarray
+    duration_s: np.ndarray
+    interval_peak: np.ndarray
+    device_budget: int
+    tier_budgets: Dict[str, int]
+    tiers: List[str]
+    intervals: list = field(default_factory=list)
+    timeline: Optional[MemoryTimeline] = None
+
+    @property
+    def num_points(self) -> int:
+        return len(self.point_s)
+
+    def round_trip(self, tier: str, nbytes: int) -> Tuple[float, float]:
+        """``(out_s, back_s)`` of ``nbytes`` to ``tier`` and back, each link alone."""
+        return (self.hardware.link("device", tier).transfer_s(nbytes),
+                self.hardware.link(tier, "device").transfer_s(nbytes))
+
+
+def build_context(trace, hardware: Optional[HardwareModel], budgets: Budgets) -> PlanContext:
+    """Derive the :class:`PlanContext` of one planning pass (the memory timeline is computed once, here).
+
+    Raises:
+        PlanningError: an empty or inconsistent trace, or a budget for a tier the hardware lacks.
+    """
+    if not trace.points:
+        raise PlanningError("the trace has no points; profile at least one iteration with `tierflow profile`")
+    problems = validate_trace(trace)
+    if problems:
+        raise PlanningError(f"the trace is inconsistent ({len(problems)} problems, first: {problems[0]}); re-profile")
+    compute = np.array([p.compute_s for p in trace.points], dtype=np.float64)
+    timeline = memory_timeline(trace)
+    peak = np.asarray(timeline.interval_peak_bytes, dtype=np.int64)
+    tiers: List[str] = []
+    tier_budgets: Dict[str, int] = {}
+    given = dict(budgets.tier_bytes)
+    if hardware is not None:
+        names = {t.name for t in hardware.tiers}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise PlanningError(f"budget for unknown tier(s) {unknown}; hardware {hardware.name!r} has: "
+                                f"{', '.join(sorted(names))}")
+        links = {l.name for l in hardware.links}
+        for t in hardware.tiers:
+            if t.kind != "device" and f"device->{t.name}" in links and f"{t.name}->device" in links:
+                tiers.append(t.name)
+                tier_budgets[t.name] = int(given.get(t.name, t.capacity_bytes))
+    tiers.sort(key=lambda name: (_KIND_ORDER.get(kind_of(name), 9), name))
+    return PlanContext(trace=trace, hardware=hardware, point_s=np.cumsum(compute),
+                       duration_s=np.append(compute[1:], 0.0), interval_peak=peak,
+                       device_budget=budgets.device_budget(int(peak.max())), tier_budgets=tier_budgets, tiers=tiers,
+                       timeline=timeline,
+                       intervals=[iv for iv in idle_intervals(trace) if iv.size_bytes > 0])
+
+
+def feasible_minimum_bytes(ctx: PlanContext) -> Tuple[int, int]:
+    """The lowest device peak any swap plan can reach, and the interval where it binds.
+
+    A tensor can be off the device at best for its whole idle interval (compute waiting for the
+    transfers if need be); what remains in an interval is in use there and must stay.
+
+    Returns:
+        ``(bytes, interval)``.
+    """
+    n = ctx.num_points
+    diff = np.zeros(n + 1, dtype=np.int64)
+    for iv in ctx.intervals:
+        s, b = iv.start_point, iv.end_point
+        for a, e in ((s, b),) if s <= b else ((s, n), (0, b)):
+            diff[a] += iv.size_bytes
+            diff[e] -= iv.size_bytes
+    rest = ctx.interval_peak - np.cumsum(diff[:n])
+    p = int(np.argmax(rest))
+    return int(rest[p]), p
+
+
+def finish_plan(ctx: PlanContext, policy: str, decisions: Sequence[Decision], notes: Sequence[str] = ()) -> OffloadPlan:
+    """Sort the decisions, simulate them, and return the plan with its predictions filled in."""
+    ordered = tuple(sorted(decisions, key=lambda d: (d.evict_point, d.key, d.deadline_point)))
+    draft = OffloadPlan(policy=policy, hardware=ctx.hardware.name if ctx.hardware else "", num_points=ctx.num_points,
+                        device_budget_bytes=ctx.device_budget, tier_budgets=tuple(sorted(ctx.tier_budgets.items())),
+                        decisions=ordered,
+                        recomputed_blocks=tuple(sorted({d.recompute_block for d in ordered if d.recompute_block})),
+                        unconstrained_peak_bytes=int(ctx.interval_peak.max()),
+                        unconstrained_step_s=float(sum(p.compute_s for p in ctx.trace.points)), notes=tuple(notes))
+    sim = simulate(ctx.trace, draft, ctx.hardware, timeline=ctx.timeline)
+    return OffloadPlan(**{**draft.__dict__, "predicted_step_s": sim.step_s, "predicted_peak_bytes": sim.peak_bytes,
+                          "predicted_stall_s": sim.stall_s})
+
+
+def recompute_blocks(trace) -> Dict[Tuple[str, int], float]:
+    """``(module path, call index) -> forward compute seconds`` of every module call in the trace."""
+    t = np.cumsum([p.compute_s for p in trace.points])
+    open_: Dict[Tuple[str, int, int], int] = {}
+    out: Dict[Tuple[str, int], float] = {}
+    for i, p in enumerate(trace.points):
+        if p.kind is PointKind.FORWARD_PRE:
+            open_[(p.name, p.call_index, p.iteration)] = i
+        elif p.kind is PointKind.FORWARD_POST and (p.name, p.call_index, p.iteration) in open_:
+            out[(p.name, p.call_index)] = float(t[i] - t[open_.pop((p.name, p.call_index, p.iteration))])
+    return out
+
+
+def block_of(key: str) -> Optional[Tuple[str, int]]:
+    """``module[call]:saved<i>`` -> ``(module, call)``; None for other keys."""
+    head, sep, _ = key.rpartition(":saved")
+    if not sep or not head.endswith("]") or "[" not in head:
+        return None
+    name, _, call = head[:-1].rpartition("[")
+    return (name, int(call)) if call.isdigit() else None

@@ -1,0 +1,456 @@
+"""The plan executor: hooks that find the trace's points on a live iteration and act on a plan there.
+
+It emits the same points as :class:`~tierflow.profiling.LifetimeTracer` (module forward pre/post, backward
+start/pre/post/end, gradient ready, optimizer pre/post) with the same labels, keys saved tensors
+with the tracer's own numbering (:class:`tierflow.profiling.keys.ModuleCalls`), and at point ``p`` runs
+the plan's actions for ``p`` in this order: start offloads, free what has left, start prefetches,
+wait for what is due (Note [actions at a point]).
+
+Note [actions at a point]: frees come before prefetches so a point's high-water mark is the
+plan's; a prefetch is waited for at its deadline point, before the compute that uses the tensor,
+and again (for saved tensors) when autograd unpacks it, so a tensor is never read while away.
+
+Note [divergence]: a point whose label differs from the trace's, a saved tensor the trace does not
+know (or of another size), or a planned tensor that is missing means this iteration is not the
+traced one. For the rest of it the executor stops following the plan: saved tensors that are away
+come back at once (a changed forward may read them), and the rest come back when needed
+(a module's parameters at its forward, gradients before accumulation and at backward end,
+everything at the optimizer step), any tensor an operation touches is brought back first, and
+under the budget it evicts with the layer-aware LRU of :mod:`tierflow.offload.runtime._fallback`; when
+nothing is left to evict it raises BudgetExceededError.
+
+Note [unobservable graph tasks]: the tracer's dispatch mode sees operations that run in a
+backward callback after the graph task (DistributedDataParallel's reducer copying buckets into
+``.grad``) as an empty graph task of their own: a ``backward_start``/``backward_end`` pair with
+nothing between. The runtime has no hook there; where such a pair is expected and a different
+point comes, it acts on both points at once and counts the graph task, instead of diverging.
+
+Note [saved tensors held weakly]: the executor finds a planned activation through a weak
+reference to its storage; only autograd (and, while it is away, the residency entry) holds it.
+A strong reference would keep a saved tensor alive past its last backward use, and a key with
+several idle intervals would lose its storage if the reference were dropped at the first one.
+
+Note [late offload]: a planned activation saved, or a gradient attached, after its evict point
+(the trace saw it earlier) starts leaving the moment the runtime learns of it (pack hook,
+gradient-ready hook); if its free point has passed it is freed at the next point (never inside
+the hook: the operation saving it may still read it). Only a tensor still unseen at its prefetch
+point counts as ``missed``: it stayed, and the accounted peak shows it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple
+
+import torch
+from torch import nn
+from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
+
+from tierflow.offload.plan.types import OffloadPlan
+from tierflow.offload.runtime._fallback import BudgetExceededError, Fallback
+from tierflow.offload.runtime._iteration import IterationState
+from tierflow.offload.runtime._residency import Residency
+from tierflow.offload.runtime._schedule import MOVABLE, Schedule
+from tierflow.profiling import flat_tensors, torch_compat
+from tierflow.profiling.keys import StorageMap
+from tierflow.profiling.trace import ROOT_PATH, PointKind, point_label
+
+__all__ = ["BudgetExceededError", "Executor"]
+
+
+class Executor:
+    """Installs hooks on ``model`` and ``optimizer`` and runs one iteration at a time under a plan.
+
+    Args:
+        model: The module (its parameter names and module paths are the keys).
+        optimizer: Its optimizer, or None.
+        residency: The table that moves storages.
+        plan: The plan; its swap decisions are indexed by ``schedule``.
+        schedule: From :func:`~tierflow.offload.runtime._schedule.make_schedule`.
+        recompute: ``(module path, call)`` of blocks to run under activation checkpointing.
+        skipped: Decision indices not executed (activations inside a recomputed block).
+        budget_bytes: The device budget (fallback evictions keep tracked bytes under it).
+        on_divergence: Called once per diverging iteration with the reason.
+        movable: Categories the fallback may evict (the plan's own decisions already respect them).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], residency: Residency,
+                 plan: OffloadPlan, schedule: Schedule, *, recompute: Set[Tuple[str, int]], skipped: Set[int],
+                 budget_bytes: int, on_divergence: Callable[[str], None],
+                 movable: FrozenSet[str] = MOVABLE) -> None:
+        self.model, self.optimizer, self.residency = model, optimizer, residency
+        self.plan, self.schedule = plan, schedule
+        self.recompute, self.skipped = recompute, skipped
+        # What the fallback shares with this executor (Note [divergence]); reset by every iteration.
+        self.state = IterationState(budget_bytes)
+        self.on_divergence = on_divergence
+        self.movable = movable
+        self.planned_keys: Set[str] = {d.key for d in plan.decisions}
+        self.params: Dict[str, nn.Parameter] = dict(model.named_parameters())
+        self.name_of = {id(p): n for n, p in self.params.items()}
+        self.module_params = {(path or ROOT_PATH): [self.name_of[id(p)] for p in m._parameters.values()
+                                                    if p is not None and id(p) in self.name_of]
+                              for path, m in model.named_modules()}
+        self.direct_params = {(path or ROOT_PATH): [p for p in m._parameters.values() if p is not None]
+                              for path, m in model.named_modules()}
+        # Parameter storages -> the parameter's name, buffers' -> None; matched by identity, not by
+        # id (ZeRO-3 frees parameter storages: see StorageMap). Parameters last, so they win.
+        self.fixed_storages = StorageMap([(b.untyped_storage(), None) for b in model.buffers()]
+                                         + [(p.untyped_storage(), n) for n, p in self.params.items()])
+        self._handles: List[Any] = []
+        self.active = False
+        self._checkpoint_gens: Dict[Tuple[str, int], Any] = {}
+        self._recomputing = 0
+        self._entering_checkpoint = False
+        self._install()
+
+    # ---- hooks -----------------------------------------------------------------------------
+
+    def _install(self) -> None:
+        for path, module in self.model.named_modules():
+            path = path or ROOT_PATH
+            self._handles.append(module.register_forward_pre_hook(
+                lambda m, a, k, path=path: self._forward_pre(m, path, a, k), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(
+                lambda m, a, out, path=path: self._forward_post(path, out), always_call=True))
+        for name, p in self.params.items():
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(
+                    lambda param, name=name: self._grad_ready(name)))
+                self._handles.append(p.register_hook(lambda g, name=name: self._grad_arriving(name)))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(lambda *_: self._optimizer(True)))
+            self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self._optimizer(False)))
+
+    def remove(self) -> None:
+        """Remove every hook; bring every tensor back."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.residency.arrive_all()
+
+    # ---- one iteration ---------------------------------------------------------------------
+
+    @contextmanager
+    def iteration(self, inputs: Any = None, first: bool = False) -> Iterator[None]:
+        """Run one iteration under the plan; ``first`` evicts what the plan keeps away at the start."""
+        self.pos, self.diverged = 0, False
+        self.state.begin(inputs)
+        self.point_calls: Dict[Tuple[PointKind, str], int] = {}
+        # Planned activations of this iteration, held weakly: autograd alone decides when one dies
+        # (Note [saved tensors held weakly]).
+        self.saved: Dict[str, "weakref.ref[torch.UntypedStorage]"] = {}
+        self.hits = self.missed = 0
+        self.fallback: Optional[Fallback] = None
+        self.pending: Dict[str, int] = {}  # planned key -> decision waiting for its tensor (Note [late offload])
+        self.late_release: List[str] = []
+        self.absent_at: List[int] = []  # per matched interval: the fewest bytes held away during it
+        self._thread = threading.get_ident()
+        self.active = True
+        if first:  # enter the plan's steady state: what wraps around is away or leaving
+            for i in self.schedule.absent_at_start + self.schedule.writing_at_start:
+                d = self.plan.decisions[i]
+                storage = self._storage(d.key, d.category)
+                if storage is not None and self.residency.offload(d.key, storage, d.tier) and \
+                        i in self.schedule.absent_at_start:
+                    self.residency.release(d.key)
+        self.residency.absent_min = self.residency.absent_bytes
+        try:
+            with saved_tensors_hooks(self._pack, self._unpack):
+                self._point(PointKind.ITERATION_START, "iteration", 0)
+                yield
+            self._point(PointKind.ITERATION_END, "iteration", 0)
+            if not self.diverged and self.pos != self.schedule.num_points:
+                self._diverge(f"the iteration ended after {self.pos} of the trace's {self.schedule.num_points} points")
+        finally:
+            self.active = False
+            self._close_interval()
+            if self.fallback is not None:
+                self.fallback.stop()
+            # Saved activations still away: dead ones (their graph is gone) are dropped, one still
+            # held (a graph kept for another backward) comes back (Note [absent is weak]).
+            self.residency.arrive_all(keep=lambda k: not (k in self.schedule.activations or ":saved" in k))
+            if self.diverged:
+                self.residency.arrive_all()  # the next iteration starts from a clean state
+            self.state.end()
+            self.saved.clear()
+            self._checkpoint_gens.clear()
+
+    # ---- points ----------------------------------------------------------------------------
+
+    def _point(self, kind: PointKind, name: str, call: int) -> None:
+        self.state.clock += 1
+        if not self.diverged:
+            label = point_label(kind, name, call)
+            expected = self.schedule.labels[self.pos] if self.pos < self.schedule.num_points else "the end"
+            while label != expected and self.pos in self.schedule.unobservable:
+                # Note [unobservable graph tasks]: pass the empty graph task the trace has here.
+                self._advance()
+                self._advance()
+                self._next_call(PointKind.BACKWARD_START, "backward")
+                expected = self.schedule.labels[self.pos] if self.pos < self.schedule.num_points else "the end"
+            if label == expected:
+                self._advance()
+                return
+            self._diverge(f"point {label!r} where the trace had {expected!r}")
+        else:
+            label = point_label(kind, name, call)
+        self.state.here = self.schedule.index_of.get(label, self.state.here)
+        self.fallback.point(kind, name)
+
+    def _advance(self) -> None:
+        """The iteration reached the trace's point ``pos``: act there and start its interval."""
+        self._close_interval()
+        self.state.here = self.pos
+        self._act(self.pos)
+        self.residency.absent_min = self.residency.absent_bytes  # interval pos starts now
+        self.pos += 1
+
+    def _next_call(self, kind: PointKind, name: str) -> int:
+        call = self.point_calls.get((kind, name), 0)
+        self.point_calls[(kind, name)] = call + 1
+        return call
+
+    def _close_interval(self) -> None:
+        """Account the interval that ends now: the trace's peak in it minus the bytes held away."""
+        if self.pos and not self.diverged and self.pos - 1 == len(self.absent_at):
+            self.absent_at.append(self.residency.absent_min)
+
+    @property
+    def resident_at(self) -> List[int]:
+        """Per matched interval: the trace's peak in it minus the bytes held away."""
+        return [self.schedule.interval_peak[p] - a for p, a in enumerate(self.absent_at)]
+
+    def _act(self, p: int) -> None:
+        s, r, decisions = self.schedule, self.residency, self.plan.decisions
+        while self.late_release:
+            r.release(self.late_release.pop())
+        for i in s.evicts[p]:
+            if i in self.skipped:
+                continue
+            d = decisions[i]
+            storage = self._storage(d.key, d.category)
+            if storage is None and d.category in ("activation", "grad"):
+                if d.wraps:
+                    self.missed += 1
+                else:
+                    self.pending[d.key] = i  # Note [late offload]: not saved / not a .grad yet
+                continue
+            if storage is None:
+                self._diverge(f"planned tensor {d.key!r} does not exist at point {p}")
+                return
+            if storage.nbytes() != d.size_bytes:
+                self._diverge(f"planned tensor {d.key!r} has {storage.nbytes()} bytes, the trace {d.size_bytes}")
+                return
+            self.hits += r.offload(d.key, storage, d.tier)
+        for i in s.frees[p]:
+            r.release(decisions[i].key)
+        for i in s.prefetches[p]:
+            if self.pending.pop(decisions[i].key, None) is not None:
+                self.missed += 1  # it never became available while it could leave: it stayed
+            r.prefetch(decisions[i].key)
+        for i in s.deadlines[p]:
+            r.arrive(decisions[i].key)
+
+    def _late_offload(self, key: str) -> None:
+        """Start the offload of a planned tensor that appeared after its evict point (Note [late offload])."""
+        i = self.pending.pop(key, None)
+        if i is None or self.diverged:
+            return
+        d = self.plan.decisions[i]
+        storage = self._storage(d.key, d.category)
+        if storage is None or storage.nbytes() != d.size_bytes:
+            self.missed += 1
+            return
+        if self.residency.offload(d.key, storage, d.tier):
+            self.hits += 1
+            if self.pos - 1 >= d.free_point:
+                self.late_release.append(d.key)  # at the next point: the op saving it is still running
+
+    def _storage(self, key: str, category: str) -> Optional[torch.UntypedStorage]:
+        if category == "activation":
+            ref = self.saved.get(key)
+            return None if ref is None else ref()
+        if category == "param":
+            p = self.params.get(key)
+            return None if p is None else p.untyped_storage()
+        name, _, what = key.rpartition(":")
+        p = self.params.get(name)
+        if p is None:
+            return None
+        if category == "grad":
+            return None if p.grad is None else p.grad.untyped_storage()
+        value = self.optimizer.state.get(p, {}).get(what) if self.optimizer is not None else None
+        return value.untyped_storage() if isinstance(value, torch.Tensor) else None
+
+    # ---- module, grad and optimizer hooks ----------------------------------------------------
+
+    def _forward_pre(self, module: nn.Module, path: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        if not self.active or self._recomputing:
+            return
+        self._check_backward_start()
+        calls = self.state.calls
+        call = calls.next_call(path)
+        calls.enter(path, call)
+        calls.note_parameters(self.direct_params.get(path, ()))  # Note [parameter storages]
+        tensors = flat_tensors(args, [])
+        if path == ROOT_PATH:
+            for t in tensors:
+                self.state.inputs.add(t.untyped_storage())
+        needing_grad = [t for t in tensors if t.requires_grad]
+        if needing_grad and torch.is_grad_enabled():
+            register_multi_grad_hook(needing_grad, lambda *_: self._backward_hook(PointKind.BACKWARD_POST, path, call),
+                                     mode="all")
+        self._point(PointKind.FORWARD_PRE, path, call)
+        if (path, call) in self.recompute and torch.is_grad_enabled():
+            gen = torch_compat.checkpoint_generator(module, lambda: self._recompute_context(path), args, kwargs)
+            self._entering_checkpoint = True  # it saves the block's inputs itself: not activations
+            try:
+                next(gen)
+            finally:
+                self._entering_checkpoint = False
+            self._checkpoint_gens[(path, call)] = gen
+
+    def _forward_post(self, path: str, output: Any) -> None:
+        if not self.active or self._recomputing:
+            return
+        call = self.state.calls.exit(path)
+        gen = self._checkpoint_gens.pop((path, call), None)
+        if gen is not None:
+            next(gen, None)
+        needing_grad = [t for t in flat_tensors(output, []) if t.requires_grad]
+        if needing_grad and torch.is_grad_enabled():
+            register_multi_grad_hook(needing_grad, lambda *_: self._backward_hook(PointKind.BACKWARD_PRE, path, call),
+                                     mode="any")
+        self._point(PointKind.FORWARD_POST, path, call)
+
+    @contextmanager
+    def _recompute_context(self, path: str) -> Iterator[None]:
+        # Note [recompute reads parameters early]: the block re-runs at its first unpack in
+        # backward, before the points where the trace (made without checkpointing) used its
+        # parameters; the plan may still hold them away or be copying them back. Bring them back.
+        prefix = path + "."
+        for module_path, names in self.module_params.items():
+            if module_path == path or module_path.startswith(prefix):
+                for name in names:
+                    self.residency.arrive(name)
+        self._recomputing += 1  # a checkpointed block re-runs inside backward: not a traced point
+        try:
+            yield
+        finally:
+            self._recomputing -= 1
+
+    def _backward_hook(self, kind: PointKind, path: str, call: int) -> None:
+        if self.active:
+            self._check_backward_start()
+            self._point(kind, path, call)
+
+    def _check_backward_start(self) -> None:
+        gid = torch_compat.current_graph_task_id()
+        if gid == -1 or gid == self.state.graph_task:
+            return
+        self.state.graph_task = gid
+        call = self._next_call(PointKind.BACKWARD_START, "backward")
+        torch_compat.queue_backward_callback(lambda: self._backward_end(call))
+        self._point(PointKind.BACKWARD_START, "backward", call)
+
+    def _backward_end(self, call: int) -> None:
+        if not self.active:
+            return
+        self.state.graph_task = -1
+        self._point(PointKind.BACKWARD_END, "backward", call)
+
+    def _grad_arriving(self, name: str) -> None:
+        if self.active:
+            self.residency.arrive(f"{name}:grad")  # accumulation reads the old gradient
+
+    def _grad_ready(self, name: str) -> None:
+        if self.active:
+            self._check_backward_start()
+            self._point(PointKind.GRAD_READY, name, self._next_call(PointKind.GRAD_READY, name))
+            if self.pending:
+                self._late_offload(f"{name}:grad")
+
+    def _optimizer(self, pre: bool) -> None:
+        if not self.active:
+            return
+        name = type(self.optimizer).__name__
+        kind = PointKind.OPTIMIZER_PRE if pre else PointKind.OPTIMIZER_POST
+        self._point(kind, name, self._next_call(kind, name))
+
+    # ---- saved tensors -----------------------------------------------------------------------
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        if not self.active or t.device.type == "meta" or self._entering_checkpoint:
+            return t, None
+        st = t.untyped_storage()
+        sid = id(st)
+        if st in self.fixed_storages:
+            return t, self.fixed_storages.get(st)  # a parameter (or a view of one): back before unpack
+        calls, seen = self.state.calls, self.state.seen
+        calls.note_parameters(self.direct_params.get(calls.owner()[0], ()))  # gathered late, too
+        if st in self.state.inputs or not st.nbytes() or calls.is_parameter_storage(st):
+            return t, None
+        known = seen.get(sid)
+        if known is not None and known[0]() is st:
+            # Saved again: no new number (Note [saved-tensor keys]), but the same key, so this
+            # unpack also waits for the storage to be back.
+            return t, known[1]
+        key = calls.next_saved_key()
+        seen[sid] = (weakref.ref(st), key)
+        if self.diverged:
+            return t, key  # the fallback may evict it (Note [divergence])
+        size = self.schedule.sizes.get(key)
+        if size is None or key not in self.schedule.activations or size != st.nbytes():
+            self._diverge(f"saved tensor {key!r} of {st.nbytes()} bytes is not in the trace"
+                          + (f" (traced with {size} bytes)" if size is not None else ""))
+            return t, key
+        if key in self.planned_keys:
+            self.saved[key] = weakref.ref(st)
+            if key in self.pending:
+                self._late_offload(key)
+        return t, key
+
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        t, key = packed
+        if key is not None and self.active:
+            self._check_backward_start()
+            self.residency.arrive(key)
+            if self.diverged:
+                self.state.last_used[key] = self.state.clock
+        return t
+
+    @property
+    def fallback_evictions(self) -> int:
+        """Tensors the fallback evicted in this iteration (0 while it follows the plan)."""
+        return 0 if self.fallback is None else self.fallback.evictions
+
+    @property
+    def reason(self) -> str:
+        """Why this iteration diverged from the trace, empty while it follows it."""
+        return self.state.reason
+
+    @property
+    def tracked_peak(self) -> int:
+        """The most device bytes the fallback counted in this iteration (0 while it follows the plan)."""
+        return self.state.tracked_peak
+
+    # ---- divergence and the fallback ----------------------------------------------------------
+
+    def _diverge(self, reason: str) -> None:
+        if self.diverged:
+            return
+        self.diverged, self.state.reason = True, reason
+        # Handed the shared state and lookups, not this executor, so the policy cannot come to
+        # depend on the plan-following bookkeeping (pos, pending, saved), which is void from here.
+        tier = next((d.tier for d in self.plan.decisions if d.tier), "host")  # where it evicts to
+        self.fallback = Fallback(self.state, self.residency, self.schedule, params=self.params,
+                                 optimizer=self.optimizer, module_params=self.module_params,
+                                 fixed_storages=self.fixed_storages, movable=self.movable, tier=tier,
+                                 thread=self._thread)
+        self.on_divergence(reason)
+        for key in list(self.residency.entries):
+            if key in self.saved or ":saved" in key:
+                self.residency.arrive(key)  # Note [divergence]: a changed forward may read them

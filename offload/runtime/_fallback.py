@@ -1,0 +1,287 @@
+"""The online fallback: what the runtime does for the rest of an iteration that left the plan.
+
+Note [divergence] in the plan executor says when an iteration leaves the plan; from then on this
+policy runs at every point instead:
+
+* **Demand paging** (Note [fault in]): a ``TorchDispatchMode`` sees every operation of the rest of
+  the iteration on the training thread; an operation that reads or writes a storage the runtime
+  holds away waits until it is back. That makes every tensor safe to evict at any point, saved
+  activations included, whatever the changed forward does with them.
+* **Eviction** (layer-aware LRU guided by the plan's next-use hints): when the device bytes it
+  can see exceed the budget at a point, it evicts, furthest predicted next use first: the trace's
+  next use of the same key counted from where the iteration is now (matched by point label; the
+  succinct-predictions idea: one hint per request is enough), least recently used among equals,
+  unknown keys (new control flow) counted as furthest. Candidates, within the runtime's
+  ``movable`` categories: saved activations, parameters of modules not running (in forward),
+  gradients, optimizer states.
+* **Budget**: what it can see is, on CUDA, the allocator's figure; on CPU, parameters,
+  gradients, optimizer states, inputs, every saved activation of the iteration and every storage
+  allocated since the fallback started (the mode sees those allocations). When eviction cannot
+  bring that under the budget it raises :class:`BudgetExceededError` with the budget and the
+  bytes needed; it never exceeds a budget silently.
+
+The policy never sees the executor: it reads the iteration through the shared
+:class:`~tierflow.offload.runtime._iteration.IterationState` (which the executor keeps current) and
+the collaborators it is handed, so it can be built and tested without the executor's hooks.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tierflow.offload.runtime._iteration import IterationState
+from tierflow.offload.runtime._residency import Residency
+from tierflow.offload.runtime._schedule import Schedule
+from tierflow.profiling import flat_tensors, storage_of, torch_compat
+from tierflow.profiling.keys import StorageMap
+from tierflow.profiling.trace import PointKind
+
+__all__ = ["BudgetExceededError", "Fallback"]
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+MIN_EVICT_BYTES = 64  # smaller storages cost more to track than they free
+
+
+class BudgetExceededError(RuntimeError):
+    """The runtime could not keep the device under its budget (it never exceeds one silently)."""
+
+
+class _FaultIn(TorchDispatchMode):
+    """Note [fault in]: bring a storage back before any operation touches it.
+
+    Storages away have zero bytes (Note [storage swap]); an operation reading one would fail or,
+    worse, read nothing. This mode looks up every tensor argument's storage in the residency
+    table and waits for it first (a write still in flight is cancelled: the bytes never left).
+    It also records the storages operations allocate, so the CPU budget sees them. The runtime's
+    own copies (a transfer the training thread runs while waiting for it) pass straight through:
+    they must never fault, count or evict (an error there would poison the transfer).
+    """
+
+    def __init__(self, fallback: "Fallback") -> None:
+        super().__init__()
+        self.fallback = fallback
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105 (torch's protocol)
+        if any(t not in _PLAIN for t in types):
+            return NotImplemented
+        kwargs = kwargs or {}
+        fb = self.fallback
+        residency = fb.residency
+        if residency.transferring:  # the runtime's own copy, run while it waits: not the model's memory
+            return func(*args, **kwargs)
+        inputs = set()
+        for t in flat_tensors(kwargs, flat_tensors(args, [])):
+            if t.device.type == "meta":
+                continue
+            st = t.untyped_storage()
+            inputs.add(id(st))
+            key = residency.key_of(st) if residency.entries else None
+            if key is not None:
+                residency.arrive(key)
+                fb.faults += 1
+                fb.state.last_used[key] = fb.state.clock
+        out = func(*args, **kwargs)
+        if not func.is_view:  # a view, or an in-place op's result, is no new memory
+            outputs = set()
+            for t in flat_tensors(out, []):
+                st = storage_of(t)
+                known = fb.allocated.get(id(st)) if st is not None else None
+                # A dead storage's id may be recycled by this new one (StorageMap): compare identity.
+                if st is not None and id(st) not in inputs and (known is None or known() is not st):
+                    fb.allocated[id(st)] = weakref.ref(st)
+                    fb.level += st.nbytes()
+                    outputs.add(id(st))
+            if fb.level > fb.state.budget_bytes:
+                # Over budget in the middle of an interval: act now, sparing this op's tensors.
+                fb.evict(f"operation {func}", spare=inputs | outputs)
+        return out
+
+
+class Fallback:
+    """The online policy of one diverged iteration (see the module docstring).
+
+    Args:
+        state: The diverged iteration's state (clock, current point, budget, saved tensors, ...).
+        residency: The table that moves storages (faults bring them back, evictions send them away).
+        schedule: The plan's schedule, for next-use hints.
+        params: Parameter name -> parameter, as in ``model.named_parameters()``.
+        optimizer: The optimizer whose states may be evicted, or None.
+        module_params: Module path -> names of its direct parameters.
+        fixed_storages: Storages of parameters and buffers (never evicted as activations).
+        movable: Categories it may evict.
+        tier: Name of the tier evictions go to.
+        thread: Ident of the thread running the iteration (the mode is entered only there).
+    """
+
+    def __init__(self, state: IterationState, residency: Residency, schedule: Schedule, *,
+                 params: Mapping[str, nn.Parameter], optimizer: Optional[torch.optim.Optimizer],
+                 module_params: Mapping[str, Sequence[str]], fixed_storages: StorageMap, movable: FrozenSet[str],
+                 tier: str, thread: int) -> None:
+        self.state, self.residency, self.schedule = state, residency, schedule
+        self.params, self.optimizer, self.module_params = params, optimizer, module_params
+        self.fixed_storages, self.movable, self.tier = fixed_storages, movable, tier
+        self.thread = thread
+        self.allocated: Dict[int, Any] = {}  # id(storage) -> weakref, allocated since the mode started
+        self.faults = 0
+        self.evictions = 0
+        self.evicted_bytes: Dict[str, int] = {}  # per category, bytes this fallback evicted
+        self.level = 0  # tracked bytes at the last count plus what operations allocated since (an upper bound)
+        self.settled_peak = 0  # the most tracked bytes left after the fallback acted
+        self._mode: Optional[_FaultIn] = None
+
+    # ---- the mode ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Enter the fault-in mode (at a point: never inside another mode's dispatch)."""
+        # Note [no mode from backward]: the autograd engine sets its captured thread-local state
+        # (the dispatch-mode stack included) around every node it runs, so a mode entered in a
+        # backward hook is dropped again by the engine. A divergence found in backward is handled
+        # at points only; the mode starts with the next iteration that diverges in forward.
+        in_backward = torch._C._current_graph_task_id() != -1
+        if self._mode is None and threading.get_ident() == self.thread and not in_backward:
+            self._mode = _FaultIn(self)
+            self._mode.__enter__()
+
+    def stop(self) -> None:
+        """Leave the mode (the iteration ended).
+
+        Raises:
+            RuntimeError: another dispatch mode was entered inside the iteration and is still active.
+        """
+        if self._mode is None:
+            return
+        stack = torch_compat.dispatch_mode_stack()
+        if not any(m is self._mode for m in stack):  # already gone: Note [no mode from backward]
+            self._mode = None
+            return
+        if stack[-1] is not self._mode:
+            raise RuntimeError("a TorchDispatchMode entered inside the training step is still active at its end; "
+                               "exit it inside the step")
+        self._mode.__exit__(None, None, None)
+        self._mode = None
+
+    # ---- points -------------------------------------------------------------------------------
+
+    def point(self, kind: PointKind, name: str) -> None:
+        """Act at a point of the diverged iteration: bring back what is needed now, then evict."""
+        iteration, r = self.state, self.residency
+        self.start()
+        if kind is PointKind.FORWARD_PRE:
+            for pname in self.module_params.get(name, ()):
+                r.arrive(pname)  # about to run: fetch now rather than fault in op by op
+                iteration.last_used[pname] = iteration.clock
+        elif kind is PointKind.BACKWARD_END:
+            r.arrive_all(keep=lambda k: not k.endswith(":grad"))  # clipping reads every gradient
+        elif kind is PointKind.OPTIMIZER_PRE:
+            r.arrive_all()
+        elif kind is PointKind.GRAD_READY:
+            iteration.last_used[f"{name}:grad"] = iteration.clock
+        if kind is not PointKind.OPTIMIZER_PRE:
+            self.evict(kind.value)
+
+    def tracked_bytes(self) -> int:
+        """Device bytes the fallback can see (see the module docstring)."""
+        iteration = self.state
+        if any(p.is_cuda for p in self.params.values()):
+            return int(torch.cuda.memory_allocated())
+        storages: Dict[int, torch.UntypedStorage] = {}
+
+        def add(t: Optional[torch.Tensor]) -> None:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                storages[id(st)] = st
+
+        for p in self.params.values():
+            add(p)
+            add(p.grad)
+        if self.optimizer is not None:
+            for state in self.optimizer.state.values():
+                for v in state.values():
+                    add(v)
+        for t in iteration.input_tensors:
+            add(t)
+        for sid, ref in list(self.allocated.items()):
+            st = ref()
+            if st is None:
+                del self.allocated[sid]
+            else:
+                storages[sid] = st
+        for ref, _ in iteration.seen.values():
+            st = ref()
+            if st is not None:
+                storages[id(st)] = st
+        return sum(st.nbytes() for st in storages.values())
+
+    def candidates(self, where: str, spare: FrozenSet[int] = frozenset()) -> List[Tuple[str, torch.UntypedStorage, str]]:
+        """What may leave now: ``(key, storage, category)`` of resident tensors it can find again."""
+        iteration, r = self.state, self.residency
+        running = {pname for path in iteration.running_modules() for pname in self.module_params.get(path, ())}
+        in_backward = iteration.graph_task != -1
+        out: List[Tuple[str, torch.UntypedStorage, str]] = []
+        movable = self.movable
+
+        def add(key: str, st: torch.UntypedStorage, category: str) -> None:
+            if category in movable and id(st) not in spare and st.nbytes() >= MIN_EVICT_BYTES and r.state(key) is None \
+                    and r.key_of(st) is None:
+                out.append((key, st, category))
+
+        for name, p in self.params.items():
+            if name not in running and not in_backward:
+                add(name, p.untyped_storage(), "param")
+            if p.grad is not None and where != PointKind.BACKWARD_END.value:
+                add(f"{name}:grad", p.grad.untyped_storage(), "grad")
+            state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
+            for sname, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    add(f"{name}:{sname}", v.untyped_storage(), "optimizer_state")
+        fixed = self.fixed_storages
+        for ref, key in iteration.seen.values():
+            st = ref()
+            if st is not None and st not in fixed and st not in iteration.inputs:
+                add(key, st, "activation")
+        return out
+
+    def evict(self, where: str, spare: FrozenSet[int] = frozenset()) -> None:
+        """Evict until the tracked bytes fit the budget, or raise BudgetExceededError.
+
+        Args:
+            where: The point kind, or the operation, after which it acts (for the error).
+            spare: Storage ids not to evict (the operation that just ran reads or made them).
+        """
+        iteration = self.state
+        used = self.level = self.tracked_bytes()
+        iteration.tracked_peak = max(iteration.tracked_peak, used)
+        if used <= iteration.budget_bytes:
+            self.settled_peak = max(self.settled_peak, used)
+            return
+        here = iteration.here
+        schedule = self.schedule
+
+        def order(item: Tuple[str, torch.UntypedStorage, str]) -> Tuple[int, int]:
+            hint = schedule.next_use(item[0], here)
+            return (-(hint if hint is not None else schedule.num_points), iteration.last_used.get(item[0], 0))
+
+        tier = self.tier
+        for key, storage, category in sorted(self.candidates(where, spare), key=order):
+            if used <= iteration.budget_bytes:
+                break
+            freed = self.residency.evict_now(key, storage, tier)
+            if freed:
+                used -= freed
+                self.evictions += 1
+                self.evicted_bytes[category] = self.evicted_bytes.get(category, 0) + freed
+        self.level = used
+        self.settled_peak = max(self.settled_peak, used)
+        if used > iteration.budget_bytes:
+            raise BudgetExceededError(
+                f"device budget {iteration.budget_bytes} bytes exceeded: this iteration diverged from the trace "
+                f"({iteration.reason}) and needs at least {used} bytes after {where} with nothing left to evict; "
+                f"raise offload.device_budget_bytes/device_budget_fraction to at least {used} bytes, or make the "
+                f"iteration static")
+

@@ -1,0 +1,251 @@
+"""The runtime's residency table: which tensor storages are off the device, where, and in what state.
+
+Keyed by stable trace keys (parameter names, ``name:grad``, ``name:exp_avg``,
+``module[call]:saved<i>``), never by attributes on torch objects. One entry per storage that is
+away or on its way; a key without an entry is resident.
+
+Note [storage swap]: a tensor leaves by copying its whole storage into a tier slot and then
+shrinking the storage to zero bytes (``untyped_storage().resize_(0)``, as FSDP does); it comes
+back by growing the same storage again and reading the slot into it. Every tensor and view on the
+storage (autograd's saved ones, the parameter itself, a stray Python reference) sees the bytes
+again, unchanged, with no version-counter bump: this is why a run with offloading is bit-identical
+to one without. A storage is only shrunk once its copy has finished.
+
+States of an entry: ``writing`` (copy out in flight, bytes still on the device), ``absent``
+(device storage empty, the slot holds the bytes), ``reading`` (storage grown again, copy back in
+flight). ``arrive`` waits for the copy back and drops the entry.
+
+Note [absent is weak]: while an entry is ``absent`` it holds its (empty) storage only weakly. A
+storage nobody else holds any more (a saved activation whose graph autograd freed) is dead: its
+bytes need not come back, and the entry is simply dropped when it would be fetched. While a copy
+is in flight the entry holds the storage strongly (the copy reads or writes its memory).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+
+from tierflow.offload.tiers.base import Slot, Tier, TransferHandle
+
+__all__ = ["Residency", "TransferStats"]
+
+WRITING, ABSENT, READING = "writing", "absent", "reading"
+
+
+@dataclass
+class TransferStats:
+    """Counters of one step (reset by the runtime at each step start).
+
+    Attributes:
+        bytes_out: Per tier name, bytes copied off the device.
+        bytes_in: Per tier name, bytes copied back.
+        stall_s: Seconds compute waited for transfers (offloads to finish before freeing,
+            prefetches to arrive, on-demand fetches).
+        on_demand: Fetches that were not prefetched ahead (the fallback, or a late plan).
+    """
+
+    bytes_out: Dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+    bytes_in: Dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+    stall_s: float = 0.0
+    on_demand: int = 0
+
+
+class _Entry:
+    __slots__ = ("key", "storage", "sid", "ref", "nbytes", "tier_name", "tier", "slot", "handle", "state")
+
+    def __init__(self, key: str, storage: torch.UntypedStorage, tier_name: str, tier: Tier) -> None:
+        self.key, self.storage, self.sid, self.nbytes = key, storage, id(storage), storage.nbytes()
+        self.ref: Optional["weakref.ref[torch.UntypedStorage]"] = None  # while absent (Note [absent is weak])
+        self.tier_name, self.tier = tier_name, tier
+        self.slot: Optional[Slot] = None
+        self.handle: Optional[TransferHandle] = None
+        self.state = WRITING
+
+
+def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    """The whole storage as a flat uint8 tensor that aliases its memory without owning it.
+
+    Note [alias, not share]: the tensor handed to a tier views the storage's memory through a
+    separate, non-owning storage object, for two reasons. (1) The tier's transfer closures can
+    outlive the transfer (a worker thread keeps its last task until it takes the next one; a copy
+    run by a waiting caller stays queued until a worker skips it): a view that owned the model's
+    storage would keep a saved activation alive after autograd let go of it, and the device would
+    hold it past its last use (the tracer saw exactly that). (2) NVMe I/O hands its buffer to
+    numpy, which marks that storage non-resizable for good; the model's storage must stay
+    resizable (Note [storage swap]). It is safe because the residency entry holds the real
+    storage until every transfer on it has finished (``arrive`` and ``discard`` wait), the
+    storage is never resized while one is in flight, and a stale closure never runs again.
+    """
+    n = storage.nbytes()
+    if storage.device.type == "cuda":
+        return torch.as_tensor(_CudaBytes(storage.data_ptr(), n), device=storage.device)
+    raw = (ctypes.c_uint8 * n).from_address(storage.data_ptr())
+    return torch.frombuffer(raw, dtype=torch.uint8)
+
+
+class _CudaBytes:
+    """``n`` bytes of device memory at ``ptr`` through ``__cuda_array_interface__`` (no ownership)."""
+
+    def __init__(self, ptr: int, n: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (ptr, False), "version": 2}
+
+
+class Residency:
+    """Moves storages between the device and tiers, and knows where each one is.
+
+    Args:
+        tier_for: Maps a plan tier name (``host``, ``nvme:0``, ``numa:1``) to an open Tier.
+        max_inflight: Transfers of this table in flight at once (0: no limit). Fewer hold less
+            memory in flight (a prefetched storage is allocated when its read starts) but overlap
+            less compute; the oldest transfer is waited for (a stall) to make room.
+    """
+
+    def __init__(self, tier_for: Callable[[str], Tier], max_inflight: int = 0) -> None:
+        self._tier_for = tier_for
+        self.max_inflight = max_inflight
+        self.entries: Dict[str, _Entry] = {}
+        self._by_storage: Dict[int, str] = {}  # id(storage) -> key of its entry
+        self.transferring = 0  # > 0 while this thread may run one of our own copies
+        self._inflight: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+        self.stats = TransferStats()
+        self.absent_bytes = 0  # device bytes held away now
+        self.absent_min = 0  # the least absent_bytes since the runtime last reset it (a point)
+
+    # --- the four plan actions ------------------------------------------------------------
+
+    def offload(self, key: str, storage: torch.UntypedStorage, tier_name: str) -> bool:
+        """Start copying ``storage`` out (evict point). False when it cannot move (already away,
+        empty, or not resizable); the tensor then simply stays."""
+        if key in self.entries or storage.nbytes() == 0 or not storage.resizable():
+            return False
+        self._make_room()
+        entry = _Entry(key, storage, tier_name, self._tier_for(tier_name))
+        entry.slot = entry.tier.reserve(entry.nbytes)
+        entry.handle = entry.tier.write(entry.slot, _bytes_of(storage))
+        self.entries[key] = entry
+        self._by_storage[entry.sid] = key
+        self._inflight[key] = None
+        self.stats.bytes_out[tier_name] += entry.nbytes
+        return True
+
+    def release(self, key: str) -> None:
+        """Free the device copy once the copy out is done (free point)."""
+        entry = self.entries.get(key)
+        if entry is None or entry.state != WRITING:
+            return
+        self._wait(entry)
+        entry.storage.resize_(0)
+        entry.ref, entry.storage = weakref.ref(entry.storage), None  # Note [absent is weak]
+        entry.state = ABSENT
+        self.absent_bytes += entry.nbytes
+
+    def prefetch(self, key: str) -> None:
+        """Grow the storage again and start the copy back (prefetch point)."""
+        entry = self.entries.get(key)
+        if entry is None or entry.state != ABSENT:
+            return
+        storage = entry.ref()
+        if storage is None:  # dead while away: nothing to bring back (Note [absent is weak])
+            self.discard(key)
+            return
+        entry.storage, entry.ref = storage, None
+        self._make_room()
+        entry.storage.resize_(entry.nbytes)
+        self._set_absent(self.absent_bytes - entry.nbytes)
+        entry.handle = entry.tier.read(entry.slot, _bytes_of(entry.storage))
+        entry.state = READING
+        self._inflight[key] = None
+        self.stats.bytes_in[entry.tier_name] += entry.nbytes
+
+    def arrive(self, key: str) -> None:
+        """Make ``key`` resident now: wait for its copy back, or fetch it on demand; drop the entry.
+
+        An entry still ``writing`` is cancelled: the bytes never left the device.
+        """
+        entry = self.entries.get(key)
+        if entry is None:
+            return
+        if entry.state == ABSENT:
+            self.prefetch(key)
+            if key not in self.entries:
+                return  # it was dead
+            self.stats.on_demand += 1
+        self._wait(entry)
+        entry.tier.free(entry.slot)
+        self._forget(key, entry)
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def evict_now(self, key: str, storage: torch.UntypedStorage, tier_name: str) -> int:
+        """Offload and free at once (the fallback's evictions); returns the bytes freed."""
+        if not self.offload(key, storage, tier_name):
+            return 0
+        self.release(key)
+        return self.entries[key].nbytes
+
+    def key_of(self, storage: torch.UntypedStorage) -> Optional[str]:
+        """The key of the entry that holds ``storage`` away (or is moving it), if any."""
+        key = self._by_storage.get(id(storage))
+        entry = self.entries.get(key) if key is not None else None
+        if entry is None:
+            return None
+        held = entry.storage if entry.ref is None else entry.ref()
+        return key if held is storage else None
+
+    def state(self, key: str) -> Optional[str]:
+        entry = self.entries.get(key)
+        return None if entry is None else entry.state
+
+    def arrive_all(self, keep: Callable[[str], bool] = lambda key: False) -> None:
+        """Bring back every entry for which ``keep(key)`` is False."""
+        for key in [k for k in self.entries if not keep(k)]:
+            self.arrive(key)
+
+    def discard(self, key: str) -> None:
+        """Forget an entry whose tensor is dead (an activation after its graph was freed)."""
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            return
+        if entry.handle is not None:
+            entry.handle.exception()  # settle it; nobody needs the bytes any more
+        if entry.state == ABSENT:
+            self._set_absent(self.absent_bytes - entry.nbytes)
+        entry.tier.free(entry.slot)
+        self._inflight.pop(key, None)
+        self._forget(key, entry)
+
+    def _forget(self, key: str, entry: _Entry) -> None:
+        self.entries.pop(key, None)
+        if self._by_storage.get(entry.sid) == key:
+            del self._by_storage[entry.sid]
+
+    def _set_absent(self, value: int) -> None:
+        self.absent_bytes = value
+        self.absent_min = min(self.absent_min, value)
+
+    def _wait(self, entry: _Entry) -> None:
+        handle = entry.handle
+        self.transferring += 1  # a copy run on this thread (Note [help while waiting]) is ours, not the model's
+        try:
+            if handle is not None and not handle.done():
+                start = time.perf_counter()
+                handle.wait()
+                self.stats.stall_s += time.perf_counter() - start
+            elif handle is not None:
+                handle.wait()  # raises the transfer's error, if any
+        finally:
+            self.transferring -= 1
+        entry.handle = None
+        self._inflight.pop(entry.key, None)
+
+    def _make_room(self) -> None:
+        while self.max_inflight and len(self._inflight) >= self.max_inflight:
+            oldest = next(iter(self._inflight))
+            self._wait(self.entries[oldest])

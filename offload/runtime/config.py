@@ -1,0 +1,75 @@
+"""The ``offload`` config group: which policy plans offloading, under which budgets, and how the
+runtime that executes the plan profiles, falls back and re-profiles.
+
+YAML in ``conf/offload/<policy>.yaml`` only selects a policy and overrides values; this dataclass
+is the schema (registered with Hydra through ``tierflow.trainer.config``'s tree) and the one config
+:class:`~tierflow.offload.runtime.offload_runtime.OffloadRuntime` takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from tierflow.offload.plan import POLICIES, Budgets
+from tierflow.offload.plan.types import PlanningError
+
+__all__ = ["OffloadConfig"]
+
+
+@dataclass(kw_only=True)
+class OffloadConfig:
+    """Planner and runtime settings.
+
+    Attributes:
+        policy: ``none`` (default: nothing moves), ``lifetime`` (TERAIO/G10 rule under the budget)
+            or a baseline: ``all_host``, ``zero_offload``, ``zero_infinity``, ``belady``.
+        device_budget_bytes: Device budget in bytes; wins over ``device_budget_fraction``.
+        device_budget_fraction: Device budget as a fraction of the traced unconstrained peak
+            (e.g. 0.5). With neither set the budget is the unconstrained peak (nothing must move).
+        tier_budget_bytes: Per-tier budgets, e.g. ``{host: 64000000000}``; a tier not named gets
+            the capacity of its HardwareModel.
+        profile_warmup: Steps the runtime runs untouched before profiling (optimizer state and
+            allocator pools exist after the first step).
+        profile_iterations: Steps traced (unconstrained) to make the plan from; the last one is
+            planned, 2 or more also checks that iterations repeat.
+        reprofile_after: After this many iterations that diverged from the trace since the plan
+            was made, profile and plan again (0: never).
+        max_inflight_transfers: The runtime's own transfers in flight at once (0: as many as the
+            plan issues). Memory vs overlap: a prefetch holds its device memory from the moment it
+            starts, so fewer in flight lowers the momentary peak between points but leaves less
+            time to hide each copy (compute waits for the oldest one to make room).
+    """
+
+    policy: str = "none"
+    device_budget_bytes: Optional[int] = None
+    device_budget_fraction: Optional[float] = None
+    tier_budget_bytes: Dict[str, int] = field(default_factory=dict)
+    profile_warmup: int = 1
+    profile_iterations: int = 2
+    reprofile_after: int = 3
+    max_inflight_transfers: int = 0
+
+    def __post_init__(self) -> None:
+        p: List[str] = []
+        if self.policy not in POLICIES:
+            p.append(f"offload.policy={self.policy!r} is not valid; choose one of: {', '.join(POLICIES)}")
+        if self.device_budget_bytes is not None and self.device_budget_bytes < 0:
+            p.append(f"offload.device_budget_bytes={self.device_budget_bytes} must be >= 0")
+        if self.device_budget_fraction is not None and not 0 < self.device_budget_fraction:
+            p.append(f"offload.device_budget_fraction={self.device_budget_fraction} must be > 0, e.g. 0.5")
+        for key, minimum in (("profile_warmup", 0), ("profile_iterations", 1), ("reprofile_after", 0),
+                             ("max_inflight_transfers", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                p.append(f"offload.{key}={value!r} must be a whole number >= {minimum}")
+        for tier, b in self.tier_budget_bytes.items():
+            if b < 0:
+                p.append(f"offload.tier_budget_bytes.{tier}={b} must be >= 0")
+        if p:
+            raise PlanningError("; ".join(p))
+
+    def budgets(self) -> Budgets:
+        """The :class:`~tierflow.offload.plan.Budgets` these settings describe."""
+        return Budgets(device_bytes=self.device_budget_bytes, device_fraction=self.device_budget_fraction,
+                       tier_bytes=tuple(sorted(self.tier_budget_bytes.items())))

@@ -1,0 +1,419 @@
+"""``OffloadRuntime``: profile a few real iterations, plan, then run every later iteration under the plan.
+
+Wrap your own loop's step; nothing else in it changes::
+
+    rt = OffloadRuntime(model, optimizer, OffloadConfig(policy="lifetime", device_budget_fraction=0.5),
+                        tiers=TiersConfig(host=HostTierConfig(enabled=True, budget_bytes=8 << 30)))
+    for batch in batches:
+        with rt.step(batch):
+            loss = loss_fn(model(batch)); loss.backward(); optimizer.step(); optimizer.zero_grad()
+    rt.close()
+
+Steps ``0 .. profile_warmup-1`` run untouched, the next ``profile_iterations`` run under the
+:class:`~tierflow.profiling.LifetimeTracer`; when the last of them ends the plan is made from the last
+traced iteration and validated (a budget no plan can meet raises :class:`PlanningError` there,
+before training goes on). Every later step runs under the plan (:mod:`tierflow.offload.runtime._exec`);
+an iteration that differs from the trace falls back for its remainder, and after
+``reprofile_after`` such iterations the runtime profiles and plans again.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from tierflow.offload.core.hardware import HardwareModel, LinkModel, TierModel
+from tierflow.offload.core.names import TierName, kind_of
+from tierflow.offload.plan.explain import explain_plan, plot_plan
+from tierflow.offload.plan.planner import make_plan
+from tierflow.offload.plan.types import Action, OffloadPlan, PlanError, PlanningError, validate_plan
+from tierflow.offload.runtime._exec import BudgetExceededError, Executor
+from tierflow.offload.runtime._residency import Residency, TransferStats
+from tierflow.offload.runtime._schedule import MOVABLE, make_schedule, one_iteration, pin_unmovable
+from tierflow.offload.runtime.config import OffloadConfig
+from tierflow.offload.tiers.base import Tier
+from tierflow.offload.tiers.config import HostTierConfig, TiersConfig
+from tierflow.offload.tiers.engine import TierEngine
+from tierflow.profiling import TraceWindow, check_stability, save_trace
+from tierflow.profiling.trace import PointKind
+
+__all__ = ["BudgetExceededError", "OffloadRuntime", "StepReport", "nominal_hardware"]
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one step did.
+
+    Attributes:
+        step: 0-based step index of the runtime.
+        mode: ``off`` (policy none), ``warmup``, ``profile``, ``planned`` or ``fallback`` (the
+            iteration diverged from the trace somewhere).
+        bytes_out: ``(tier, bytes)`` copied off the device.
+        bytes_in: ``(tier, bytes)`` copied back.
+        stall_s: Seconds compute waited for transfers.
+        step_s: Wall seconds of the step.
+        device_peak_bytes: Device peak as the runtime accounts it: on CUDA the allocator's
+            high-water mark; on CPU the trace's peak per interval minus the bytes held away during
+            it (and, after a divergence, the bytes the fallback sees at each point once it has
+            evicted: see :mod:`tierflow.offload.runtime._fallback`).
+        plan_hits: Plan offloads executed (late ones included: Note [late offload]).
+        plan_missed: Planned offloads of saved tensors or gradients still not found at their
+            prefetch point; they stayed, and the peak shows it.
+        fallbacks: Fallback actions (on-demand fetches and LRU evictions).
+        fallback_evicted: ``(category, bytes)`` the fallback evicted in this step.
+        fallback_settled_peak_bytes: After a divergence, the most device bytes left once the
+            fallback had acted (after every operation and point): within the budget, or the step
+            raised. ``device_peak_bytes`` also counts what one operation allocated before the
+            fallback could act on it.
+        divergence: Why the iteration left the plan ('' when it did not).
+        resident_by_interval: Per interval of the trace matched, device bytes as accounted.
+        absent_by_interval: Per interval matched, the fewest bytes the runtime held away during it.
+    """
+
+    step: int
+    mode: str
+    bytes_out: Tuple[Tuple[str, int], ...] = ()
+    bytes_in: Tuple[Tuple[str, int], ...] = ()
+    stall_s: float = 0.0
+    step_s: float = 0.0
+    device_peak_bytes: int = 0
+    plan_hits: int = 0
+    plan_missed: int = 0
+    fallbacks: int = 0
+    fallback_evicted: Tuple[Tuple[str, int], ...] = ()
+    fallback_settled_peak_bytes: int = 0
+    divergence: str = ""
+    resident_by_interval: Tuple[int, ...] = field(default=(), repr=False)
+    absent_by_interval: Tuple[int, ...] = field(default=(), repr=False)
+
+    @property
+    def bytes_moved(self) -> int:
+        return sum(b for _, b in self.bytes_out) + sum(b for _, b in self.bytes_in)
+
+    def metrics(self) -> Dict[str, float]:
+        """Flat numbers for wandb / metrics.jsonl (``offload/...`` keys)."""
+        out: Dict[str, float] = {"offload/stall_s": self.stall_s, "offload/device_peak_bytes": self.device_peak_bytes,
+                                 "offload/plan_hits": self.plan_hits, "offload/fallbacks": self.fallbacks,
+                                 "offload/diverged": float(bool(self.divergence))}
+        for tier, b in self.bytes_out:
+            out[f"offload/bytes_out/{tier}"] = b
+        for tier, b in self.bytes_in:
+            out[f"offload/bytes_in/{tier}"] = b
+        return out
+
+
+def nominal_hardware(engine: TierEngine, device: torch.device) -> HardwareModel:
+    """A HardwareModel of ``engine``'s open tiers with nominal (not measured) link figures.
+
+    Used when no preset or calibrated file is given; ``tierflow calibrate`` measures the real ones.
+    """
+    cuda = device.type == "cuda"
+    figures = {"host": (2.0e10 if cuda else 8.0e9, 2e-5), "numa": (1.5e10 if cuda else 6.0e9, 2e-5),
+               "nvme": (3.0e9, 1e-4)}
+    tiers = [TierModel(name="device", kind="device", capacity_bytes=0, detail=str(device))]
+    links = []
+    for kind, tier in engine.tiers.items():
+        name = str(TierName.first(kind))
+        tiers.append(TierModel(name=name, kind=kind, capacity_bytes=int(tier.capacity_bytes)))
+        bw, lat = figures[kind]
+        for src, dst in (("device", name), (name, "device")):
+            links.append(LinkModel(src=src, dst=dst, bandwidth_bytes_per_s=bw, latency_s=lat,
+                                   source="nominal, not measured: run `tierflow calibrate`"))
+    return HardwareModel(name=f"nominal-{device.type}", tiers=tuple(tiers), links=tuple(links),
+                         source="nominal figures for the open tiers (not measured)")
+
+
+class OffloadRuntime:
+    """Executes an offload plan inside your training loop (see the module docstring).
+
+    Args:
+        model: The module being trained (offloading acts on it; pass the inner module, not DDP).
+        optimizer: Its optimizer (or None).
+        config: Policy, budgets, profiling and fallback settings (the ``offload`` config group).
+        tiers: A :class:`TiersConfig` (the runtime opens and closes its tiers), an open
+            :class:`TierEngine` (yours to close), or None for a host tier with default settings.
+        hardware: The HardwareModel to plan with; default: the tiers config's preset or
+            ``hardware_file``, else :func:`nominal_hardware` of the open tiers.
+        tracer_config: Settings of the profiling tracer.
+        movable: Categories the plan may move (default: parameters, gradients, optimizer states,
+            activations). ``{"activation", "grad"}`` keeps the model and optimizer state resident
+            between steps, for code that reads it there (in-memory snapshots, say).
+
+    Raises:
+        ValueError: bad arguments; TierConfigError: a tier cannot open.
+
+    Example:
+        >>> rt = OffloadRuntime(model, opt, OffloadConfig(policy="lifetime", device_budget_fraction=0.5))  # doctest: +SKIP
+        >>> with rt.step(batch):  # doctest: +SKIP
+        ...     model(batch).sum().backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], config: OffloadConfig,
+                 tiers: Union[TiersConfig, TierEngine, None] = None, hardware: Optional[HardwareModel] = None,
+                 tracer_config: Any = None, movable: Optional[frozenset] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("pass the module inside DistributedDataParallel (ddp.module), not the wrapper")
+        if not isinstance(config, OffloadConfig):
+            raise ValueError(f"config must be an OffloadConfig, got {type(config).__name__}")
+        self.model, self.optimizer, self.config = model, optimizer, config
+        first = next(model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self._owns_engine = not isinstance(tiers, TierEngine)
+        if config.policy == "none":
+            self.engine = tiers if isinstance(tiers, TierEngine) else None
+        elif isinstance(tiers, TierEngine):
+            self.engine = tiers
+        else:
+            if tiers is None:
+                tiers = TiersConfig(host=HostTierConfig(enabled=True))
+            self.engine = TierEngine(tiers)
+        if hardware is None and isinstance(tiers, TiersConfig):
+            hardware = tiers.hardware_model()
+        if hardware is None and self.engine is not None:
+            hardware = nominal_hardware(self.engine, self.device)
+        self.hardware = hardware
+        self._tracer_config = tracer_config
+        self._movable = movable if movable is not None else MOVABLE
+        self.trace = None  # the profiled trace (all profiled iterations)
+        self.plan: Optional[OffloadPlan] = None
+        self.planning_trace = None  # the one iteration the plan was made for
+        self._executor: Optional[Executor] = None
+        self._window: Optional[TraceWindow] = None  # the iterations being profiled
+        self._warmup_left = config.profile_warmup
+        self._first_planned = True
+        self._divergent_since_plan = 0
+        self._warned = False
+        self.step_index = 0
+        self.last_report: Optional[StepReport] = None
+        self.totals: Dict[str, Any] = {"steps": {}, "bytes_out": {}, "bytes_in": {}, "stall_s": 0.0, "plan_hits": 0,
+                                       "fallbacks": 0, "divergent_iterations": 0, "reprofiles": 0,
+                                       "device_peak_bytes": 0}
+        self.residency = Residency(self._tier_for, config.max_inflight_transfers)
+        self._closed = False
+
+    # ---- the step --------------------------------------------------------------------------
+
+    @contextmanager
+    def step(self, inputs: Any = None) -> Iterator[None]:
+        """One training iteration (forward, backward, optimizer step) runs inside this block.
+
+        Args:
+            inputs: This step's input tensors (nested lists/tuples allowed); the tracer keys them
+                as inputs and the runtime never treats them as activations.
+
+        Raises:
+            PlanningError: after the last profiling step, when no plan meets the budget.
+            BudgetExceededError: a diverged iteration cannot be kept under the budget.
+        """
+        if self._closed:
+            raise RuntimeError("the OffloadRuntime is closed; create a new one")
+        start = time.perf_counter()
+        self.residency.stats = TransferStats()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        executor, mode = self._executor, "off"
+        if self.config.policy == "none":
+            yield
+        elif executor is None and self._warmup_left > 0:
+            mode = "warmup"
+            yield
+            self._warmup_left -= 1
+        elif executor is None:
+            mode = "profile"
+            with self._profiling(inputs):
+                yield
+        else:
+            first, self._first_planned = self._first_planned, False
+            with executor.iteration(inputs, first=first):
+                yield
+            mode = "fallback" if executor.diverged else "planned"
+            if executor.diverged:
+                self._first_planned = True  # everything came back: the next iteration re-enters the plan
+        self.last_report = self._report(mode, executor if mode in ("planned", "fallback") else None,
+                                        time.perf_counter() - start)
+        self.step_index += 1
+        if mode == "fallback" and self.config.reprofile_after and \
+                self._divergent_since_plan >= self.config.reprofile_after:
+            self._reprofile()
+
+    @contextmanager
+    def _profiling(self, inputs: Any) -> Iterator[None]:
+        if self._window is None:
+            self._window = TraceWindow(self.model, self.optimizer, num_iterations=self.config.profile_iterations,
+                                       config=self._tracer_config)
+        window = self._window
+        try:
+            with window.iteration(inputs):
+                yield
+        except BaseException:
+            self._window = None  # a failed step spends the window: the trace must be of consecutive iterations
+            raise
+        if window.complete:
+            self._window = None
+            self._make_plan(window.trace)
+
+    def _make_plan(self, trace) -> None:
+        self.trace = trace
+        stability = check_stability(trace)
+        if not stability.static:
+            warnings.warn(f"tierflow offload: the profiled iterations differ ({stability.describe()}); planning the "
+                          "last one, iterations that diverge from it fall back", stacklevel=4)
+        one = pin_unmovable(one_iteration(trace, -1), self._movable)
+        plan = make_plan(one, self.hardware, self.config.budgets(), self.config.policy)
+        if not plan.fits:
+            raise PlanningError(
+                f"policy {plan.policy!r} cannot keep the device under its budget: device budget "
+                f"{plan.device_budget_bytes} bytes, the plan's peak {plan.predicted_device_peak_bytes} bytes "
+                f"(unconstrained peak {plan.unconstrained_peak_bytes} bytes); raise offload.device_budget_bytes/"
+                f"device_budget_fraction or use offload.policy=lifetime")
+        problems = validate_plan(plan, one, self.hardware)
+        if problems:
+            raise PlanError(f"the {plan.policy} plan is invalid ({len(problems)} problems): " + "; ".join(problems[:5]))
+        for tier in sorted({d.tier for d in plan.decisions if d.action is Action.SWAP}):
+            self._tier_for(tier)  # every tier the plan uses is open, or fail now
+        recompute = {_block(b) for b in plan.recomputed_blocks}
+        self.plan, self.planning_trace = plan, one
+        self._executor = Executor(self.model, self.optimizer, self.residency, plan, make_schedule(one, plan),
+                                  recompute=recompute, skipped=_inside_recomputed(one, plan, recompute),
+                                  budget_bytes=plan.device_budget_bytes, on_divergence=self._on_divergence,
+                                  movable=self._movable)
+        self._first_planned, self._divergent_since_plan = True, 0
+
+    def _on_divergence(self, reason: str) -> None:
+        self._divergent_since_plan += 1
+        self.totals["divergent_iterations"] += 1
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"tierflow offload: step {self.step_index} diverged from the profiled trace ({reason}); "
+                          f"the rest of such iterations runs on the fallback policy"
+                          + (f", re-profiling after {self.config.reprofile_after} of them"
+                             if self.config.reprofile_after else ""), stacklevel=2)
+
+    def _reprofile(self) -> None:
+        self._executor.remove()
+        self._executor = None
+        self._warmup_left = 0
+        self.totals["reprofiles"] += 1
+
+    def _tier_for(self, name: str) -> Tier:
+        kind = kind_of(name)
+        if self.engine is None or kind not in self.engine.tiers:
+            raise PlanningError(f"the plan moves tensors to tier {name!r}, which is not open; enable it "
+                                f"(tiers.{kind}.enabled=true) or plan with the tiers that are")
+        return self.engine.tiers[kind]
+
+    # ---- reports ---------------------------------------------------------------------------
+
+    def _report(self, mode: str, executor: Optional[Executor], step_s: float) -> StepReport:
+        stats = self.residency.stats
+        fb = executor.fallback if executor is not None else None
+        peak, hits, fallbacks, reason, resident, absent = 0, 0, stats.on_demand, "", (), ()
+        if executor is not None:
+            resident, absent = tuple(executor.resident_at), tuple(executor.absent_at)
+            peak = max(max(resident, default=0), executor.tracked_peak)
+            hits, fallbacks, reason = executor.hits, fallbacks + executor.fallback_evictions, executor.reason
+            if self.device.type == "cuda":
+                peak = int(torch.cuda.max_memory_allocated(self.device))
+        report = StepReport(step=self.step_index, mode=mode, bytes_out=tuple(sorted(stats.bytes_out.items())),
+                            bytes_in=tuple(sorted(stats.bytes_in.items())), stall_s=stats.stall_s, step_s=step_s,
+                            device_peak_bytes=peak, plan_hits=hits, fallbacks=fallbacks,
+                            plan_missed=executor.missed if executor is not None else 0, divergence=reason,
+                            fallback_evicted=tuple(sorted(fb.evicted_bytes.items())) if fb is not None else (),
+                            fallback_settled_peak_bytes=fb.settled_peak if fb is not None else 0,
+                            resident_by_interval=resident, absent_by_interval=absent)
+        t = self.totals
+        t["steps"][mode] = t["steps"].get(mode, 0) + 1
+        for name, pairs in (("bytes_out", report.bytes_out), ("bytes_in", report.bytes_in)):
+            for tier, b in pairs:
+                t[name][tier] = t[name].get(tier, 0) + b
+        t["stall_s"] += report.stall_s
+        t["plan_hits"] += hits
+        t["fallbacks"] += fallbacks
+        t["device_peak_bytes"] = max(t["device_peak_bytes"], peak)
+        return report
+
+    def summary(self) -> Dict[str, Any]:
+        """Totals over every step so far, with the plan's budget and the unconstrained peak."""
+        out = {"policy": self.config.policy, **{k: (dict(v) if isinstance(v, dict) else v) for k, v in self.totals.items()}}
+        if self.plan is not None:
+            out.update(device_budget_bytes=self.plan.device_budget_bytes,
+                       unconstrained_peak_bytes=self.plan.unconstrained_peak_bytes,
+                       predicted_peak_bytes=self.plan.predicted_device_peak_bytes,
+                       predicted_slowdown=self.plan.slowdown, decisions=len(self.plan.decisions),
+                       hardware=self.plan.hardware)
+        return out
+
+    def save_plan(self, directory: Union[str, Path], *, plot: bool = True) -> Dict[str, Path]:
+        """Write ``plan.json``, ``plan.txt`` (the explanation), ``plan.png`` and ``trace.tftrace``
+        (owner-only) into ``directory``; returns their paths (empty before a plan exists)."""
+        if self.plan is None:
+            return {}
+
+        directory = Path(directory)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        paths = {"plan": self.plan.save(directory / "plan.json"), "trace": save_trace(self.trace, directory / "trace.tftrace")}
+        text = directory / "plan.txt"
+        text.write_text(explain_plan(self.plan) + "\n")
+        text.chmod(0o600)
+        paths["explanation"] = text
+        if plot:
+            paths["plot"] = plot_plan(self.planning_trace, self.plan, directory / "plan.png")
+        return paths
+
+    def close(self) -> None:
+        """Bring every tensor back, remove every hook, close the tiers the runtime opened. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._window is not None:
+                self._window.close()
+            if self._executor is not None:
+                self.residency.stats = TransferStats()
+                self._executor.remove()  # what waits across the step boundary comes back
+                for tier, b in self.residency.stats.bytes_in.items():
+                    self.totals["bytes_in"][tier] = self.totals["bytes_in"].get(tier, 0) + b
+        finally:
+            if self.engine is not None and self._owns_engine:
+                self.engine.close()
+
+    def __enter__(self) -> "OffloadRuntime":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _block(name: str) -> Tuple[str, int]:
+    path, _, call = name[:-1].rpartition("[")
+    return path, int(call)
+
+
+def _inside_recomputed(trace, plan: OffloadPlan, blocks) -> set:
+    """Swap decisions of activations saved inside a recomputed block's forward (checkpointing
+    keeps those from ever being saved, so there is nothing to move)."""
+
+    spans = []
+    open_ = {}
+    for i, p in enumerate(trace.points):
+        if (p.name, p.call_index) in blocks:
+            if p.kind is PointKind.FORWARD_PRE:
+                open_[(p.name, p.call_index)] = i
+            elif p.kind is PointKind.FORWARD_POST and (p.name, p.call_index) in open_:
+                spans.append((open_.pop((p.name, p.call_index)), i))
+    out = set()
+    for i, d in enumerate(plan.decisions):
+        r = trace.tensors[d.record]
+        if d.action is Action.SWAP and d.category == "activation" and r.created is not None and \
+                any(a <= r.created < b for a, b in spans):
+            out.add(i)
+    return out
