@@ -5,7 +5,7 @@
     python launch/ray_launch.py --address auto --workers 8 --gpus-per-worker 1 model=medium
     python launch/ray_launch.py --address ray://head:10001 --working-dir . --workers 16 ...
 
-Every worker composes the same Hydra config from the overrides and calls ``trainer.train.train``,
+Every worker composes the same Hydra config from the overrides and calls ``tierflow.trainer.train.train``,
 exactly as a torchrun rank would: the launcher only reserves the workers (one placement group, so
 they start together or not at all), numbers them, gives each node's workers local ranks and points
 them all at rank 0's address. When a worker dies (its process or its node), the whole group is torn
@@ -80,8 +80,8 @@ class _Worker:
         os.environ.update(env)
         if str(REPO) not in sys.path:
             sys.path.insert(0, str(REPO))
-        from trainer.compose import load_config
-        from trainer.train import train
+        from tierflow.trainer.compose import load_config
+        from tierflow.trainer.train import train
 
         cfg, _ = load_config(overrides)
         result = train(cfg)
@@ -105,8 +105,8 @@ def launch(cfg: LaunchConfig, overrides: Sequence[str]) -> List[Dict[str, Any]]:
     if problems:
         raise ValueError("; ".join(problems))
     sys.path.insert(0, str(REPO))
-    from trainer.compose import load_config
-    from trainer.config import micro_batch_size
+    from tierflow.trainer.compose import load_config
+    from tierflow.trainer.config import micro_batch_size
 
     tcfg, _ = load_config(list(overrides))  # a bad override fails here, before any cluster work
     micro_batch_size(tcfg.trainer, cfg.workers)

@@ -55,4 +55,4 @@ esac
 # addresses from the attempt before and hang. The trainer warns when this is missing.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 cd "$root"
-exec "$py" -m torch.distributed.run "${topo[@]}" --max-restarts "$max_restarts" -m trainer.train "${args[@]}"
+exec "$py" -m torch.distributed.run "${topo[@]}" --max-restarts "$max_restarts" -m tierflow.trainer.train "${args[@]}"

@@ -15,17 +15,17 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from trainer.config import ConfigError
+from tierflow.trainer.config import ConfigError
 
 __all__ = ["SUBCOMMANDS", "main"]
 
 # name -> (module, one-line help). Add later stages (profile, plan, calibrate, report, bench) here.
 SUBCOMMANDS = {
-    "train": ("trainer.cmd_train", "train a model (also: python -m trainer.train, under torchrun too)"),
-    "profile": ("trainer.cmd_profile", "trace tensor lifetimes over warm-up iterations; write trace, summary, plot"),
-    "report": ("profiling.cmd_report", "summarise a trace file: text summary and memory-timeline PNG"),
-    "calibrate": ("offload.cmd_calibrate", "measure every storage link and write a HardwareModel JSON"),
-    "plan": ("offload.cmd_plan", "plan offloading for a trace: predicted step time, plan JSON, memory PNG"),
+    "train": ("tierflow.trainer.commands.train", "train a model (also: python -m tierflow.trainer.train, under torchrun too)"),
+    "profile": ("tierflow.trainer.commands.profile", "trace tensor lifetimes over warm-up iterations; write trace, summary, plot"),
+    "report": ("tierflow.trainer.commands.report", "summarise a trace file: text summary and memory-timeline PNG"),
+    "calibrate": ("tierflow.trainer.commands.calibrate", "measure every storage link and write a HardwareModel JSON"),
+    "plan": ("tierflow.trainer.commands.plan", "plan offloading for a trace: predicted step time, plan JSON, memory PNG"),
 }
 
 

@@ -15,7 +15,7 @@ from typing import List, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import ConfigError, TrainConfig, register_configs
+from tierflow.trainer.config import ConfigError, TrainConfig, register_configs
 
 __all__ = ["GROUPS", "config_dir", "group_options", "load_config"]
 
@@ -30,7 +30,7 @@ def config_dir() -> Path:
         if not (path / "config.yaml").is_file():
             raise ConfigError(f"TIERFLOW_CONFIG_DIR={override} has no config.yaml; point it at a copy of conf/")
         return path
-    return Path(str(resources.files("conf")))
+    return Path(str(resources.files("tierflow.conf")))
 
 
 def group_options(group: str) -> List[str]:
@@ -56,6 +56,7 @@ def load_config(overrides: Sequence[str] = ()) -> Tuple[TrainConfig, DictConfig]
         >>> cfg.trainer.steps
         10
     """
+    # hydra is imported only when a config is composed (the library never needs it).
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 

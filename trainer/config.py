@@ -15,9 +15,10 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from offload.config import TiersConfig  # the tiers group is owned by the tier engine
-from offload.optimizer import TieredOptimizerConfig  # optimizer.tiered is owned by the tiered optimizer
-from offload.plan_config import OffloadConfig  # the offload group is owned by the planner
+from tierflow.offload.core.validation import one_of, raise_if
+from tierflow.offload.optim.optimizer import TieredOptimizerConfig  # optimizer.tiered is owned by the tiered optimizer
+from tierflow.offload.runtime.config import OffloadConfig  # the offload group is owned by the runtime
+from tierflow.offload.tiers.config import TiersConfig  # the tiers group is owned by the tier engine
 
 __all__ = [
     "CheckpointConfig",
@@ -33,26 +34,18 @@ __all__ = [
     "micro_batch_size",
 ]
 
-BUILTIN_MODEL = "trainer.model.GPT"
+BUILTIN_MODEL = "tierflow.trainer.model.GPT"
 
 
 class ConfigError(ValueError):
     """A user's configuration is wrong; the message says which key and what would be valid."""
 
 
-def _raise_if(problems: List[str]) -> None:
-    if problems:
-        raise ConfigError("; ".join(problems))
-
 
 def _positive(problems: List[str], key: str, value: float) -> None:
     if value <= 0:
         problems.append(f"{key}={value} must be > 0")
 
-
-def _one_of(problems: List[str], key: str, value: str, valid: List[str]) -> None:
-    if value not in valid:
-        problems.append(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
 
 
 @dataclass(kw_only=True)
@@ -86,14 +79,14 @@ class ModelConfig:
             p.append(f"model.dropout={self.dropout} must be in [0, 1)")
         if "." not in self._target_:
             p.append(f"model._target_={self._target_!r} must be a dotted path like mypkg.MyModule")
-        _raise_if(p)
+        raise_if(p, ConfigError)
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     """Where tokens come from.
 
-    ``kind=synthetic``: a seeded sparse Markov language (see :mod:`trainer.data`), each token
+    ``kind=synthetic``: a seeded sparse Markov language (see :mod:`tierflow.trainer.data`), each token
     followed by one of ``branching`` successors. ``kind=tokens``: a flat file of ``dtype`` tokens
     (a numpy memmap) at ``path``; its last ``val_fraction`` is held out for evaluation.
     """
@@ -108,10 +101,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         p: List[str] = []
-        _one_of(p, "data.kind", self.kind, ["synthetic", "tokens"])
+        one_of(p, "data.kind", self.kind, ["synthetic", "tokens"])
         _positive(p, "data.vocab_size", self.vocab_size)
         _positive(p, "data.seq_len", self.seq_len)
-        _one_of(p, "data.dtype", self.dtype, ["uint16", "uint32"])
+        one_of(p, "data.dtype", self.dtype, ["uint16", "uint32"])
         if self.kind == "synthetic" and not 1 <= self.branching <= self.vocab_size:
             p.append(f"data.branching={self.branching} must be in [1, data.vocab_size={self.vocab_size}]")
         if self.kind == "tokens":
@@ -121,7 +114,7 @@ class DataConfig:
                 p.append(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
             if self.dtype == "uint16" and self.vocab_size > 2**16:
                 p.append(f"data.vocab_size={self.vocab_size} does not fit data.dtype=uint16; use data.dtype=uint32")
-        _raise_if(p)
+        raise_if(p, ConfigError)
 
 
 @dataclass(kw_only=True)
@@ -145,8 +138,8 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         p: List[str] = []
-        _one_of(p, "optimizer.name", self.name, ["adamw", "sgd"])
-        _one_of(p, "optimizer.schedule", self.schedule, ["cosine", "constant"])
+        one_of(p, "optimizer.name", self.name, ["adamw", "sgd"])
+        one_of(p, "optimizer.schedule", self.schedule, ["cosine", "constant"])
         _positive(p, "optimizer.lr", self.lr)
         _positive(p, "optimizer.eps", self.eps)
         for key in ("beta1", "beta2"):
@@ -158,7 +151,7 @@ class OptimizerConfig:
             p.append(f"optimizer.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             p.append(f"optimizer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        _raise_if(p)
+        raise_if(p, ConfigError)
 
 
 @dataclass(kw_only=True)
@@ -200,7 +193,7 @@ class TrainerConfig:
             p.append(f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         if self.eval_every < 0:
             p.append(f"trainer.eval_every={self.eval_every} must be >= 0 (0 evaluates only at the end)")
-        _one_of(p, "trainer.precision", self.precision, ["auto", "fp32", "bf16"])
+        one_of(p, "trainer.precision", self.precision, ["auto", "fp32", "bf16"])
         if self.device not in ("auto", "cpu", "cuda"):
             p.append(f"trainer.device={self.device!r} is not valid; choose one of: auto, cpu, cuda")
         if self.global_batch > 0 and self.grad_accum > 0 and self.global_batch % self.grad_accum:
@@ -208,7 +201,7 @@ class TrainerConfig:
                 f"trainer.global_batch={self.global_batch} is not divisible by trainer.grad_accum="
                 f"{self.grad_accum}; choose grad_accum among {', '.join(str(d) for d in _divisors(self.global_batch))}"
             )
-        _raise_if(p)
+        raise_if(p, ConfigError)
 
 
 @dataclass(kw_only=True)
@@ -230,11 +223,11 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         p: List[str] = []
-        _one_of(p, "logging.backend", self.backend, ["wandb", "none"])
-        _one_of(p, "logging.mode", self.mode, ["auto", "offline", "online"])
+        one_of(p, "logging.backend", self.backend, ["wandb", "none"])
+        one_of(p, "logging.mode", self.mode, ["auto", "offline", "online"])
         if self.run_name is not None and ("/" in self.run_name or self.run_name in ("", ".", "..")):
             p.append(f"logging.run_name={self.run_name!r} must be a plain directory name")
-        _raise_if(p)
+        raise_if(p, ConfigError)
 
 
 @dataclass(kw_only=True)
@@ -282,12 +275,12 @@ class CheckpointConfig:
         if self.data_shards > 1 and self.parity_shards == 0:
             p.append(f"checkpoint.data_shards={self.data_shards} without parity spreads no redundancy; "
                      "set checkpoint.parity_shards >= 1 or data_shards=1")
-        _one_of(p, "checkpoint.restore", self.restore, ["auto", "memory", "disk", "none"])
+        one_of(p, "checkpoint.restore", self.restore, ["auto", "memory", "disk", "none"])
         bare = self.node_id.replace("%r", "").replace("%l", "")
         if not bare or any(not (c.isalnum() or c in "_.-") for c in bare):
             p.append(f"checkpoint.node_id={self.node_id!r} must be auto or letters, digits and _.- "
                      "(%r and %l expand to the rank and local rank)")
-        _raise_if(p)
+        raise_if(p, ConfigError)
 
 
 @dataclass(kw_only=True)

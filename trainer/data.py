@@ -17,7 +17,7 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
-from trainer.config import ConfigError, DataConfig
+from tierflow.trainer.config import ConfigError, DataConfig
 
 __all__ = ["ShardedLoader", "SyntheticMarkov", "TokenFile", "TokenSource", "build_source"]
 

@@ -7,10 +7,10 @@ Only rank 0 writes. Everything a run produces lands in one run directory, create
 from __future__ import annotations
 
 import json
-import textwrap
 import os
 import resource
 import sys
+import textwrap
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -18,10 +18,12 @@ from typing import Any, Dict, List, Optional
 
 import psutil
 import torch
+from tqdm.auto import tqdm
 
-from trainer.config import LoggingConfig
+from tierflow.trainer.config import LoggingConfig
 
-__all__ = ["MetricsSink", "make_run_dir", "peak_memory_bytes", "plot_losses", "progress_bar", "reset_peak_memory"]
+__all__ = ["MetricsSink", "NoSink", "make_run_dir", "open_sink", "peak_memory_bytes", "plot_losses", "progress_bar",
+           "reset_peak_memory"]
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -68,6 +70,7 @@ class MetricsSink:
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1, opener=_private_opener)
         self._wandb = None
         if cfg.backend == "wandb":
+            # wandb is slow to import: only with logging.backend=wandb.
             import wandb
 
             mode = cfg.mode if cfg.mode != "auto" else ("online" if cfg.project else "offline")
@@ -96,11 +99,31 @@ class MetricsSink:
         self._file.close()
 
 
+class NoSink:
+    """The :class:`MetricsSink` of ranks other than 0: logs nothing."""
+
+    def log(self, step: int, values: Dict[str, float]) -> None:
+        pass
+
+    def finish(self, summary: Dict[str, Any]) -> None:
+        pass
+
+    def close_on_error(self) -> None:
+        pass
+
+
+def open_sink(cfg: LoggingConfig, run_dir: Path, config: Dict[str, Any], *, is_main: bool):
+    """Rank 0's :class:`MetricsSink`; a :class:`NoSink` elsewhere."""
+    return MetricsSink(cfg, run_dir, config) if is_main else NoSink()
+
+
 def plot_losses(records: List[Dict[str, Any]], path: Path, title: str, floor: Optional[float] = None) -> None:
     """A PNG of train (and val) loss against step, with the data's loss floor when known."""
+    # matplotlib costs about a second to import: only when a plot is written.
     import matplotlib
 
     matplotlib.use("Agg")
+    # matplotlib costs about a second to import: only when a plot is written.
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
@@ -123,11 +146,14 @@ def plot_losses(records: List[Dict[str, Any]], path: Path, title: str, floor: Op
     plt.close(fig)
 
 
-def progress_bar(total: int, desc: str):
-    """The rank-0 progress bar of a loop over ``total`` optimizer steps (on stderr)."""
-    from tqdm.auto import tqdm
+def progress_bar(total: int, desc: str, *, enabled: bool = True):
+    """The rank-0 progress bar of a loop over ``total`` optimizer steps (on stderr).
 
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+    With ``enabled=False`` (other ranks, ``logging.progress=false``) the same object is returned
+    switched off, so loops call ``update``/``set_postfix``/``close`` unconditionally.
+    """
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
+                disable=not enabled)
 
 
 def _private_opener(path: str, flags: int) -> int:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hydra.utils import get_class
 from torch import nn
 
-from trainer.config import BUILTIN_MODEL, ConfigError, ModelConfig
+from tierflow.trainer.config import BUILTIN_MODEL, ConfigError, ModelConfig
 
 __all__ = ["GPT", "GPTConfig", "build_model", "count_parameters"]
 

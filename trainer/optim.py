@@ -1,7 +1,7 @@
 """Optimizer and learning-rate schedule built from :class:`OptimizerConfig`.
 
 With ``optimizer.tiered.enabled=true`` the optimizer is wrapped in a
-:class:`~offload.TieredOptimizer` whose state lives in the run's ``tiers`` (``docs/optimizer.md``);
+:class:`~tierflow.offload.TieredOptimizer` whose state lives in the run's ``tiers`` (``docs/optimizer.md``);
 the schedule then steers the wrapper, which shares the wrapped optimizer's hyperparameters.
 """
 
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from offload import TieredOptimizer, TiersConfig
-from trainer.config import ConfigError, OptimizerConfig
+from tierflow.offload import TieredOptimizer, TierEngine, TiersConfig
+from tierflow.trainer.config import ConfigError, OptimizerConfig
 
 __all__ = ["build_optimizer", "lr_factor"]
 
@@ -32,8 +32,8 @@ def lr_factor(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int,
-                    tiers: Optional[TiersConfig] = None, grad_accum: int = 1) -> Tuple[torch.optim.Optimizer, LambdaLR]:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int, tiers: Optional[TiersConfig] = None,
+                    grad_accum: int = 1, engine: Optional[TierEngine] = None) -> Tuple[torch.optim.Optimizer, LambdaLR]:
     """AdamW or SGD with weight decay on matrices and embeddings only (not norms or biases).
 
     Args:
@@ -43,6 +43,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int,
         tiers: the run's ``tiers`` group; needed when ``cfg.tiered.enabled``.
         grad_accum: backward passes per optimizer step (``trainer.grad_accum``): the tiered
             optimizer's ``backward_passes_per_step`` follows it unless set (then they must agree).
+        engine: the run's open tiers (opened from ``tiers`` by the caller, who closes them); the
+            tiered optimizer keeps its state there. Without it, the tiered optimizer opens ``tiers``.
 
     Raises:
         ConfigError: ``optimizer.tiered.enabled=true`` without tiers, or with a path not enabled there,
@@ -70,5 +72,5 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int,
                               f"leave backward_passes_per_step unset (it follows trainer.grad_accum)")
         # Overlap must know when a gradient is final: after the last of the step's backward passes.
         tiered = dataclasses.replace(tiered, backward_passes_per_step=grad_accum)
-        opt = TieredOptimizer(opt, config=tiered, tiers=tiers)
+        opt = TieredOptimizer(opt, config=tiered, tiers=engine if engine is not None else tiers)
     return opt, LambdaLR(opt, lambda step: lr_factor(cfg, step, total_steps))

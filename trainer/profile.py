@@ -1,7 +1,7 @@
 """Profile real training steps with the lifetime tracer: the first stage of profile -> plan -> run.
 
 :func:`profile_steps` runs steps of an already-built run under a
-:class:`~profiling.LifetimeTracer` and detaches it before returning, so the loop that called it
+:class:`~tierflow.profiling.LifetimeTracer` and detaches it before returning, so the loop that called it
 trains on at full speed (the trainer, and later the offload runtime, call it in-process for their
 warm-up iterations). :func:`profile_training` builds a run from its config, profiles it and writes
 ``trace.tftrace``, ``profile.txt`` and ``memory.png`` into the run directory: ``tierflow profile``.
@@ -9,20 +9,21 @@ warm-up iterations). :func:`profile_training` builds a run from its config, prof
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union
 
+from tierflow.profiling import LifetimeTrace, TracerConfig, TraceWindow, save_trace, write_report
+from tierflow.trainer.build import RunParts, build_run, prepare_run_dir
+from tierflow.trainer.config import TrainConfig, micro_batch_size
+from tierflow.trainer.data import build_source
+from tierflow.trainer.distributed import env_world_size, init_runtime, shutdown_runtime
+from tierflow.trainer.metrics import progress_bar
+from tierflow.trainer.step import train_step
 
-from profiling import LifetimeTrace, LifetimeTracer, TracerConfig, save_trace, write_report
-from trainer.config import TrainConfig, micro_batch_size
-from trainer.data import build_source
-from trainer.distributed import env_world_size, init_runtime, shutdown_runtime
-from trainer.metrics import progress_bar
-from trainer.train import RunParts, build_run, prepare_run_dir, train_step
-
-__all__ = ["ProfileResult", "ProfiledSteps", "StepTracer", "profile_steps", "profile_training", "write_profile"]
+__all__ = ["NoTraceWindow", "ProfileResult", "ProfiledSteps", "profile_steps", "profile_training", "step_window",
+           "write_profile"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def profile_steps(parts: RunParts, *, first_step: int, num_iterations: int, grad
     returns.
 
     Args:
-        parts: The run, from :func:`trainer.train.build_run`.
+        parts: The run, from :func:`tierflow.trainer.build.build_run`.
         first_step: Optimizer step number of the first profiled step (selects its data).
         num_iterations: How many steps to trace (>= 1).
         grad_clip: As ``trainer.grad_clip``.
@@ -93,7 +94,8 @@ def profile_steps(parts: RunParts, *, first_step: int, num_iterations: int, grad
     """
     _check_count("num_iterations", num_iterations, 1)
     _check_count("first_step", first_step, 0)
-    window = StepTracer(parts, first_step=first_step, num_iterations=num_iterations, record=record, config=config)
+    window = TraceWindow(parts.model, parts.optimizer, num_iterations=num_iterations, first_step=first_step,
+                         config=config, record=record)
     losses: List[float] = []
     for step in range(first_step, first_step + num_iterations):
         # Data comes from outside the iteration, as from a loader: it enters as an input.
@@ -107,46 +109,26 @@ def profile_steps(parts: RunParts, *, first_step: int, num_iterations: int, grad
     return ProfiledSteps(trace=window.trace, losses=tuple(losses))
 
 
-class StepTracer:
-    """Traces a window of steps of any loop that wraps each step in :meth:`step`.
+class NoTraceWindow:
+    """The switched-off :class:`~tierflow.profiling.TraceWindow`: every step runs untraced."""
 
-    The tracer attaches when step ``first_step`` begins and detaches once step
-    ``first_step + num_iterations - 1`` ends (or when a traced step raises), so steps outside
-    the window run with no hook at all. :attr:`trace` is set once the window is complete.
+    trace = None
 
-    Example:
-        >>> window = StepTracer(parts, first_step=1, num_iterations=2)
-        >>> for step in range(10):
-        ...     batches = parts.loader.micro_batches(step)
-        ...     with window.step(step, batches):
-        ...         train_step(parts.wrapped, parts.optimizer, batches, parts.amp_dtype, 1.0)
+    def step(self, step: int, inputs: Any = None):
+        return nullcontext()
+
+
+def step_window(cfg: TrainConfig, parts: RunParts, *, record: bool,
+                offloading: bool) -> Union[TraceWindow, NoTraceWindow]:
+    """The trace window of ``trainer.profile_iterations`` (steps ``profile_warmup ..``) of a run.
+
+    With offloading on, the runtime's own trace is the profile, so no second tracer attaches.
     """
-
-    def __init__(self, parts: RunParts, *, first_step: int, num_iterations: int, record: bool = True,
-                 config: TracerConfig = TracerConfig()) -> None:
-        self.first_step = _check_count("first_step", first_step, 0)
-        self.last_step = first_step + _check_count("num_iterations", num_iterations, 1) - 1
-        self._tracer = LifetimeTracer(parts.model, parts.optimizer, config) if record else None
-        self.trace: Optional[LifetimeTrace] = None
-
-    @contextmanager
-    def step(self, step: int, batches: object) -> Iterator[None]:
-        tracer = self._tracer
-        if tracer is None or not self.first_step <= step <= self.last_step:
-            yield
-            return
-        if step == self.first_step:
-            tracer.attach()
-        try:
-            with tracer.iteration():
-                tracer.mark_inputs(batches)
-                yield
-        except BaseException:
-            tracer.detach()
-            raise
-        if step == self.last_step:
-            tracer.detach()
-            self.trace = tracer.trace()
+    tc = cfg.trainer
+    if not tc.profile_iterations or offloading:
+        return NoTraceWindow()
+    return TraceWindow(parts.model, parts.optimizer, num_iterations=tc.profile_iterations,
+                       first_step=tc.profile_warmup, record=record)
 
 
 def write_profile(trace: LifetimeTrace, run_dir: Path, *, plot: bool) -> Tuple[Path, Path, Optional[Path]]:
@@ -166,7 +148,7 @@ def profile_training(cfg: TrainConfig, *, num_iterations: int = 3, num_warmup: i
     directory (owner-only); other ranks run the same steps untraced.
 
     Args:
-        cfg: The composed config (``trainer.compose.load_config``).
+        cfg: The composed config (``tierflow.trainer.compose.load_config``).
         num_iterations: Iterations to trace (>= 1; 2 or more also checks that they repeat).
         num_warmup: Untraced steps before them (>= 0).
         tracer_config: Tracer settings.
@@ -185,7 +167,7 @@ def profile_training(cfg: TrainConfig, *, num_iterations: int = 3, num_warmup: i
     try:
         parts = build_run(cfg, rt, source)
         run_dir = prepare_run_dir(cfg, rt, "-profile")
-        bar = progress_bar(num_warmup + num_iterations, "profile") if rt.is_main and cfg.logging.progress else None
+        bar = progress_bar(num_warmup + num_iterations, "profile", enabled=rt.is_main and cfg.logging.progress)
         losses: List[float] = []
         try:
             for step in range(num_warmup):
@@ -193,14 +175,13 @@ def profile_training(cfg: TrainConfig, *, num_iterations: int = 3, num_warmup: i
                                   cfg.trainer.grad_clip)
                 parts.scheduler.step()
                 losses.append(loss.item())
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
             profiled = profile_steps(parts, first_step=num_warmup, num_iterations=num_iterations,
                                      grad_clip=cfg.trainer.grad_clip, record=rt.is_main, config=tracer_config,
-                                     on_step=(lambda *_: bar.update(1)) if bar is not None else None)
+                                     on_step=lambda *_: bar.update(1))
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
+            parts.close()
         losses.extend(profiled.losses)
         trace = profiled.trace
         if not rt.is_main or trace is None:

@@ -1,21 +1,29 @@
 """In-memory checkpointing and automatic recovery.
 
 Snapshots of the training state go, lazily and in the background, into shared memory owned by a
-per-node store process (:mod:`trainer.checkpoint.store`); they are spread over peers with
+per-node store process (:mod:`tierflow.trainer.checkpoint.store`); they are spread over peers with
 erasure coding, persisted in torch.distributed.checkpoint format, and restored on start from
 local memory, then peers, then disk. ``docs/checkpointing.md`` has the whole picture;
-:mod:`trainer.checkpoint.deepspeed` attaches the same snapshots to a DeepSpeed engine.
+:mod:`tierflow.trainer.checkpoint.deepspeed` attaches the same snapshots to a DeepSpeed engine.
 """
 
-from trainer.checkpoint._state import ModuleState, StateSource
-from trainer.checkpoint.manager import (Checkpointer, check_checkpoint_config, check_restart_env, open_checkpointer,
-                                        resolve_node_id, run_config_hash, start_checkpointing)
-from trainer.checkpoint.persist import find_checkpoints, load_checkpoint, save_checkpoint
-from trainer.checkpoint.recovery import RestorePlan, RestoreResult, choose_restore, restore_latest
-from trainer.checkpoint.snapshotter import Holding, SnapshotHandle, Snapshotter, reference_tier_state
-from trainer.checkpoint.store import StoreClient, StoreError, default_store_dir, list_stores, stop_store
+from tierflow.trainer.checkpoint._state import ModuleState, StateSource
+from tierflow.trainer.checkpoint.manager import (
+    Checkpointer,
+    NoCheckpointing,
+    check_checkpoint_config,
+    check_restart_env,
+    open_checkpointer,
+    resolve_node_id,
+    run_config_hash,
+    start_checkpointing,
+)
+from tierflow.trainer.checkpoint.persist import find_checkpoints, load_checkpoint, save_checkpoint
+from tierflow.trainer.checkpoint.recovery import RestorePlan, RestoreResult, choose_restore, restore_latest
+from tierflow.trainer.checkpoint.snapshotter import Holding, SnapshotHandle, Snapshotter, reference_tier_state
+from tierflow.trainer.checkpoint.store import StoreClient, StoreError, default_store_dir, list_stores, stop_store
 
-__all__ = ["Checkpointer", "Holding", "ModuleState", "RestorePlan", "RestoreResult", "SnapshotHandle", "Snapshotter",
+__all__ = ["Checkpointer", "Holding", "NoCheckpointing", "ModuleState", "RestorePlan", "RestoreResult", "SnapshotHandle", "Snapshotter",
            "StateSource", "StoreClient", "StoreError", "check_checkpoint_config", "check_restart_env", "choose_restore",
            "default_store_dir", "find_checkpoints", "list_stores", "load_checkpoint", "open_checkpointer",
            "reference_tier_state", "restore_latest", "resolve_node_id", "run_config_hash", "save_checkpoint",

@@ -69,6 +69,7 @@ def encode_body(body: Buffer, k: int, m: int) -> List[Buffer]:
             blocks[i] = b"\0" * n
     if m == 0:
         return blocks
+    # zfec is needed only with parity shards (checkpoint.parity_shards > 0).
     import zfec
 
     return list(zfec.Encoder(k, k + m).encode(blocks))
@@ -89,6 +90,7 @@ def decode_body(shards: Dict[int, Buffer], k: int, m: int, body_len: int) -> byt
     if nums == list(range(k)):
         data = [shards[i] for i in nums]
     else:
+        # zfec is needed only with parity shards (checkpoint.parity_shards > 0).
         import zfec
 
         data = zfec.Decoder(k, k + m).decode([bytes(memoryview(shards[i]).cast("B")) for i in nums], nums)

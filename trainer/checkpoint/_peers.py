@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from trainer.checkpoint._format import HEADER_BYTES, SnapshotHeader, parse_header
+from tierflow.trainer.checkpoint._format import HEADER_BYTES, SnapshotHeader, parse_header
 
 __all__ = ["exchange_shards", "send_recv"]
 

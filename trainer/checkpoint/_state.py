@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.checkpoint._format import align
+from tierflow.trainer.checkpoint._format import align
 
 __all__ = ["Captured", "ModuleState", "StateSource", "TensorEntry", "apply_state", "capture", "capture_rng", "host_copy",
            "layout", "optimizer_param_names", "restore_rng", "views_from_payload"]

@@ -39,10 +39,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from trainer.checkpoint._state import Captured, capture_rng, restore_rng
-from trainer.checkpoint.manager import Checkpointer, check_checkpoint_config, open_checkpointer
-from trainer.config import CheckpointConfig, ConfigError
+from tierflow.offload.integrations.deepspeed import config_section, read_section
+from tierflow.trainer.checkpoint._state import Captured, capture_rng, restore_rng
+from tierflow.trainer.checkpoint.manager import Checkpointer, check_checkpoint_config, open_checkpointer
+from tierflow.trainer.config import CheckpointConfig, ConfigError
+from tierflow.trainer.distributed import Runtime
 
 __all__ = ["DeepSpeedSnapshots", "DeepSpeedState", "attach_snapshots", "engine_config_hash", "snapshot_config"]
 
@@ -267,7 +271,6 @@ def attach_snapshots(engine: Any, cfg: Union[CheckpointConfig, Mapping[str, Any]
     cfg = snapshot_config(engine, cfg)
     if not cfg.enabled:
         return DeepSpeedSnapshots(None)
-    from trainer.distributed import Runtime
 
     state = DeepSpeedState(engine)
     distributed = dist.is_available() and dist.is_initialized()
@@ -290,7 +293,6 @@ def snapshot_config(engine: Any, cfg: Union[CheckpointConfig, Mapping[str, Any],
     Raises:
         ValueError: an unknown or bad key, named with its path (``tierflow.checkpoint.every_steps``).
     """
-    from offload.deepspeed_plugin import config_section, read_section
 
     section = config_section(engine)
     from_section = read_section(section).checkpoint if section is not None else None  # validates the whole section
@@ -306,8 +308,6 @@ def _as_config(cfg: Union[CheckpointConfig, Mapping[str, Any], None], *,
                where: Optional[str] = None) -> CheckpointConfig:
     if isinstance(cfg, CheckpointConfig):
         return cfg
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     values = {"enabled": True, **dict(cfg or {})}
     try:

@@ -22,19 +22,20 @@ import warnings
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-from trainer.checkpoint._erasure import shard_holders
-from trainer.checkpoint._state import ModuleState, StateSource
-from trainer.checkpoint.recovery import RestoreResult, restore_latest
-from trainer.checkpoint.snapshotter import Snapshotter
-from trainer.checkpoint.store import StoreClient, StoreError, default_store_dir
-from trainer.config import CheckpointConfig, ConfigError
+from tierflow.trainer.checkpoint._erasure import shard_holders
+from tierflow.trainer.checkpoint._state import ModuleState, StateSource
+from tierflow.trainer.checkpoint.recovery import RestoreResult, restore_latest
+from tierflow.trainer.checkpoint.snapshotter import Snapshotter
+from tierflow.trainer.checkpoint.store import StoreClient, StoreError, default_store_dir
+from tierflow.trainer.config import CheckpointConfig, ConfigError
 
-__all__ = ["Checkpointer", "check_checkpoint_config", "check_restart_env", "open_checkpointer", "resolve_node_id",
+__all__ = ["Checkpointer", "NoCheckpointing", "check_checkpoint_config", "check_restart_env", "open_checkpointer",
+           "resolve_node_id",
            "run_config_hash", "start_checkpointing"]
 
 _STOP, _PERSIST = 1, 2
@@ -203,9 +204,30 @@ def check_restart_env(environ: Optional[Dict[str, str]] = None) -> Optional[str]
     return None
 
 
+class NoCheckpointing:
+    """The switched-off :class:`Checkpointer` (``checkpoint.enabled=false``): every call does nothing."""
+
+    restored = None
+
+    def restore(self) -> int:
+        return 0
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def finish(self, step: int) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def summary(self) -> Dict[str, Any]:
+        return {}
+
+
 def start_checkpointing(cfg: CheckpointConfig, parts: Any, rt: Any, run_dir: Path, *,
-                        config_hash: str) -> Optional[Checkpointer]:
-    """Connect to (or start) this node's store and set up snapshots; None when disabled.
+                        config_hash: str) -> Union[Checkpointer, NoCheckpointing]:
+    """Connect to (or start) this node's store and set up snapshots; a :class:`NoCheckpointing` when disabled.
 
     Collective: every rank calls it at the same point (it creates the checkpoint's gloo group).
 
@@ -213,7 +235,7 @@ def start_checkpointing(cfg: CheckpointConfig, parts: Any, rt: Any, run_dir: Pat
         ConfigError: too few distinct nodes for ``data_shards + parity_shards``, or no store.
     """
     if not cfg.enabled:
-        return None
+        return NoCheckpointing()
     persist_dir = Path(cfg.dir).expanduser() if cfg.dir else Path(run_dir) / "checkpoints"
     return open_checkpointer(cfg, ModuleState(parts.model, parts.optimizer, parts.scheduler), rt, persist_dir,
                              config_hash=config_hash)

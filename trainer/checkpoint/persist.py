@@ -10,7 +10,7 @@ writes ``.metadata`` only after every rank's files are written; then rank 0 writ
 ``tierflow.json``, fsyncs and renames the directory to ``step-N``. A checkpoint is chosen only
 when its name is final *and* both files are there, so a half-written one never is.
 
-The state is a flat dict keyed by parameter *names* (see :mod:`trainer.checkpoint._state`), so
+The state is a flat dict keyed by parameter *names* (see :mod:`tierflow.trainer.checkpoint._state`), so
 it loads at any world size: model and optimizer tensors are replicated under DDP and DCP stores
 them once; each rank's RNG state is its own key; a rank without one (a larger world) takes rank
 0's.
@@ -81,6 +81,7 @@ def save_checkpoint(root: Path, step: int, tensors: Dict[str, torch.Tensor], met
     state: Dict[str, Any] = dict(tensors)
     state[META_KEY] = pickle.dumps(shared)
     state[_rng_key(rank)] = pickle.dumps(meta["rng"])
+    # torch.distributed.checkpoint is imported only when a copy is persisted or loaded.
     from torch.distributed.checkpoint import FileSystemWriter, save
 
     with warnings.catch_warnings():
@@ -117,6 +118,7 @@ def load_checkpoint(path: Path, rank: int) -> Tuple[Dict[str, torch.Tensor], Dic
 
     Needs no process group: every rank reads what it needs on its own.
     """
+    # torch.distributed.checkpoint is imported only when a copy is persisted or loaded.
     from torch.distributed.checkpoint import BytesStorageMetadata, FileSystemReader, TensorStorageMetadata, load
 
     reader = FileSystemReader(str(path))

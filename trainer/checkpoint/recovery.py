@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pickle
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from trainer.checkpoint._erasure import decode_body
-from trainer.checkpoint._format import FULL, SHARD, checksum
-from trainer.checkpoint._peers import fetch_shards
-from trainer.checkpoint._state import views_from_payload
-from trainer.checkpoint.persist import find_checkpoints, load_checkpoint
-from trainer.checkpoint.snapshotter import Holding, Snapshotter
+from tierflow.trainer.checkpoint._erasure import decode_body
+from tierflow.trainer.checkpoint._format import FULL, SHARD, checksum
+from tierflow.trainer.checkpoint._peers import fetch_shards
+from tierflow.trainer.checkpoint._state import views_from_payload
+from tierflow.trainer.checkpoint.persist import find_checkpoints, load_checkpoint
+from tierflow.trainer.checkpoint.snapshotter import Holding, Snapshotter
 
 __all__ = ["RestorePlan", "RestoreResult", "choose_restore", "restore_latest"]
 
@@ -134,8 +135,6 @@ def restore_latest(snap: Snapshotter, *, gather: Any, broadcast: Any, persist_di
         return None
     tensors, meta = load_checkpoint(Path(plan.disk_path), snap.rank)
     if meta.get("config_hash") != snap.config_hash:
-        import warnings
-
         warnings.warn(f"the checkpoint {plan.disk_path} was written with another configuration; restoring it "
                       "anyway (model and optimizer shapes must match)", stacklevel=2)
     step = snap.state.apply(tensors, meta, rng=meta["rng"])

@@ -33,13 +33,31 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.checkpoint._erasure import encode_body
-from trainer.checkpoint._format import (FULL, HEADER_BYTES, SHARD, HeaderError, SnapshotHeader, checksum, hasher,
-                                        invalidate, pack_header, parse_header, write_header)
-from trainer.checkpoint._peers import exchange_shards
-from trainer.checkpoint._state import Captured, ModuleState, StateSource, TensorEntry, layout, views_from_payload
-from trainer.checkpoint.persist import save_checkpoint
-from trainer.checkpoint.store import Segment, StoreClient
+from tierflow.trainer.checkpoint._erasure import encode_body
+from tierflow.trainer.checkpoint._format import (
+    FULL,
+    HEADER_BYTES,
+    SHARD,
+    HeaderError,
+    SnapshotHeader,
+    checksum,
+    hasher,
+    invalidate,
+    pack_header,
+    parse_header,
+    write_header,
+)
+from tierflow.trainer.checkpoint._peers import exchange_shards
+from tierflow.trainer.checkpoint._state import (
+    Captured,
+    ModuleState,
+    StateSource,
+    TensorEntry,
+    layout,
+    views_from_payload,
+)
+from tierflow.trainer.checkpoint.persist import save_checkpoint
+from tierflow.trainer.checkpoint.store import Segment, StoreClient
 
 __all__ = ["Holding", "SnapshotHandle", "Snapshotter", "reference_tier_state"]
 

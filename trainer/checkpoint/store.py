@@ -1,4 +1,4 @@
-"""Client side of the per-node snapshot store (the store itself is :mod:`trainer.checkpoint._daemon`).
+"""Client side of the per-node snapshot store (the store itself is :mod:`tierflow.trainer.checkpoint._daemon`).
 
 One store runs per node and user, found through the Unix socket ``<store_dir>/<node>.sock``;
 ``store_dir`` is an owner-only (0700) runtime directory. :class:`StoreClient` starts the store on
@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+import torch
 
 __all__ = ["Segment", "StoreClient", "StoreError", "default_store_dir", "list_stores", "prepare_store_dir",
            "segment_prefix", "stop_store"]
@@ -84,7 +86,6 @@ class Segment:
 
     def tensor(self):
         """The whole segment as a writable uint8 tensor (no copy)."""
-        import torch
 
         return torch.frombuffer(self.mm, dtype=torch.uint8)
 

@@ -18,6 +18,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
+from omegaconf import OmegaConf
+
+from tierflow.offload.core.errors import TierConfigError, TierError
+from tierflow.offload.core.units import format_bytes
+from tierflow.offload.tiers.calibrate import CalibrationPlan, calibrate
+from tierflow.offload.tiers.config import TiersConfig
+
 __all__ = ["add_arguments", "load_tiers_config", "run"]
 
 
@@ -37,9 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from offload._units import format_bytes
-    from offload.calibrate import CalibrationPlan, calibrate
-    from offload.errors import TierError
 
     cfg = load_tiers_config(args.overrides)
     if args.quick:
@@ -78,10 +82,6 @@ def load_tiers_config(overrides: Sequence[str] = ()):
     Raises:
         TierConfigError: one line naming every bad override or key.
     """
-    from omegaconf import OmegaConf
-
-    from offload.config import TiersConfig
-    from offload.errors import TierConfigError
 
     root = _config_dir() / "tiers"
     options = sorted(p.stem for p in root.glob("*.yaml"))
@@ -113,7 +113,7 @@ def load_tiers_config(overrides: Sequence[str] = ()):
 
 def _config_dir() -> Path:
     override = os.environ.get("TIERFLOW_CONFIG_DIR")
-    return Path(override).expanduser().resolve() if override else Path(str(resources.files("conf")))
+    return Path(override).expanduser().resolve() if override else Path(str(resources.files("tierflow.conf")))
 
 
 def _parse_size(text: str) -> int:
@@ -125,7 +125,7 @@ def _parse_size(text: str) -> int:
         raise ValueError(f"--sizes: {text!r} is not a size; write e.g. 1M,8M,64M") from None
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m offload.cmd_calibrate`
-    parser = argparse.ArgumentParser(prog="python -m offload.cmd_calibrate")
+if __name__ == "__main__":  # pragma: no cover - `python -m tierflow.trainer.commands.calibrate`
+    parser = argparse.ArgumentParser(prog="python -m tierflow.trainer.commands.calibrate")
     add_arguments(parser)
     sys.exit(run(parser.parse_args()))

@@ -12,9 +12,13 @@ calibrate``), composed from ``conf/tiers`` alone so the command does not depend 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import List, Tuple
+
+from tierflow.offload.core.units import format_bytes
+from tierflow.offload.plan import Budgets, make_plan, plot_plan, simulate, validate_plan
+from tierflow.profiling.storage import load_trace
+from tierflow.trainer.commands.calibrate import load_tiers_config
 
 __all__ = ["add_arguments", "parse_budget", "run"]
 
@@ -55,13 +59,6 @@ def parse_budget(text: str) -> Tuple[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from offload._units import format_bytes
-    from offload.cmd_calibrate import load_tiers_config
-    from offload.plan import validate_plan
-    from offload.planner import Budgets, make_plan
-    from offload.simulate import simulate
-    from profiling.storage import load_trace
-
     trace_path = Path(args.trace)
     kind, value = parse_budget(args.budget)
     tier_bytes: List[Tuple[str, int]] = []
@@ -107,33 +104,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"  plan          {plan_path}")
     print(f"  plot          {png}")
     return 0
-
-
-def plot_plan(trace, plan, path: Path) -> Path:
-    """PNG of the planned device memory per interval over the unplanned one (owner-only)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from offload.plan import plan_memory
-    from profiling.timeline import memory_timeline
-
-    peak = memory_timeline(trace).interval_peak_bytes
-    planned = plan_memory(peak, plan.decisions, [])["device"]
-    x = np.arange(len(peak))
-    gib = float(1 << 30)
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.step(x, np.asarray(peak) / gib, where="post", label="unplanned", color="0.6")
-    ax.step(x, np.asarray(planned) / gib, where="post", label=f"planned ({plan.policy})", color="C0")
-    ax.axhline(plan.device_budget_bytes / gib, color="C3", linestyle="--", label="device budget")
-    ax.set_xlabel("point")
-    ax.set_ylabel("device GiB")
-    ax.set_title(f"{plan.policy}: predicted {plan.slowdown:.3f}x step time, {'fits' if plan.fits else 'does NOT fit'}")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    os.chmod(path, 0o600)
-    return path

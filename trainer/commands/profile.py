@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from tierflow.trainer.compose import load_config
+from tierflow.trainer.profile import profile_training
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -30,8 +33,6 @@ def _count(flag: str, text: str, minimum: int) -> int:
 def run(args: argparse.Namespace) -> int:
     iterations = _count("--iterations", args.iterations, 1)
     warmup = _count("--warmup", args.warmup, 0)
-    from trainer.compose import load_config
-    from trainer.profile import profile_training
 
     cfg, _ = load_config(args.overrides)
     result = profile_training(cfg, num_iterations=iterations, num_warmup=warmup)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tierflow.profiling.report import write_report
+from tierflow.profiling.storage import load_trace
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -16,8 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from profiling.report import write_report
-    from profiling.storage import load_trace
 
     try:
         top = int(args.top)

@@ -6,6 +6,11 @@ import argparse
 import os
 from typing import List
 
+from omegaconf import OmegaConf
+
+from tierflow.trainer.compose import load_config
+from tierflow.trainer.train import dry_run, train
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -17,22 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
-    from trainer.compose import load_config
 
     cfg, composed = load_config(args.overrides)
     if args.print_config:
         print(OmegaConf.to_yaml(composed), end="")
         return 0
     if args.dry_run:
-        from trainer.train import dry_run
-
         report = dry_run(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             print(_format_dry_run(report))
         return 0
-    from trainer.train import train
 
     train(cfg)
     return 0

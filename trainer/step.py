@@ -1,0 +1,66 @@
+"""One training step, evaluation, and the parameter digest that proves bit-identity."""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import nullcontext
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from tierflow.trainer.data import Batch, ShardedLoader
+from tierflow.trainer.distributed import Runtime
+
+__all__ = ["evaluate", "parameter_digest", "train_step"]
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch],
+               amp_dtype: Optional[torch.dtype], grad_clip: float) -> torch.Tensor:
+    """One optimizer step over ``micro_batches``; returns the mean loss (a detached 0-d tensor)."""
+    accum = len(micro_batches)
+    total = torch.zeros((), device=micro_batches[0][0].device)
+    for i, (inputs, targets) in enumerate(micro_batches):
+        # DDP all-reduces gradients only on the last micro-batch of the step.
+        sync = nullcontext() if i == accum - 1 or not isinstance(model, DDP) else model.no_sync()
+        with sync:
+            loss = _loss(model, inputs, targets, amp_dtype)
+            (loss / accum).backward()
+        total += loss.detach()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / accum
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: ShardedLoader, num_batches: int, amp_dtype: Optional[torch.dtype],
+             rt: Runtime) -> float:
+    """Mean loss over the first ``num_batches`` global batches of the ``val`` split (the same every time)."""
+    model.eval()
+    total = torch.zeros((), device=rt.device)
+    count = 0
+    for i in range(num_batches):
+        for inputs, targets in loader.micro_batches(i, split="val"):
+            total += _loss(model, inputs, targets, amp_dtype)
+            count += 1
+    model.train()
+    return rt.mean(total / count).item()
+
+
+def _loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    with torch.autocast(device_type=inputs.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter's bytes in name order: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

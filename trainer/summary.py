@@ -1,0 +1,76 @@
+"""The end-of-run summary: the numbers (``summary.json``) and the text printed on rank 0."""
+
+from __future__ import annotations
+
+import math
+from statistics import median
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from tierflow.trainer.config import TrainConfig
+from tierflow.trainer.data import SyntheticMarkov, TokenSource
+from tierflow.trainer.metrics import peak_memory_bytes
+from tierflow.trainer.model import count_parameters
+
+__all__ = ["format_summary", "make_summary"]
+
+
+def make_summary(cfg: TrainConfig, *, model: torch.nn.Module, model_name: str, source: TokenSource,
+                 device: torch.device, world_size: int, amp_dtype: Optional[torch.dtype], losses: Sequence[float],
+                 val_losses: Sequence[tuple], step_times: Sequence[float], wall_s: float,
+                 digests: List[str], run_dir: str) -> Dict[str, Any]:
+    """The figures of a finished run (offloading, snapshots and profile are added by the caller)."""
+    tokens_per_step = cfg.trainer.global_batch * cfg.data.seq_len
+    steady = list(step_times[1:]) or list(step_times)  # the first step pays for warm-up
+    return {
+        "model": model_name, "parameters": count_parameters(model), "steps": cfg.trainer.steps,
+        "world_size": world_size, "device": str(device),
+        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+        "final_loss": losses[-1], "final_val_loss": val_losses[-1][1],
+        "tokens_per_s": tokens_per_step * len(steady) / sum(steady),
+        "median_step_time_s": median(step_times), "wall_s": wall_s,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_kind": "CUDA allocator" if device.type == "cuda" else "process RSS",
+        "uniform_loss": math.log(cfg.data.vocab_size),
+        "data_loss_floor": source.entropy_floor if isinstance(source, SyntheticMarkov) else None,
+        "param_digests": digests, "run_dir": run_dir,
+    }
+
+
+def format_summary(s: Dict[str, Any]) -> str:
+    """The summary as the lines rank 0 prints at the end of ``tierflow train``."""
+    floor = f"; data floor {s['data_loss_floor']:.3f}" if s.get("data_loss_floor") is not None else ""
+    return "\n".join([
+        f"tierflow: trained {s['model']} ({s['parameters'] / 1e6:.2f}M params) for {s['steps']} steps "
+        f"on {s['device']} x{s['world_size']} ({s['precision']})",
+        f"  loss        {s['final_loss']:.4f} (val {s['final_val_loss']:.4f}{floor}; uniform {s['uniform_loss']:.3f})",
+        f"  throughput  {s['tokens_per_s']:,.0f} tokens/s (median step {s['median_step_time_s'] * 1e3:.1f} ms)",
+        f"  peak memory {s['peak_memory_bytes'] / 2**20:,.1f} MiB ({s['peak_memory_kind']})",
+        f"  run dir     {s['run_dir']}",
+        *([f"  profile     {s['profile']}"] if s.get("profile") else []),
+        *_offload_lines(s.get("offload")),
+        *([f"  snapshots   {s['snapshots']} ({s['snapshot_stall_s'] * 1e3:.1f} ms training stall in all), "
+           f"{s['checkpoints_persisted']} persisted"
+           + (f"; resumed from step {s['resumed_from_step']} ({s['resumed_from']})" if 'resumed_from' in s else "")]
+          if "snapshots" in s else []),
+    ])
+
+
+def _offload_lines(o: Optional[Dict[str, Any]]) -> List[str]:
+    if not o or "device_budget_bytes" not in o:
+        return [f"  offloading {o['policy']}: no plan was made"] if o else []
+    mib = 2 ** 20
+    moved = sum(o["bytes_out"].values()) + sum(o["bytes_in"].values())
+    steps = o["steps"]
+    return [
+        f"  offloading  {o['policy']} on {o['hardware']}: budget {o['device_budget_bytes'] / mib:,.1f} MiB = "
+        f"{o['device_budget_bytes'] / max(o['unconstrained_peak_bytes'], 1):.0%} of the unconstrained peak "
+        f"{o['unconstrained_peak_bytes'] / mib:,.1f} MiB",
+        f"              measured peak {o['device_peak_bytes'] / mib:,.1f} MiB (device, as the runtime accounts it); "
+        f"moved {moved / mib:,.1f} MiB ({', '.join(sorted(o['bytes_out'])) or 'nothing'}); "
+        f"stall {o['stall_s'] * 1e3:,.1f} ms",
+        f"              steps: {steps.get('planned', 0)} planned, {steps.get('fallback', 0)} fallback, "
+        f"{steps.get('profile', 0)} profiled; {o['plan_hits']} plan hits, {o['fallbacks']} fallbacks, "
+        f"{o['divergent_iterations']} divergent, {o['reprofiles']} re-profiles",
+    ]
