@@ -32,17 +32,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.checkpoint.persist import find_checkpoints, load_checkpoint  # noqa: E402
-from trainer.checkpoint._state import apply_state  # noqa: E402
-from trainer.checkpoint.recovery import restore_latest  # noqa: E402
-from trainer.checkpoint.snapshotter import Snapshotter  # noqa: E402
-from trainer.checkpoint.store import StoreClient  # noqa: E402
-from trainer.config import DataConfig, ModelConfig, OptimizerConfig  # noqa: E402
-from trainer.data import ShardedLoader, SyntheticMarkov  # noqa: E402
-from trainer.metrics import progress_bar  # noqa: E402
-from trainer.model import build_model  # noqa: E402
-from trainer.optim import build_optimizer  # noqa: E402
-from trainer.train import train_step  # noqa: E402
+from tierflow.trainer.checkpoint._state import apply_state  # noqa: E402
+from tierflow.trainer.checkpoint.persist import find_checkpoints, load_checkpoint  # noqa: E402
+from tierflow.trainer.checkpoint.recovery import restore_latest  # noqa: E402
+from tierflow.trainer.checkpoint.snapshotter import Snapshotter  # noqa: E402
+from tierflow.trainer.checkpoint.store import StoreClient  # noqa: E402
+from tierflow.trainer.config import DataConfig, ModelConfig, OptimizerConfig  # noqa: E402
+from tierflow.trainer.data import ShardedLoader, SyntheticMarkov  # noqa: E402
+from tierflow.trainer.metrics import progress_bar  # noqa: E402
+from tierflow.trainer.model import build_model  # noqa: E402
+from tierflow.trainer.optim import build_optimizer  # noqa: E402
+from tierflow.trainer.step import train_step  # noqa: E402
 
 
 def _parts(args):

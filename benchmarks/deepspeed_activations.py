@@ -5,7 +5,7 @@ built-in GPT with the same batches:
 
 1. ``zero``        plain DeepSpeed ZeRO (``--stage``), every activation kept: the unconstrained run.
 2. ``ds-ckpt``     the same with ``deepspeed.checkpointing.checkpoint`` around every block.
-3. ``tierflow``    the same with ``offload.deepspeed_plugin.attach``, the device budget set to the peak
+3. ``tierflow``    the same with ``tierflow.offload.integrations.deepspeed.attach``, the device budget set to the peak
                    that ``ds-ckpt`` reached (equal peak memory), lifetime policy, host tier.
 
 The peaks are measured the same way for all three: tierflow's LifetimeTracer over one iteration
@@ -54,7 +54,7 @@ class _Checkpointed(nn.Module):
 
 
 def _model(args: argparse.Namespace, checkpointed: bool) -> nn.Module:
-    from trainer.model import GPT, GPTConfig
+    from tierflow.trainer.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=args.vocab, seq_len=args.seq_len, n_layer=args.layers, n_head=args.heads,
@@ -77,7 +77,7 @@ def _ds_config(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _traced_peak(engine: Any, tokens: torch.Tensor, step: Any) -> int:
-    from profiling import LifetimeTracer, memory_timeline
+    from tierflow.profiling import LifetimeTracer, memory_timeline
 
     tracer = LifetimeTracer(engine.module, None)
     with tracer:
@@ -90,7 +90,7 @@ def _traced_peak(engine: Any, tokens: torch.Tensor, step: Any) -> int:
 def run(args: argparse.Namespace, name: str, budget_bytes: Optional[int] = None) -> Dict[str, Any]:
     import deepspeed
 
-    from offload.deepspeed_plugin import attach
+    from tierflow.offload.integrations.deepspeed import attach
 
     model = _model(args, checkpointed=name == "ds-ckpt")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=_ds_config(args))

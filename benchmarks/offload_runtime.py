@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from offload import HostTierConfig, NvmeTierConfig, OffloadConfig, OffloadRuntime, TiersConfig
-from profiling import Category, LifetimeTracer, TracerConfig, memory_timeline
-from trainer.metrics import progress_bar
-from trainer.model import GPT, GPTConfig
+from tierflow.offload import HostTierConfig, NvmeTierConfig, OffloadConfig, OffloadRuntime, TiersConfig
+from tierflow.profiling import Category, LifetimeTracer, TracerConfig, memory_timeline
+from tierflow.trainer.metrics import progress_bar
+from tierflow.trainer.model import GPT, GPTConfig
 
 
 def make(args):

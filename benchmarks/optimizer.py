@@ -58,7 +58,7 @@ def _peak_rss_bytes() -> int:
 def _model(size: str):
     import torch
 
-    from trainer.model import GPT, GPTConfig
+    from tierflow.trainer.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=VOCAB, seq_len=SEQ, **SIZES[size]))
@@ -75,8 +75,8 @@ def worker_tierflow(args: Dict[str, Any]) -> Dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from offload import HostTierConfig, NvmeTierConfig, TieredOptimizer, TieredOptimizerConfig, TiersConfig
-    from trainer.metrics import progress_bar
+    from tierflow.offload import HostTierConfig, NvmeTierConfig, TieredOptimizer, TieredOptimizerConfig, TiersConfig
+    from tierflow.trainer.metrics import progress_bar
 
     model = _model(args["size"])
     n_params = sum(p.numel() for p in model.parameters())
@@ -115,7 +115,7 @@ def worker_deepspeed(args: Dict[str, Any]) -> Dict[str, Any]:
     import deepspeed
     import torch.nn.functional as F
 
-    from trainer.metrics import progress_bar
+    from tierflow.trainer.metrics import progress_bar
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     zero: Dict[str, Any] = {"stage": args["stage"], "sub_group_size": args["subgroup_bytes"] // 4}
@@ -160,7 +160,7 @@ def worker_update(args: Dict[str, Any]) -> Dict[str, Any]:
     import torch
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    from offload import HostTierConfig, TieredOptimizer, TieredOptimizerConfig, TiersConfig
+    from tierflow.offload import HostTierConfig, TieredOptimizer, TieredOptimizerConfig, TiersConfig
 
     numel, num_params = args["numel"], 8
     chunk = numel // num_params

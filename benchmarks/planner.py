@@ -32,17 +32,17 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from offload.cmd_calibrate import load_tiers_config  # noqa: E402
-from offload.planner import POLICIES, Budgets, make_plan  # noqa: E402
-from profiling import load_trace  # noqa: E402
-from profiling.trace import Category, LifetimeTrace, Phase, Point, PointKind, TensorRecord  # noqa: E402
+from tierflow.offload.plan import POLICIES, Budgets, make_plan  # noqa: E402
+from tierflow.profiling import load_trace  # noqa: E402
+from tierflow.profiling.trace import Category, LifetimeTrace, Phase, Point, PointKind, TensorRecord  # noqa: E402
+from tierflow.trainer.commands.calibrate import load_tiers_config  # noqa: E402
 
 BUDGETS = (1.0, 0.7, 0.5, 0.3)
 PRESET = "h100_sxm_pcie5_2nvme"
 
 
 def profile(model: str, root: str) -> str:
-    cmd = [sys.executable, "-c", "import sys; from trainer.cli import main; sys.exit(main())", "profile", "--iterations", "1", f"model={model}",
+    cmd = [sys.executable, "-c", "import sys; from tierflow.trainer.cli import main; sys.exit(main())", "profile", "--iterations", "1", f"model={model}",
            f"logging.run_root={root}/{model}", "logging.backend=none"]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return sorted(glob.glob(f"{root}/{model}/*/trace.tftrace"))[-1]

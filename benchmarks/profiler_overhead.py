@@ -36,13 +36,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from profiling import (Category, LifetimeTrace, LifetimeTracer, Phase, Point, PointKind, TensorRecord,  # noqa: E402
-                       active_fraction, check_stability, load_trace, memory_timeline, save_trace)
-from profiling.report import TERAIO_ACTIVE_FRACTION, format_bytes  # noqa: E402
-from trainer.compose import load_config  # noqa: E402
-from trainer.distributed import init_runtime  # noqa: E402
-from trainer.model import count_parameters  # noqa: E402
-from trainer.train import RunParts, build_run, train_step  # noqa: E402
+from tierflow.profiling import (  # noqa: E402
+    Category,
+    LifetimeTrace,
+    LifetimeTracer,
+    Phase,
+    Point,
+    PointKind,
+    TensorRecord,
+    active_fraction,
+    check_stability,
+    load_trace,
+    memory_timeline,
+    save_trace,
+)
+from tierflow.profiling.report import TERAIO_ACTIVE_FRACTION, format_bytes  # noqa: E402
+from tierflow.trainer.build import RunParts, build_run  # noqa: E402
+from tierflow.trainer.compose import load_config  # noqa: E402
+from tierflow.trainer.distributed import init_runtime  # noqa: E402
+from tierflow.trainer.model import count_parameters  # noqa: E402
+from tierflow.trainer.step import train_step  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -26,11 +26,12 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from trainer.compose import load_config
-from trainer.data import build_source
-from trainer.model import build_model
-from trainer.optim import build_optimizer
-from trainer.train import seed_everything, train
+from tierflow.trainer.build import seed_everything
+from tierflow.trainer.compose import load_config
+from tierflow.trainer.data import build_source
+from tierflow.trainer.model import build_model
+from tierflow.trainer.optim import build_optimizer
+from tierflow.trainer.train import train
 
 
 def bare_loop_tokens_per_s(overrides: list[str], steps: int) -> float:

@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from offload import HostTier, HostTierConfig, NvmeTier, NvmeTierConfig, aligned_empty  # noqa: E402
-from offload.scheduler import TransferScheduler  # noqa: E402
+from tierflow.offload import HostTier, HostTierConfig, NvmeTier, NvmeTierConfig, aligned_empty  # noqa: E402
+from tierflow.offload.tiers.scheduler import TransferScheduler  # noqa: E402
 
 MiB = 1 << 20
 DEPTHS = (1, 4, 16)

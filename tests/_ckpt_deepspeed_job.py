@@ -23,7 +23,7 @@ STEPS, CUT = 10, 6
 def _engine(stage: int, seed: int):
     import deepspeed
 
-    from trainer.model import GPT, GPTConfig
+    from tierflow.trainer.model import GPT, GPTConfig
 
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32, mlp_ratio=4, dropout=0.1))
@@ -56,7 +56,7 @@ def _train(engine, start: int, stop: int, snaps=None):
 def _digest(engine, stage: int) -> str:
     import deepspeed
 
-    from trainer.train import parameter_digest
+    from tierflow.trainer.step import parameter_digest
 
     if stage == 3:
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
@@ -65,7 +65,7 @@ def _digest(engine, stage: int) -> str:
 
 
 def run(stage: int, store_dir: str) -> dict:
-    from trainer.checkpoint.deepspeed import attach_snapshots
+    from tierflow.trainer.checkpoint.deepspeed import attach_snapshots
 
     cfg = {"every_steps": 1, "parity_shards": 1 if torch.distributed.get_world_size() > 1 else 0,
            "node_id": "n%r", "store_dir": store_dir, "persist_on_finish": False}

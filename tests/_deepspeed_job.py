@@ -23,9 +23,9 @@ import torch.nn.functional as F  # noqa: E402
 def run(stage: int, tierflow: bool, steps: int, section: dict) -> dict:
     import deepspeed
 
-    from offload.deepspeed_plugin import attach
-    from trainer.model import GPT, GPTConfig
-    from trainer.train import parameter_digest
+    from tierflow.offload.integrations.deepspeed import attach
+    from tierflow.trainer.model import GPT, GPTConfig
+    from tierflow.trainer.step import parameter_digest
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, seq_len=32, n_layer=2, n_head=2, d_model=32, mlp_ratio=4, dropout=0.0))
@@ -73,7 +73,7 @@ class _null:
 
 
 def _model():
-    from trainer.model import GPT, GPTConfig
+    from tierflow.trainer.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=64, seq_len=32, n_layer=2, n_head=2, d_model=32, mlp_ratio=4, dropout=0.0))
@@ -98,8 +98,8 @@ def run_client(case: str, steps: int, section: dict, swap_dir: str) -> dict:
     """Stage 0 with torch AdamW, or the tiered AdamW (host / nvme tier), as the client optimizer."""
     import deepspeed
 
-    from offload.deepspeed_plugin import attach, tiered_optimizer
-    from trainer.train import parameter_digest
+    from tierflow.offload.integrations.deepspeed import attach, tiered_optimizer
+    from tierflow.trainer.step import parameter_digest
 
     model = _model()
     section = dict(section)
@@ -137,9 +137,9 @@ def run_snapshots(steps: int, section: dict) -> dict:
     ``steps // 2`` steps and restored into a fresh engine (other weights) equals an uninterrupted one."""
     import deepspeed
 
-    from offload.deepspeed_plugin import tiered_optimizer
-    from trainer.checkpoint.deepspeed import attach_snapshots
-    from trainer.train import parameter_digest
+    from tierflow.offload.integrations.deepspeed import tiered_optimizer
+    from tierflow.trainer.checkpoint.deepspeed import attach_snapshots
+    from tierflow.trainer.step import parameter_digest
 
     def engine(seed: int):
         model = _model()
@@ -189,8 +189,8 @@ def run_zero2_refused(steps: int, section: dict) -> dict:
     """ZeRO-2 told to accept any optimizer: the tiered client optimizer is refused, nothing changes."""
     import deepspeed
 
-    from offload.deepspeed_plugin import attach, tiered_optimizer
-    from trainer.train import parameter_digest
+    from tierflow.offload.integrations.deepspeed import attach, tiered_optimizer
+    from tierflow.trainer.step import parameter_digest
 
     model = _model()
     before = parameter_digest(model)

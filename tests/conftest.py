@@ -58,7 +58,7 @@ def snapshot_store_dir():
     import shutil
     import tempfile
 
-    from trainer.checkpoint.store import list_stores, segment_prefix, stop_store
+    from tierflow.trainer.checkpoint.store import list_stores, segment_prefix, stop_store
 
     path = Path(tempfile.mkdtemp(prefix="tfst-", dir="/tmp"))
     yield path

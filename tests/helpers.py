@@ -63,7 +63,7 @@ def disk_fills_at(fail_at: int):
     import errno
     import os
 
-    from offload._nvme_io import PosixIO
+    from tierflow.offload.tiers._nvme_io import PosixIO
 
     class DiskFillsAt(PosixIO):
         def __init__(self) -> None:

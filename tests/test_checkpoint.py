@@ -10,13 +10,23 @@ import pytest
 import torch
 
 from tests.conftest import PYTHON, REPO
-from trainer.checkpoint._erasure import decode_body, encode_body, shard_holders
-from trainer.checkpoint._format import (FULL, HEADER_BYTES, SHARD, SnapshotHeader, checksum, invalidate, newest_valid,
-                                        parse_header, verify, write_header)
-from trainer.checkpoint.recovery import choose_restore, restore_latest
-from trainer.checkpoint.snapshotter import Holding, Snapshotter
-from trainer.checkpoint.store import StoreClient
-from trainer.config import CheckpointConfig, ConfigError
+from tierflow.trainer.checkpoint._erasure import decode_body, encode_body, shard_holders
+from tierflow.trainer.checkpoint._format import (
+    FULL,
+    HEADER_BYTES,
+    SHARD,
+    SnapshotHeader,
+    checksum,
+    invalidate,
+    newest_valid,
+    parse_header,
+    verify,
+    write_header,
+)
+from tierflow.trainer.checkpoint.recovery import choose_restore, restore_latest
+from tierflow.trainer.checkpoint.snapshotter import Holding, Snapshotter
+from tierflow.trainer.checkpoint.store import StoreClient
+from tierflow.trainer.config import CheckpointConfig, ConfigError
 
 
 def _segment(body: bytes, step=3, **kw) -> bytearray:
@@ -104,7 +114,7 @@ def test_config_rejects_bad_values_with_the_fix():
     for key in ("checkpoint.every_steps=0", "data_shards=2 without parity", "checkpoint.restore='tape'",
                 "checkpoint.node_id='a b'"):
         assert key in msg
-    from trainer.checkpoint import check_checkpoint_config
+    from tierflow.trainer.checkpoint import check_checkpoint_config
 
     with pytest.raises(ConfigError, match="larger than the world size 2"):
         check_checkpoint_config(CheckpointConfig(enabled=True, data_shards=2, parity_shards=1), 2)
@@ -114,8 +124,8 @@ def test_config_rejects_bad_values_with_the_fix():
 
 
 def _parts(seed=0):
-    from trainer.config import OptimizerConfig
-    from trainer.optim import build_optimizer
+    from tierflow.trainer.config import OptimizerConfig
+    from tierflow.trainer.optim import build_optimizer
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -256,7 +266,7 @@ def test_snapshot_torn_by_a_kill_mid_copy_is_never_restored(tmp_path, snapshot_s
         from pathlib import Path
         sys.path.insert(0, {str(REPO)!r})
         from tests.test_checkpoint import _parts, _train, _snapshotter
-        from trainer.checkpoint.store import StoreClient
+        from tierflow.trainer.checkpoint.store import StoreClient
         store = StoreClient(Path({str(snapshot_store_dir)!r}), "n")
         model, opt, sched = _parts()
         def hook(step, i):
@@ -297,7 +307,7 @@ def test_store_outlives_its_client_and_stop_removes_segments(snapshot_store_dir)
 
 
 def test_restart_env_warns_only_for_torchrun_restarts_without_the_fix():
-    from trainer.checkpoint import check_restart_env
+    from tierflow.trainer.checkpoint import check_restart_env
 
     assert check_restart_env({}) is None
     assert check_restart_env({"TORCHELASTIC_MAX_RESTARTS": "0"}) is None
@@ -309,8 +319,8 @@ def test_restart_env_warns_only_for_torchrun_restarts_without_the_fix():
 def test_snapshot_copy_hashes_exactly_the_payload(tmp_path, snapshot_store_dir):
     """Note [copy in chunks]: the chunked copy's running hash equals a hash of the whole body, also
     for tensors larger than a chunk, empty ones, odd sizes and bfloat16."""
-    from trainer.checkpoint import snapshotter as snapshotter_mod
-    from trainer.checkpoint._state import Captured
+    from tierflow.trainer.checkpoint import snapshotter as snapshotter_mod
+    from tierflow.trainer.checkpoint._state import Captured
 
     class Odd:
         def __init__(self):
@@ -348,8 +358,8 @@ def test_snapshot_of_device_state_restores_bit_identically(tmp_path, snapshot_st
     store = StoreClient(snapshot_store_dir, "n")
     model, _, _ = _parts()
     model.cuda()
-    from trainer.config import OptimizerConfig
-    from trainer.optim import build_optimizer
+    from tierflow.trainer.config import OptimizerConfig
+    from tierflow.trainer.optim import build_optimizer
 
     opt, sched = build_optimizer(model, OptimizerConfig(warmup_steps=2), 50)
     snap = _snapshotter(store, model, opt, sched, tmp_path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import PYTHON, REPO
-from trainer.checkpoint.deepspeed import _join, _split, _TensorRef, attach_snapshots, snapshot_config
+from tierflow.trainer.checkpoint.deepspeed import _join, _split, _TensorRef, attach_snapshots, snapshot_config
 
 
 def test_state_dict_tensors_split_out_and_come_back_as_copies():

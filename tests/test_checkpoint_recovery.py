@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from tests.conftest import PYTHON, REPO
-from trainer.checkpoint.persist import load_checkpoint
-from trainer.checkpoint.store import segment_prefix
+from tierflow.trainer.checkpoint.persist import load_checkpoint
+from tierflow.trainer.checkpoint.store import segment_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def reference3(tmp_path_factory):
 def _rank_pid(agent: subprocess.Popen, rank: int) -> int:
     for child in psutil.Process(agent.pid).children(recursive=True):
         try:
-            if child.environ().get("RANK") == str(rank) and "trainer.train" in " ".join(child.cmdline()):
+            if child.environ().get("RANK") == str(rank) and "tierflow.trainer.train" in " ".join(child.cmdline()):
                 return child.pid
         except psutil.Error:
             continue
@@ -184,9 +184,9 @@ def test_disk_checkpoint_reloads_at_world_size_1_and_2(tmp_path, snapshot_store_
 
 def _digest(tensors):
     """parameter_digest() of a model holding the checkpoint's weights (tied weights counted once)."""
-    from trainer.compose import load_config
-    from trainer.model import build_model
-    from trainer.train import parameter_digest
+    from tierflow.trainer.compose import load_config
+    from tierflow.trainer.model import build_model
+    from tierflow.trainer.step import parameter_digest
 
     cfg, _ = load_config(["offload=none"])
     model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)

@@ -1,4 +1,4 @@
-"""The installed entry points: the tierflow console script, python -m trainer.train, launch scripts."""
+"""The installed entry points: the tierflow console script, python -m tierflow.trainer.train, launch scripts."""
 
 import os
 import shutil
@@ -38,7 +38,7 @@ def test_bad_override_exits_2_with_one_line(tmp_path, subprocess_env):
 
 
 def test_python_m_trainer_train_runs_and_prints_a_summary(tmp_path, subprocess_env):
-    proc = subprocess.run([PYTHON, "-m", "trainer.train", "logging=none", f"logging.run_root={tmp_path}",
+    proc = subprocess.run([PYTHON, "-m", "tierflow.trainer.train", "logging=none", f"logging.run_root={tmp_path}",
                            "logging.run_name=m", "trainer.steps=3", "trainer.eval_every=0"],
                           cwd=REPO, capture_output=True, text=True, timeout=120, env=subprocess_env)
     assert proc.returncode == 0, proc.stderr

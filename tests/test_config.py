@@ -2,9 +2,9 @@
 
 import pytest
 
-from trainer import cli
-from trainer.compose import group_options, load_config
-from trainer.config import ConfigError, TrainerConfig, micro_batch_size
+from tierflow.trainer import cli
+from tierflow.trainer.compose import group_options, load_config
+from tierflow.trainer.config import ConfigError, TrainerConfig, micro_batch_size
 
 
 def test_defaults_compose_to_typed_config():

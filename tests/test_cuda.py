@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from trainer import cli
-from trainer.compose import load_config
-from trainer.train import train
+from tierflow.trainer import cli
+from tierflow.trainer.compose import load_config
+from tierflow.trainer.train import train
 
 
 @pytest.mark.cuda

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import ConfigError, DataConfig
-from trainer.data import ShardedLoader, SyntheticMarkov, TokenFile
+from tierflow.trainer.config import ConfigError, DataConfig
+from tierflow.trainer.data import ShardedLoader, SyntheticMarkov, TokenFile
 
 
 def _synthetic(**kw):

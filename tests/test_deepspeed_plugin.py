@@ -4,14 +4,18 @@ import json
 import subprocess
 
 import pytest
-
 import torch
 
-from offload.deepspeed_plugin import client_optimizer_problems, parse_section, read_section, tiered_optimizer
-from offload.errors import TierConfigError
-from offload.optimizer import TieredOptimizer
-from offload.plan_config import OffloadConfig
 from tests.conftest import PYTHON, REPO
+from tierflow.offload.core.errors import TierConfigError
+from tierflow.offload.integrations.deepspeed import (
+    client_optimizer_problems,
+    parse_section,
+    read_section,
+    tiered_optimizer,
+)
+from tierflow.offload.optim.optimizer import TieredOptimizer
+from tierflow.offload.runtime.config import OffloadConfig
 
 SECTION = {"offload": {"policy": "lifetime", "device_budget_fraction": 0.75, "profile_warmup": 1,
                        "profile_iterations": 2},

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def _torchrun(args, env, timeout=300):
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer.train", *args]
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tierflow.trainer.train", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -31,7 +31,7 @@ def test_two_ranks_finish_with_identical_parameters(tmp_path, subprocess_env):
 
     # Each rank trained on its own half of the same global batches: the 2-rank losses track a
     # 1-process run over the same samples (equal up to the order of the gradient sums).
-    single = subprocess.run([PYTHON, "-m", "trainer.train", *common, "logging.run_name=single"], cwd=REPO,
+    single = subprocess.run([PYTHON, "-m", "tierflow.trainer.train", *common, "logging.run_name=single"], cwd=REPO,
                             env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
 

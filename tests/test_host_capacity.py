@@ -1,10 +1,10 @@
-"""Host-memory admission for every rank on a node (offload/capacity.py)."""
+"""Host-memory admission for every rank on a node (offload/tiers/capacity.py)."""
 
 import pytest
 
-from offload.capacity import check_host_memory, host_demand
-from offload.config import HostTierConfig, NumaTierConfig, TiersConfig
-from offload.errors import TierConfigError
+from tierflow.offload.core.errors import TierConfigError
+from tierflow.offload.tiers.capacity import check_host_memory, host_demand
+from tierflow.offload.tiers.config import HostTierConfig, NumaTierConfig, TiersConfig
 
 GiB = 1 << 30
 SLAB = 64 << 20

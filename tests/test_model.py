@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from trainer.compose import load_config
-from trainer.config import ConfigError, ModelConfig
-from trainer.model import GPT, GPTConfig, build_model, count_parameters
+from tierflow.trainer.compose import load_config
+from tierflow.trainer.config import ConfigError, ModelConfig
+from tierflow.trainer.model import GPT, GPTConfig, build_model, count_parameters
 
 
 def _tiny(**kw):

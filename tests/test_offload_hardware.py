@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from offload import HardwareModel, LinkModel, LinkSample, TierConfigError, TierModel, TiersConfig, fit_link
-from offload.cmd_calibrate import load_tiers_config
-from trainer.cli import main as cli_main
-from trainer.compose import group_options, load_config
-from trainer.config import ConfigError
+from tierflow.offload import HardwareModel, LinkModel, LinkSample, TierConfigError, TierModel, TiersConfig, fit_link
+from tierflow.trainer.cli import main as cli_main
+from tierflow.trainer.commands.calibrate import load_tiers_config
+from tierflow.trainer.compose import group_options, load_config
+from tierflow.trainer.config import ConfigError
 
 PRESETS = ["a100_pcie4_1nvme", "cxl_2expanders", "h100_sxm_pcie5_2nvme", "host", "none"]
 

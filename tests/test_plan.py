@@ -5,10 +5,10 @@ import stat
 
 import pytest
 
-from offload.plan import Action, Decision, OffloadPlan, PlanFileError, PlanningError, validate_plan
-from offload.planner import POLICIES, Budgets, make_plan
-from profiling.trace import Category, PointKind
 from tests.test_plan_fixtures import hardware, make_trace, tensor, toy_trace
+from tierflow.offload.plan import POLICIES, Budgets, make_plan
+from tierflow.offload.plan.types import Action, Decision, OffloadPlan, PlanFileError, PlanningError, validate_plan
+from tierflow.profiling.trace import Category, PointKind
 
 X_SWAP = dict(key="X", record=1, category="activation", size_bytes=100, action=Action.SWAP, tier="host",
               evict_point=1, free_point=2, prefetch_point=3, deadline_point=4)

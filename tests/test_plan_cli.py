@@ -5,12 +5,12 @@ import stat
 
 import pytest
 
-from offload.cmd_plan import parse_budget
-from offload.plan import OffloadPlan, validate_plan
-from offload.planner import Budgets
-from profiling import load_trace, save_trace
 from tests.test_plan import _mixed_trace
-from trainer.cli import main as cli_main
+from tierflow.offload.plan import Budgets
+from tierflow.offload.plan.types import OffloadPlan, validate_plan
+from tierflow.profiling import load_trace, save_trace
+from tierflow.trainer.cli import main as cli_main
+from tierflow.trainer.commands.plan import parse_budget
 
 
 @pytest.fixture
@@ -60,8 +60,8 @@ def test_parse_budget():
 
 
 def test_offload_config_group_selects_policy_and_budgets():
-    from trainer.compose import load_config
-    from trainer.config import ConfigError
+    from tierflow.trainer.compose import load_config
+    from tierflow.trainer.config import ConfigError
 
     cfg, _ = load_config(["offload=lifetime", "offload.device_budget_fraction=0.5", "+offload.tier_budget_bytes.host=1000"])
     assert cfg.offload.policy == "lifetime"

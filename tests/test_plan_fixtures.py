@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
-from offload.hardware import HardwareModel, LinkModel, TierModel
-from profiling.trace import Category, LifetimeTrace, Phase, Point, PointKind, TensorRecord
+from tierflow.offload.core.hardware import HardwareModel, LinkModel, TierModel
+from tierflow.profiling.trace import Category, LifetimeTrace, Phase, Point, PointKind, TensorRecord
 
 __all__ = ["hardware", "make_trace", "tensor", "toy_trace"]
 

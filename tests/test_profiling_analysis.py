@@ -4,8 +4,20 @@ import dataclasses
 
 import pytest
 
-from profiling import (Category, LifetimeTrace, Phase, Point, PointKind, TensorRecord, active_fraction,
-                       check_stability, idle_intervals, memory_timeline, top_idle_tensors, validate_trace)
+from tierflow.profiling import (
+    Category,
+    LifetimeTrace,
+    Phase,
+    Point,
+    PointKind,
+    TensorRecord,
+    active_fraction,
+    check_stability,
+    idle_intervals,
+    memory_timeline,
+    top_idle_tensors,
+    validate_trace,
+)
 
 K = PointKind
 

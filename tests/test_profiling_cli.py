@@ -7,12 +7,12 @@ import subprocess
 
 import pytest
 
-from profiling import check_stability, load_trace, save_trace
 from tests.conftest import PYTHON
-from trainer.cli import main as cli_main
-from trainer.compose import load_config
-from trainer.profile import profile_training
-from trainer.train import train
+from tierflow.profiling import check_stability, load_trace, save_trace
+from tierflow.trainer.cli import main as cli_main
+from tierflow.trainer.compose import load_config
+from tierflow.trainer.profile import profile_training
+from tierflow.trainer.train import train
 
 
 def _tierflow():

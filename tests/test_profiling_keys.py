@@ -4,7 +4,7 @@ import gc
 
 import torch
 
-from profiling.keys import StorageMap
+from tierflow.profiling.keys import StorageMap
 
 
 def test_a_dead_storages_recycled_id_is_not_taken_for_it(monkeypatch):
@@ -12,9 +12,9 @@ def test_a_dead_storages_recycled_id_is_not_taken_for_it(monkeypatch):
     # storage object's id to an activation allocated later. Whether it does depends on the
     # allocator's state (it did not in a full-suite run), so the recycling is forced: every object
     # gets the same id, as a dead parameter storage and its successor would.
-    import profiling.keys
+    import tierflow.profiling.keys
 
-    monkeypatch.setattr(profiling.keys, "id", lambda obj: 7, raising=False)
+    monkeypatch.setattr(tierflow.profiling.keys, "id", lambda obj: 7, raising=False)
     param = torch.empty(8).untyped_storage()
     m = StorageMap([(param, "blocks.0.w")])
     assert param in m and m.get(param) == "blocks.0.w"

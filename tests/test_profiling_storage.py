@@ -8,9 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from profiling import (Category, FORMAT_VERSION, LifetimeTrace, Phase, Point, PointKind, TensorRecord,
-                       TraceFileError, load_trace, save_trace, trace_iterations)
-from trainer.model import GPT, GPTConfig
+from tierflow.profiling import (
+    FORMAT_VERSION,
+    Category,
+    LifetimeTrace,
+    Phase,
+    Point,
+    PointKind,
+    TensorRecord,
+    TraceFileError,
+    load_trace,
+    save_trace,
+    trace_iterations,
+)
+from tierflow.trainer.model import GPT, GPTConfig
 
 
 @pytest.fixture(scope="module")

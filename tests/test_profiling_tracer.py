@@ -9,10 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from profiling import (Category, LifetimeTracer, PointKind, check_stability, memory_timeline, trace_iterations,
-                       validate_trace)
-from profiling import _compat
-from trainer.model import GPT, GPTConfig
+from tierflow.profiling import (
+    Category,
+    LifetimeTracer,
+    PointKind,
+    check_stability,
+    memory_timeline,
+    torch_compat,
+    trace_iterations,
+    validate_trace,
+)
+from tierflow.trainer.model import GPT, GPTConfig
 
 F32 = 4  # bytes per float32 element
 I64 = 8
@@ -92,7 +99,7 @@ def _gpt_run(seed=0, n_layer=2, batch=4, seq_len=16, vocab=64, d_model=32, n_hea
     model = GPT(GPTConfig(vocab_size=vocab, seq_len=seq_len, n_layer=n_layer, n_head=n_head, d_model=d_model))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
-    # Windows of seq_len + 1 tokens, split like trainer.data does: inputs and targets view one storage.
+    # Windows of seq_len + 1 tokens, split like tierflow.trainer.data does: inputs and targets view one storage.
     windows = [torch.randint(vocab, (batch, seq_len + 1), generator=gen) for _ in range(8)]
 
     def step(i, tracer=None):
@@ -257,12 +264,12 @@ def test_detach_leaves_nothing_behind():
     before = _hook_state(model, opt)
     tracer = LifetimeTracer(model, opt)
     with tracer:
-        assert _compat.dispatch_mode_stack() and _compat.outer_saved_tensors_hooks() is not None
+        assert torch_compat.dispatch_mode_stack() and torch_compat.outer_saved_tensors_hooks() is not None
         with tracer.iteration():
             step(0, tracer)
     assert _hook_state(model, opt) == before
-    assert _compat.dispatch_mode_stack() == []
-    assert _compat.outer_saved_tensors_hooks() is None
+    assert torch_compat.dispatch_mode_stack() == []
+    assert torch_compat.outer_saved_tensors_hooks() is None
     state = [t for s in opt.state.values() for t in s.values()]
     for t in [*model.parameters(), *state]:
         assert weakref.getweakrefcount(t.untyped_storage()) == 0  # no free callbacks of ours
@@ -283,7 +290,7 @@ def test_an_exception_inside_an_iteration_still_detaches():
             with tracer.iteration():
                 model(torch.randn(2, 16)).sum().backward()
                 raise RuntimeError("boom")
-    assert _hook_state(model, opt) == before and _compat.dispatch_mode_stack() == []
+    assert _hook_state(model, opt) == before and torch_compat.dispatch_mode_stack() == []
 
 
 def test_tracing_changes_no_result():

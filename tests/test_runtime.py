@@ -10,11 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from offload import (BudgetExceededError, HostTierConfig, NvmeTierConfig, OffloadConfig, OffloadRuntime, PlanningError,
-                     TiersConfig)
-from profiling import Category, LifetimeTracer, TracerConfig, memory_timeline
 from tests.helpers import BranchyTiedLM, DataDependentLM
-from trainer.model import GPT, GPTConfig
+from tierflow.offload import (
+    BudgetExceededError,
+    HostTierConfig,
+    NvmeTierConfig,
+    OffloadConfig,
+    OffloadRuntime,
+    PlanningError,
+    TiersConfig,
+)
+from tierflow.profiling import Category, LifetimeTracer, TracerConfig, memory_timeline
+from tierflow.trainer.model import GPT, GPTConfig
 
 VOCAB, SEQ, BATCH, STEPS = 64, 16, 16, 20
 FAST_TRACER = TracerConfig(subtract_dispatch_cost=False)
@@ -269,7 +276,7 @@ def test_divergent_iteration_over_budget_raises_naming_budget_and_need():
 
 def test_recompute_decisions_run_under_checkpointing_exactly(monkeypatch):
     """Force every module call of the plan's choosing to recompute: the results must not change."""
-    import offload.runtime as runtime_module
+    import tierflow.offload.runtime.offload_runtime as runtime_module
 
     real = runtime_module.make_plan
 

@@ -16,7 +16,7 @@ COMMON = ["logging=none", "logging.progress=false", "logging.plot=false", "train
 
 
 def _torchrun(args, env, timeout=300):
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer.train", *args]
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tierflow.trainer.train", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -6,8 +6,9 @@ import stat
 import pytest
 import torch
 
-from trainer.compose import load_config
-from trainer.train import format_summary, train
+from tierflow.trainer.compose import load_config
+from tierflow.trainer.summary import format_summary
+from tierflow.trainer.train import train
 
 
 def _train(overrides):
@@ -35,7 +36,7 @@ def test_default_config_trains_with_offloading_exactly_and_saves_the_plan(quiet)
 
 
 def test_impossible_budget_fails_fast_in_the_trainer(quiet):
-    from offload import PlanningError
+    from tierflow.offload import PlanningError
 
     with pytest.raises(PlanningError, match="feasible minimum"):
         _train([o for o in quiet if o != "offload=none"] + ["trainer.steps=50", "offload.device_budget_fraction=0.02"])

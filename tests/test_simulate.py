@@ -2,10 +2,10 @@
 
 import pytest
 
-from offload.plan import Action, Decision, OffloadPlan, PlanningError
-from offload.simulate import simulate
-from profiling.trace import Category
 from tests.test_plan_fixtures import hardware, make_trace, tensor, toy_trace
+from tierflow.offload.plan.simulate import simulate
+from tierflow.offload.plan.types import Action, Decision, OffloadPlan, PlanningError
+from tierflow.profiling.trace import Category
 
 
 def _plan(trace, decisions, budget=1100):

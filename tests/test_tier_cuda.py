@@ -6,7 +6,7 @@ Timings (pinned host<->device against a plain pinned copy) are in benchmarks/tie
 import pytest
 import torch
 
-from offload import HostTier, HostTierConfig, NumaTier, NumaTierConfig, NvmeTier, NvmeTierConfig
+from tierflow.offload import HostTier, HostTierConfig, NumaTier, NumaTierConfig, NvmeTier, NvmeTierConfig
 
 MiB = 1 << 20
 

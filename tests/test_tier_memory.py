@@ -5,9 +5,19 @@ import random
 import pytest
 import torch
 
-from offload import (HostTier, HostTierConfig, NumaTier, NumaTierConfig, TierConfigError, TierError, TierFullError,
-                     aligned_empty, discover_numa_nodes, numa_placement)
-from offload._memory import ExtentAllocator
+from tierflow.offload import (
+    HostTier,
+    HostTierConfig,
+    NumaTier,
+    NumaTierConfig,
+    TierConfigError,
+    TierError,
+    TierFullError,
+    aligned_empty,
+    discover_numa_nodes,
+    numa_placement,
+)
+from tierflow.offload.tiers._memory import ExtentAllocator
 
 MiB = 1 << 20
 

@@ -8,10 +8,17 @@ import warnings
 import pytest
 import torch
 
-from offload import (ChecksumError, NvmeTier, NvmeTierConfig, TierConfigError, TierFullError, TierIOError,
-                     aligned_empty)
-from offload import nvme as nvme_module
 from tests.helpers import disk_fills_at
+from tierflow.offload import (
+    ChecksumError,
+    NvmeTier,
+    NvmeTierConfig,
+    TierConfigError,
+    TierFullError,
+    TierIOError,
+    aligned_empty,
+)
+from tierflow.offload.tiers import nvme as nvme_module
 
 KiB, MiB = 1 << 10, 1 << 20
 

@@ -6,8 +6,15 @@ import warnings
 
 import torch
 
-from offload import (HostTierConfig, NumaTierConfig, NvmeTierConfig, SchedulerConfig, TierEngine, TierFullError,
-                     TiersConfig)
+from tierflow.offload import (
+    HostTierConfig,
+    NumaTierConfig,
+    NvmeTierConfig,
+    SchedulerConfig,
+    TierEngine,
+    TierFullError,
+    TiersConfig,
+)
 
 MiB = 1 << 20
 NUM_THREADS = 4

@@ -11,10 +11,19 @@ import time
 import pytest
 import torch
 
-from offload import (HostTier, HostTierConfig, NvmeTierConfig, SchedulerConfig, TierEngine, TiersConfig,
-                     TransferCancelled, TransferKind, TransferScheduler)
-from offload.scheduler import THREAD_PREFIX
 from tests.conftest import PYTHON, REPO
+from tierflow.offload import (
+    HostTier,
+    HostTierConfig,
+    NvmeTierConfig,
+    SchedulerConfig,
+    TierEngine,
+    TiersConfig,
+    TransferCancelled,
+    TransferKind,
+    TransferScheduler,
+)
+from tierflow.offload.tiers.scheduler import THREAD_PREFIX
 
 MiB = 1 << 20
 
@@ -133,7 +142,7 @@ def test_keyboard_interrupt_with_transfers_in_flight_leaves_no_thread_and_no_fil
 
 _CHILD = textwrap.dedent("""
     import sys, torch
-    from offload import NvmeTier, NvmeTierConfig
+    from tierflow.offload import NvmeTier, NvmeTierConfig
     tier = NvmeTier(NvmeTierConfig(enabled=True, dirs=[sys.argv[1]], chunk_bytes=1 << 18))
     handles = [tier.write(tier.reserve(1 << 22), torch.ones(1 << 20)) for _ in range(64)]
     print("submitted", flush=True)

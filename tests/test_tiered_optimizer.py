@@ -9,9 +9,19 @@ import warnings
 import pytest
 import torch
 
-from offload import (HostTierConfig, NumaTierConfig, NvmeTier, NvmeTierConfig, TierConfigError, TieredOptimizer,
-                     TieredOptimizerConfig, TieredStepError, TierEngine, TiersConfig)
 from tests.helpers import disk_fills_at, fake_numa_sysfs
+from tierflow.offload import (
+    HostTierConfig,
+    NumaTierConfig,
+    NvmeTier,
+    NvmeTierConfig,
+    TierConfigError,
+    TieredOptimizer,
+    TieredOptimizerConfig,
+    TieredStepError,
+    TierEngine,
+    TiersConfig,
+)
 
 KiB, MiB = 1 << 10, 1 << 20
 STEPS = 20
@@ -256,7 +266,7 @@ def test_a_full_budget_is_refused_without_changing_anything(tmp_path):
 
 
 def test_config_and_wrapping_errors_say_what_to_do(tmp_path):
-    from offload import TierConfigError
+    from tierflow.offload import TierConfigError
 
     with pytest.raises(TierConfigError, match=r"paths=\['disk'\] must list one or more of"):
         TieredOptimizerConfig(paths=["disk"])
@@ -272,8 +282,8 @@ def test_config_and_wrapping_errors_say_what_to_do(tmp_path):
 
 
 def test_build_optimizer_wraps_when_tiered_is_enabled(tmp_path):
-    from trainer.config import ConfigError, OptimizerConfig
-    from trainer.optim import build_optimizer
+    from tierflow.trainer.config import ConfigError, OptimizerConfig
+    from tierflow.trainer.optim import build_optimizer
 
     model_a, model_b = _model(), _model()
     plain, plain_sched = build_optimizer(model_a, OptimizerConfig(warmup_steps=2), total_steps=6)
@@ -375,7 +385,7 @@ def test_overlap_redoes_a_step_whose_gradients_changed_and_turns_itself_off(tmp_
 
 
 def test_deepspeed_cpu_adam_kernel_is_exact_against_plain_deepspeed_cpu_adam(tmp_path):
-    from offload._optim_kernel import choose_cpu_kernel, deepspeed_cpu_adam
+    from tierflow.offload.optim._kernel import choose_cpu_kernel, deepspeed_cpu_adam
 
     cls, why = deepspeed_cpu_adam()
     if cls is None:
@@ -417,7 +427,7 @@ def _mapping_start(address):
 
 
 def test_staging_buffers_and_resident_state_are_bound_to_the_local_node(tmp_path):
-    from offload.numa import numa_placement
+    from tierflow.offload.tiers.numa import numa_placement
 
     sysfs = _fake_sysfs_with_this_process_on_node0(tmp_path / "node")
     tiers = TiersConfig(numa=NumaTierConfig(enabled=True, nodes=[0], budget_bytes=4 * MiB, slab_bytes=MiB,
@@ -445,7 +455,7 @@ def test_staging_buffers_and_resident_state_are_bound_to_the_local_node(tmp_path
 def test_cuda_parameters_are_bit_identical_with_cpu_or_device_updates(tmp_path, update_device):
     """CPU update of CUDA parameters (state and update on the host) and device update of host-held
     state, each against the plain optimizer where that update runs, fed the same gradients."""
-    from offload.hardware import HardwareModel, LinkModel
+    from tierflow.offload.core.hardware import HardwareModel, LinkModel
 
     links = (LinkModel("host", "device", 25e9, 1e-5), LinkModel("device", "host", 25e9, 1e-5))
     hardware = HardwareModel(name="test", links=links)

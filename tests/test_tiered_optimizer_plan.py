@@ -3,9 +3,16 @@
 import pytest
 
 from tests.helpers import fake_numa_sysfs
-from offload import discover_numa_nodes
-from offload._optim_plan import (PathSpec, UpdateCosts, choose_path, numa_roles, partition_subgroups, place_updates,
-                                 step_order)
+from tierflow.offload import discover_numa_nodes
+from tierflow.offload.optim.placement import (
+    PathSpec,
+    UpdateCosts,
+    choose_path,
+    numa_roles,
+    partition_subgroups,
+    place_updates,
+    step_order,
+)
 
 GB = 1e9
 

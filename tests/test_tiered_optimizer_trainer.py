@@ -2,12 +2,12 @@
 
 import torch
 
-from offload.optimizer import TieredOptimizer
+from tierflow.offload.optim.optimizer import TieredOptimizer
 
 
 def test_tierflow_train_with_the_tiered_optimizer_is_bit_identical(quiet, monkeypatch):
-    from trainer.compose import load_config
-    from trainer.train import train
+    from tierflow.trainer.compose import load_config
+    from tierflow.trainer.train import train
 
     closed = []
     close = TieredOptimizer.close
@@ -26,9 +26,9 @@ def test_tierflow_train_with_the_tiered_optimizer_is_bit_identical(quiet, monkey
 def test_trainer_with_tiered_optimizer_and_offload_runtime_shares_one_engine(quiet, monkeypatch):
     """Both on: the runtime plans in the optimizer's open tiers, moves no optimizer state, and
     the run stays bit-identical to a plain run without either."""
-    from offload.runtime import OffloadRuntime
-    from trainer.compose import load_config
-    from trainer.train import train
+    from tierflow.offload.runtime.offload_runtime import OffloadRuntime
+    from tierflow.trainer.compose import load_config
+    from tierflow.trainer.train import train
 
     engines = []
     init = OffloadRuntime.__init__
@@ -56,9 +56,9 @@ def test_trainer_with_tiered_optimizer_and_offload_runtime_shares_one_engine(qui
 def test_overlap_under_gradient_accumulation_follows_trainer_grad_accum(quiet, monkeypatch):
     """trainer.grad_accum=2 tells the tiered optimizer that a gradient is final after two backward
     passes: overlapped updates start only then, so no step has to be redone, and the run is exact."""
-    from trainer.compose import load_config
-    from trainer.config import ConfigError
-    from trainer.train import train
+    from tierflow.trainer.compose import load_config
+    from tierflow.trainer.config import ConfigError
+    from tierflow.trainer.train import train
 
     redone = []
     close = TieredOptimizer.close

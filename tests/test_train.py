@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.compose import load_config
-from trainer.train import parameter_digest, train
+from tierflow.trainer.compose import load_config
+from tierflow.trainer.step import parameter_digest
+from tierflow.trainer.train import train
 
 
 def _train(overrides):
@@ -102,7 +103,7 @@ def test_bf16_autocast_runs_on_cpu(quiet):
 
 
 def test_profiling_inside_the_loop_writes_a_trace_and_changes_no_result(quiet):
-    from profiling import load_trace
+    from tierflow.profiling import load_trace
 
     plain = _train(quiet + ["trainer.steps=6", "logging.run_name=plain"])
     traced = _train(quiet + ["trainer.steps=6", "trainer.profile_iterations=2", "trainer.profile_warmup=2",
