@@ -76,7 +76,8 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
     seed_everything(tc.seed)
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len).to(rt.device)
+    # Built on the meta device, then materialised tensor by tensor onto the device (bit-identical to eager).
+    model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len, device=rt.device)
     wrapped: nn.Module = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
         if rt.distributed else model
     engine = TierEngine(cfg.tiers) if uses_tiers(cfg) else None

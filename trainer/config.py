@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 BUILTIN_MODEL = "tierflow.trainer.model.GPT"
+HF_MODEL = "tierflow.trainer.hf.HFCausalLM"
 
 
 class ConfigError(ValueError):
@@ -55,7 +56,8 @@ class ModelConfig:
     ``_target_`` names an ``nn.Module`` class. The built-in GPT gets every size key below; a user's
     own module gets ``kwargs`` plus whichever of ``vocab_size``, ``seq_len`` and the size keys its
     constructor accepts by name. Its ``forward(tokens[B, T]) -> logits[B, T, vocab]`` contract is the
-    one the trainer relies on.
+    one the trainer relies on. ``path`` (with ``model=hf``) is a Hugging Face-format directory whose
+    ``config.json`` gives the architecture and whose safetensors files give the weights.
     """
 
     _target_: str = BUILTIN_MODEL
@@ -64,10 +66,13 @@ class ModelConfig:
     d_model: int = 128
     mlp_ratio: int = 4
     dropout: float = 0.0
+    path: Optional[str] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         p: List[str] = []
+        if self._target_ == HF_MODEL and not self.path:
+            p.append("model.path is required with model=hf: a directory with config.json and safetensors weights")
         for key in ("n_layer", "n_head", "d_model", "mlp_ratio"):
             _positive(p, f"model.{key}", getattr(self, key))
         if self.n_head > 0 and self.d_model > 0 and self.d_model % self.n_head:

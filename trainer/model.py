@@ -11,13 +11,18 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from hydra.utils import get_class
 from torch import nn
 
+from tierflow.offload.runtime.materialize import MaterializeError, materialize, record_init
+from tierflow.offload.runtime.weights import SafetensorsSource
 from tierflow.trainer.config import BUILTIN_MODEL, ConfigError, ModelConfig
+from tierflow.trainer.hf import HF_MODEL, HFCausalLM, has_weights
 
 __all__ = ["GPT", "GPTConfig", "build_model", "count_parameters"]
 
@@ -122,25 +127,71 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> nn.Module:
+def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int,
+                device: Optional[torch.device] = None) -> nn.Module:
     """Build the module ``cfg._target_`` names.
 
     The built-in GPT gets every size key. A user's module gets ``cfg.kwargs`` plus each of
     ``vocab_size``, ``seq_len``, ``n_layer``, ``n_head``, ``d_model``, ``mlp_ratio``, ``dropout``
-    that its constructor takes by name (or all of them if it takes ``**kwargs``).
+    that its constructor takes by name (or all of them if it takes ``**kwargs``); ``model=hf``
+    builds the causal LM of ``model.path`` and loads its weights.
+
+    With ``device``, the model is constructed on the meta device and materialised one tensor at a
+    time straight onto ``device`` (:func:`~tierflow.offload.runtime.materialize.materialize`):
+    initialisation consumes the random generator exactly as eager construction does, so the
+    weights are bit-identical, and host memory never holds a second copy of the model. Without
+    ``device`` the module is constructed eagerly where the caller's device context says.
 
     Raises:
         ConfigError: the target cannot be imported, is not an ``nn.Module``, or rejects its
-            arguments.
+            arguments; a weight file is missing or corrupt.
     """
+    build = _constructor(cfg, vocab_size=vocab_size, seq_len=seq_len)
+    if device is None:
+        return build()
+    source = None
+    if cfg.path is not None and has_weights(Path(cfg.path).expanduser()):
+        try:
+            source = SafetensorsSource(cfg.path, prefix="lm.")
+        except MaterializeError as exc:
+            raise ConfigError(f"model.path={cfg.path}: {exc}") from None
+    try:
+        model, program = record_init(build)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a constructor that cannot run on the meta device: build it eagerly instead
+        warnings.warn(f"{cfg._target_} cannot be built on the meta device ({type(exc).__name__}: {exc}); "
+                      "building it eagerly in memory", stacklevel=2)
+        model = build()
+        if source is not None:
+            _load_eagerly(model, source)
+        return model.to(device)
+    try:
+        materialize(model, program, device=device, source=source)
+    except MaterializeError as exc:
+        raise ConfigError(f"{cfg._target_}: {exc}") from None
+    return model
+
+
+def _load_eagerly(model: nn.Module, source: SafetensorsSource) -> None:
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name in source.names():
+                t.copy_(source.read(name, t))
+
+
+def _constructor(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> Callable[[], nn.Module]:
+    """A checked, argument-bound constructor of ``cfg._target_`` (raises ConfigError when it cannot be)."""
     offered = dict(
         vocab_size=vocab_size, seq_len=seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
         d_model=cfg.d_model, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
     )
     if cfg._target_ == BUILTIN_MODEL:
         if cfg.kwargs:
-            warnings.warn(f"model.kwargs {sorted(cfg.kwargs)} are ignored by the built-in GPT", stacklevel=2)
-        return GPT(GPTConfig(**offered))
+            warnings.warn(f"model.kwargs {sorted(cfg.kwargs)} are ignored by the built-in GPT", stacklevel=3)
+        return lambda: GPT(GPTConfig(**offered))
+    if cfg._target_ == HF_MODEL:
+        return lambda: HFCausalLM(cfg.path, vocab_size=vocab_size, **cfg.kwargs)
     try:
         cls = get_class(cfg._target_)
     except Exception as exc:
@@ -152,8 +203,12 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> nn.Module
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in offered.items() if takes_any or k in params}
     kwargs.update(cfg.kwargs)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"model._target_={cfg._target_} rejected its arguments {sorted(kwargs)}: {exc}; "
-                          "pass constructor arguments as +model.kwargs.NAME=VALUE") from None
+
+    def build() -> nn.Module:
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"model._target_={cfg._target_} rejected its arguments {sorted(kwargs)}: {exc}; "
+                              "pass constructor arguments as +model.kwargs.NAME=VALUE") from None
+
+    return build
