@@ -248,3 +248,24 @@ def test_a_directory_four_times_the_budget_loads_into_nvme_within_the_budget(tmp
     assert r["equal"] and r["held"] == 0  # every weight waits in the tier, none in memory
     print(f"load: {r['source'] / 2**20:.1f} MiB placed, peak RSS growth {r['growth'] / 2**20:.1f} MiB")
     assert r["growth"] < budget, f"peak RSS grew by {r['growth'] / 2**20:.1f} MiB for a {budget >> 20} MiB budget"
+
+
+def test_weights_load_from_a_tierflow_checkpoint_one_tensor_at_a_time(tmp_path):
+    """model.path may name a torch.distributed.checkpoint: tierflow's own persisted copies load too."""
+    from tierflow.trainer.checkpoint.persist import save_checkpoint
+
+    cfg = ModelConfig(n_layer=2, n_head=2, d_model=32)
+    torch.manual_seed(11)
+    trained = build_model(cfg, vocab_size=64, seq_len=16)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)  # not what any initialisation gives
+    step_dir = save_checkpoint(tmp_path, 7, {f"model.{k}": v for k, v in trained.state_dict().items()},
+                               {"rng": {}, "step": 7}, rank=0, world_size=1)
+    loaded = build_model(ModelConfig(n_layer=2, n_head=2, d_model=32, path=str(step_dir)), vocab_size=64,
+                         seq_len=16, device=torch.device("cpu"))
+    _assert_same(trained, loaded)
+    assert loaded.head.weight is loaded.tok_emb.weight
+    with pytest.raises(ConfigError, match="neither safetensors weights nor a torch.distributed.checkpoint"):
+        build_model(ModelConfig(path=str(tmp_path / "nothing")), vocab_size=64, seq_len=16,
+                    device=torch.device("cpu"))

@@ -56,8 +56,9 @@ class ModelConfig:
     ``_target_`` names an ``nn.Module`` class. The built-in GPT gets every size key below; a user's
     own module gets ``kwargs`` plus whichever of ``vocab_size``, ``seq_len`` and the size keys its
     constructor accepts by name. Its ``forward(tokens[B, T]) -> logits[B, T, vocab]`` contract is the
-    one the trainer relies on. ``path`` (with ``model=hf``) is a Hugging Face-format directory whose
-    ``config.json`` gives the architecture and whose safetensors files give the weights.
+    one the trainer relies on. ``path`` holds the weights to start from (read one tensor at a time):
+    safetensors shards or a torch.distributed.checkpoint directory; with ``model=hf`` it is a
+    Hugging Face-format directory whose ``config.json`` also gives the architecture.
     """
 
     _target_: str = BUILTIN_MODEL

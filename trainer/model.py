@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from hydra.utils import get_class
 from torch import nn
 
-from tierflow.offload.runtime.materialize import MaterializeError, materialize, record_init
-from tierflow.offload.runtime.weights import SafetensorsSource
+from tierflow.offload.runtime.materialize import MaterializeError, WeightSource, materialize, record_init
+from tierflow.offload.runtime.weights import DcpSource, SafetensorsSource
 from tierflow.trainer.config import BUILTIN_MODEL, ConfigError, ModelConfig
 from tierflow.trainer.hf import HF_MODEL, HFCausalLM, has_weights
 
-__all__ = ["GPT", "GPTConfig", "build_model", "count_parameters"]
+__all__ = ["GPT", "GPTConfig", "build_model", "count_parameters", "weight_source"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,7 +134,9 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int,
     The built-in GPT gets every size key. A user's module gets ``cfg.kwargs`` plus each of
     ``vocab_size``, ``seq_len``, ``n_layer``, ``n_head``, ``d_model``, ``mlp_ratio``, ``dropout``
     that its constructor takes by name (or all of them if it takes ``**kwargs``); ``model=hf``
-    builds the causal LM of ``model.path`` and loads its weights.
+    builds the causal LM of ``model.path``. With ``model.path``, the weights are loaded from it,
+    one tensor at a time: safetensors shards, or a torch.distributed.checkpoint directory
+    (tierflow's ``checkpoint.dir/step-N`` among them).
 
     With ``device``, the model is constructed on the meta device and materialised one tensor at a
     time straight onto ``device`` (:func:`~tierflow.offload.runtime.materialize.materialize`):
@@ -149,12 +151,10 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int,
     build = _constructor(cfg, vocab_size=vocab_size, seq_len=seq_len)
     if device is None:
         return build()
-    source = None
-    if cfg.path is not None and has_weights(Path(cfg.path).expanduser()):
-        try:
-            source = SafetensorsSource(cfg.path, prefix="lm.")
-        except MaterializeError as exc:
-            raise ConfigError(f"model.path={cfg.path}: {exc}") from None
+    try:
+        source = weight_source(cfg)
+    except MaterializeError as exc:
+        raise ConfigError(f"model.path={cfg.path}: {exc}") from None
     try:
         model, program = record_init(build)
     except ConfigError:
@@ -173,7 +173,21 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int,
     return model
 
 
-def _load_eagerly(model: nn.Module, source: SafetensorsSource) -> None:
+def weight_source(cfg: ModelConfig) -> Optional[WeightSource]:
+    """The weights ``model.path`` holds: safetensors shards (Hugging Face format) or a DCP checkpoint."""
+    if cfg.path is None:
+        return None
+    path = Path(cfg.path).expanduser()
+    if has_weights(path):
+        return SafetensorsSource(path, prefix="lm." if cfg._target_ == HF_MODEL else "")
+    if (path / ".metadata").is_file():  # a torch.distributed.checkpoint, e.g. tierflow's checkpoint.dir/step-N
+        return DcpSource(path, prefix="model.")
+    if cfg._target_ == HF_MODEL:
+        return None  # config.json only: the architecture's own random initialisation
+    raise MaterializeError(f"{path} holds neither safetensors weights nor a torch.distributed.checkpoint")
+
+
+def _load_eagerly(model: nn.Module, source: WeightSource) -> None:
     with torch.no_grad():
         for name, t in model.state_dict(keep_vars=True).items():
             if name in source.names():

@@ -12,13 +12,14 @@ from typing import Any, Dict
 import psutil
 import torch
 
+from tierflow.offload.runtime.materialize import MaterializeError
 from tierflow.offload.tiers.capacity import check_host_memory, host_demand, ranks_on_this_node
 from tierflow.trainer.build import model_name, uses_tiers
 from tierflow.trainer.checkpoint import check_checkpoint_config
-from tierflow.trainer.config import TrainConfig, micro_batch_size
+from tierflow.trainer.config import ConfigError, TrainConfig, micro_batch_size
 from tierflow.trainer.data import TokenSource, build_source
 from tierflow.trainer.distributed import env_world_size
-from tierflow.trainer.model import build_model, count_parameters
+from tierflow.trainer.model import build_model, count_parameters, weight_source
 
 __all__ = ["check_before_work", "dry_run"]
 
@@ -72,7 +73,12 @@ def _check_host_memory(cfg: TrainConfig) -> None:
 
 
 def _check_model_builds(cfg: TrainConfig) -> None:
-    """Build the model on the meta device so a bad ``model._target_`` fails before any work."""
+    """Build the model on the meta device so a bad ``model._target_`` fails before any work, and
+    read the headers of the weights ``model.path`` names (a missing or corrupt file fails here)."""
+    try:
+        weight_source(cfg.model)
+    except MaterializeError as exc:
+        raise ConfigError(f"model.path={cfg.model.path}: {exc}") from None
     try:
         with torch.device("meta"):
             build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)

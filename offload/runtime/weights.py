@@ -1,5 +1,8 @@
 """Weight sources for :func:`~tierflow.offload.runtime.materialize.materialize`, read one tensor at a time.
 
+:class:`DcpSource` reads a ``torch.distributed.checkpoint`` directory (tierflow's own persisted
+copies among them) with one partial ``load`` per tensor.
+
 :class:`SafetensorsSource` reads a Hugging Face-format directory (``model.safetensors``, or shards
 listed in ``model.safetensors.index.json``). Each tensor is read with ``pread`` from the byte range
 the file's header gives, into a tensor of its own: nothing maps the file, so the process's resident
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Set, Union
@@ -20,7 +24,7 @@ import torch
 
 from tierflow.offload.runtime.materialize import MaterializeError, WeightSource
 
-__all__ = ["SafetensorsSource"]
+__all__ = ["DcpSource", "SafetensorsSource"]
 
 #: safetensors dtype names (the format's spec) -> torch dtypes.
 _DTYPES = {
@@ -141,4 +145,62 @@ class SafetensorsSource(WeightSource):
             os.close(fd)
         if like.dtype != e.dtype and torch.promote_types(e.dtype, like.dtype) == like.dtype:
             out = out.to(like.dtype)  # a bf16 checkpoint into an fp32 model: widening is exact
+        return out
+
+
+class DcpSource(WeightSource):
+    """The tensors of a ``torch.distributed.checkpoint`` directory, loaded one at a time.
+
+    A tierflow checkpoint (``checkpoint.dir/step-N``) keys the model's tensors as ``model.<name>``:
+    pass ``prefix="model."`` to read them under the model's own names. DCP's ``.metadata`` is a
+    pickle, so open only checkpoints you wrote yourself.
+
+    Args:
+        path: The checkpoint directory (holding ``.metadata``).
+        prefix: Keys starting with it are offered without it; other keys are not offered.
+
+    Raises:
+        MaterializeError: no readable ``.metadata``.
+    """
+
+    def __init__(self, path: Union[str, Path], prefix: str = "") -> None:
+        # torch.distributed.checkpoint is imported only when a checkpoint is read.
+        from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
+
+        self._path = Path(path).expanduser()
+        if not (self._path / ".metadata").is_file():
+            raise MaterializeError(f"{self._path} is not a torch.distributed.checkpoint directory (no .metadata)")
+        try:
+            metadata = FileSystemReader(str(self._path)).read_metadata()
+        except Exception as exc:  # a truncated or foreign pickle raises anything
+            raise MaterializeError(f"{self._path / '.metadata'} cannot be read ({type(exc).__name__}: {exc})") from None
+        self._keys: Dict[str, str] = {}
+        self._meta: Dict[str, tuple] = {}
+        for key, md in metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata) and key.startswith(prefix):
+                self._keys[key[len(prefix):]] = key
+                self._meta[key[len(prefix):]] = (tuple(md.size), md.properties.dtype)
+
+    def names(self) -> Set[str]:
+        return set(self._keys)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor offered."""
+        return sum(int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+                   for shape, dtype in self._meta.values())
+
+    def read(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.checkpoint import FileSystemReader, load
+
+        shape, dtype = self._meta[name]
+        out = torch.empty(shape, dtype=dtype)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                load({self._keys[name]: out}, storage_reader=FileSystemReader(str(self._path)), no_dist=True)
+        except Exception as exc:
+            raise MaterializeError(f"{self._path}: tensor {name!r} cannot be read ({type(exc).__name__}: {exc}); "
+                                   "the checkpoint is incomplete or corrupt") from None
+        if like.dtype != dtype and torch.promote_types(dtype, like.dtype) == like.dtype:
+            out = out.to(like.dtype)
         return out
