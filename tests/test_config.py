@@ -35,7 +35,7 @@ def test_model_target_and_kwargs_are_overridable():
 
 @pytest.mark.parametrize("overrides, expected", [
     (["trainer.foo=1"], "unknown config key 'trainer.foo'; valid keys under trainer: steps"),
-    (["model=huge"], "unknown option model=huge; valid options for model: gpt1b, medium, small, tiny"),
+    (["model=huge"], "unknown option model=huge; valid options for model: gpt1b, hf, medium, small, tiny"),
     (["bogus=3"], "unknown config key 'bogus'"),
     (["trainer.steps"], "has no '='"),
     (["trainer.steps=abc"], "trainer.steps=abc"),
