@@ -50,3 +50,17 @@ def test_default_reserve_is_at_least_one_gib():
     assert d.reserve_bytes == GiB and d.pool_bytes_per_rank == 0
     with pytest.raises(ValueError, match="ranks_on_node=0"):
         host_demand(TiersConfig(), ranks_on_node=0, process_bytes_per_rank=0, total_bytes=GiB)
+
+
+def test_the_ram_guard_counts_optimizer_state_only_where_it_stays_in_ram():
+    """16 bytes per AdamW parameter in RAM without the tiered optimizer; 8 (weights and gradients)
+    with it, whose states wait in the tiers (NVMe is not RAM; a host tier counts by its budget)."""
+    from tierflow.trainer.compose import load_config
+    from tierflow.trainer.preflight import dry_run, resident_training_state_bytes
+
+    plain, _ = load_config(["trainer.device=cpu", "model=small"])
+    tiered, _ = load_config(["trainer.device=cpu", "model=small", "optimizer.tiered.enabled=true",
+                             "optimizer.tiered.paths=[nvme]", "tiers.nvme.enabled=true", "tiers.nvme.dirs=[/tmp]"])
+    param_bytes = dry_run(plain)["param_bytes"]
+    assert resident_training_state_bytes(plain) == 4 * param_bytes
+    assert resident_training_state_bytes(tiered) == 2 * param_bytes

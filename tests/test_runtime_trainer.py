@@ -32,7 +32,7 @@ def test_default_config_trains_with_offloading_exactly_and_saves_the_plan(quiet)
     lines = [json.loads(line) for line in (on.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["offload/bytes_out/host"] > 0 and "offload/stall_s" in lines[-1]
     text = format_summary(on.summary)
-    assert "of the unconstrained peak" in text and "measured peak" in text
+    assert "of the unconstrained peak" in text and "computed peak" in text and "(measured: process RSS)" in text
 
 
 def test_impossible_budget_fails_fast_in_the_trainer(quiet):

@@ -21,7 +21,7 @@ from tierflow.trainer.data import TokenSource, build_source
 from tierflow.trainer.distributed import env_world_size
 from tierflow.trainer.model import build_model, count_parameters, weight_source
 
-__all__ = ["check_before_work", "dry_run"]
+__all__ = ["check_before_work", "dry_run", "resident_training_state_bytes"]
 
 
 def check_before_work(cfg: TrainConfig) -> TokenSource:
@@ -65,11 +65,25 @@ def _check_host_memory(cfg: TrainConfig) -> None:
     """
     if not uses_tiers(cfg) or not (cfg.tiers.host.enabled or cfg.tiers.numa.enabled):
         return
-    process = psutil.Process().memory_info().rss
-    on_cpu = cfg.trainer.device == "cpu" or (cfg.trainer.device == "auto" and not torch.cuda.is_available())
-    if on_cpu:
-        process += dry_run(cfg)["training_state_bytes"]
+    process = psutil.Process().memory_info().rss + resident_training_state_bytes(cfg)
     check_host_memory(host_demand(cfg.tiers, ranks_on_node=ranks_on_this_node(), process_bytes_per_rank=process))
+
+
+def resident_training_state_bytes(cfg: TrainConfig) -> int:
+    """The training state a rank keeps in its own RAM (beyond its host tiers, counted apart).
+
+    On a GPU, none: weights, gradients and optimizer states live on the device. On the CPU the
+    weights and gradients are process memory; so are the optimizer's states, unless the tiered
+    optimizer keeps them in the tiers (NVMe is not RAM; a host or NUMA tier is counted by its
+    budget), so they are not counted twice.
+    """
+    on_cpu = cfg.trainer.device == "cpu" or (cfg.trainer.device == "auto" and not torch.cuda.is_available())
+    if not on_cpu:
+        return 0
+    report = dry_run(cfg)
+    if cfg.optimizer.tiered.enabled:
+        return report["param_bytes"] * 2  # weights and gradients
+    return report["training_state_bytes"]
 
 
 def _check_model_builds(cfg: TrainConfig) -> None:

@@ -46,10 +46,10 @@ def format_summary(s: Dict[str, Any]) -> str:
         f"on {s['device']} x{s['world_size']} ({s['precision']})",
         f"  loss        {s['final_loss']:.4f} (val {s['final_val_loss']:.4f}{floor}; uniform {s['uniform_loss']:.3f})",
         f"  throughput  {s['tokens_per_s']:,.0f} tokens/s (median step {s['median_step_time_s'] * 1e3:.1f} ms)",
-        f"  peak memory {s['peak_memory_bytes'] / 2**20:,.1f} MiB ({s['peak_memory_kind']})",
+        f"  peak memory {s['peak_memory_bytes'] / 2**20:,.1f} MiB (measured: {s['peak_memory_kind']})",
         f"  run dir     {s['run_dir']}",
         *([f"  profile     {s['profile']}"] if s.get("profile") else []),
-        *_offload_lines(s.get("offload")),
+        *_offload_lines(s.get("offload"), cuda=str(s["device"]).startswith("cuda")),
         *([f"  snapshots   {s['snapshots']} ({s['snapshot_stall_s'] * 1e3:.1f} ms training stall in all), "
            f"{s['checkpoints_persisted']} persisted"
            + (f"; resumed from step {s['resumed_from_step']} ({s['resumed_from']})" if 'resumed_from' in s else "")]
@@ -57,7 +57,7 @@ def format_summary(s: Dict[str, Any]) -> str:
     ])
 
 
-def _offload_lines(o: Optional[Dict[str, Any]]) -> List[str]:
+def _offload_lines(o: Optional[Dict[str, Any]], *, cuda: bool) -> List[str]:
     if not o or "device_budget_bytes" not in o:
         return [f"  offloading {o['policy']}: no plan was made"] if o else []
     mib = 2 ** 20
@@ -67,7 +67,10 @@ def _offload_lines(o: Optional[Dict[str, Any]]) -> List[str]:
         f"  offloading  {o['policy']} on {o['hardware']}: budget {o['device_budget_bytes'] / mib:,.1f} MiB = "
         f"{o['device_budget_bytes'] / max(o['unconstrained_peak_bytes'], 1):.0%} of the unconstrained peak "
         f"{o['unconstrained_peak_bytes'] / mib:,.1f} MiB",
-        f"              measured peak {o['device_peak_bytes'] / mib:,.1f} MiB (device, as the runtime accounts it); "
+        # On CUDA the allocator measures the device peak; on a CPU it is computed from the trace and
+        # the runtime's residency (the process's measured figure is the peak RSS line above).
+        (f"              measured peak {o['device_peak_bytes'] / mib:,.1f} MiB (CUDA allocator); " if cuda else
+         f"              computed peak {o['device_peak_bytes'] / mib:,.1f} MiB (from the trace and residency); ") +
         f"moved {moved / mib:,.1f} MiB ({', '.join(sorted(o['bytes_out'])) or 'nothing'}); "
         f"stall {o['stall_s'] * 1e3:,.1f} ms",
         f"              steps: {steps.get('planned', 0)} planned, {steps.get('fallback', 0)} fallback, "
