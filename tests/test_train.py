@@ -122,3 +122,20 @@ def test_a_tiers_preset_that_training_cannot_use_yet_warns(quiet):
     with pytest.warns(UserWarning, match="tiers=h100_sxm_pcie5_2nvme .* is not used: offload.policy=none"):
         result = _train(quiet + ["trainer.steps=2", "tiers=h100_sxm_pcie5_2nvme"])
     assert len(result.losses) == 2
+
+
+def test_a_run_resumed_after_its_last_step_finishes_cleanly_and_keeps_its_state(quiet, snapshot_store_dir):
+    """Killed after the final step was logged, the same command again: nothing is left to train, so
+    it reports where the run stands and exits cleanly, with the same weights (it used to crash on
+    the empty loss list, and that crash freed the snapshot)."""
+    overrides = quiet + ["trainer.steps=4", "trainer.global_batch=4", "checkpoint=memory",
+                         "checkpoint.every_steps=2", "checkpoint.persist_on_finish=false",
+                         "checkpoint.free_on_finish=false", "checkpoint.parity_shards=0",
+                         f"checkpoint.store_dir={snapshot_store_dir}"]
+    first = train(load_config(overrides + ["logging.run_name=first"])[0])
+    again = train(load_config(overrides + ["logging.run_name=again"])[0])
+    assert again.losses == [] and again.summary["resumed_from_step"] == 4 and again.summary["steps_run"] == 0
+    assert again.summary["param_digests"] == first.summary["param_digests"]
+    assert again.summary["final_val_loss"] == first.summary["final_val_loss"]
+    third = train(load_config(overrides + ["logging.run_name=third"])[0])  # the state is still there
+    assert third.summary["resumed_from_step"] == 4 and third.summary["param_digests"] == first.summary["param_digests"]

@@ -23,13 +23,15 @@ def make_summary(cfg: TrainConfig, *, model: torch.nn.Module, model_name: str, s
     """The figures of a finished run (offloading, snapshots and profile are added by the caller)."""
     tokens_per_step = cfg.trainer.global_batch * cfg.data.seq_len
     steady = list(step_times[1:]) or list(step_times)  # the first step pays for warm-up
+    # A run resumed after its last step trains nothing: no loss, no throughput, the state kept.
     return {
         "model": model_name, "parameters": count_parameters(model), "steps": cfg.trainer.steps,
         "world_size": world_size, "device": str(device),
         "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-        "final_loss": losses[-1], "final_val_loss": val_losses[-1][1],
-        "tokens_per_s": tokens_per_step * len(steady) / sum(steady),
-        "median_step_time_s": median(step_times), "wall_s": wall_s,
+        "final_loss": losses[-1] if losses else None, "final_val_loss": val_losses[-1][1],
+        "tokens_per_s": tokens_per_step * len(steady) / sum(steady) if steady else 0.0,
+        "median_step_time_s": median(step_times) if step_times else 0.0, "wall_s": wall_s,
+        "steps_run": len(losses),
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": "CUDA allocator" if device.type == "cuda" else "process RSS",
         "uniform_loss": math.log(cfg.data.vocab_size),
@@ -44,7 +46,9 @@ def format_summary(s: Dict[str, Any]) -> str:
     return "\n".join([
         f"tierflow: trained {s['model']} ({s['parameters'] / 1e6:.2f}M params) for {s['steps']} steps "
         f"on {s['device']} x{s['world_size']} ({s['precision']})",
-        f"  loss        {s['final_loss']:.4f} (val {s['final_val_loss']:.4f}{floor}; uniform {s['uniform_loss']:.3f})",
+        (f"  loss        {s['final_loss']:.4f} (val {s['final_val_loss']:.4f}{floor}; uniform {s['uniform_loss']:.3f})"
+         if s["final_loss"] is not None else
+         f"  loss        no step left to run (val {s['final_val_loss']:.4f}{floor}; uniform {s['uniform_loss']:.3f})"),
         f"  throughput  {s['tokens_per_s']:,.0f} tokens/s (median step {s['median_step_time_s'] * 1e3:.1f} ms)",
         f"  peak memory {s['peak_memory_bytes'] / 2**20:,.1f} MiB (measured: {s['peak_memory_kind']})",
         f"  run dir     {s['run_dir']}",

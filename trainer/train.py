@@ -121,6 +121,8 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
         bar.close()
         offload.close()  # every tensor back on the device, hooks removed
         parts.close()  # the tiered optimizer's slots and swap files, then the tiers
+    if not val_losses:  # resumed after the last step: nothing was left to train, report where it stands
+        val_losses.append((tc.steps, evaluate(parts.wrapped, parts.loader, tc.eval_batches, parts.amp_dtype, rt)))
     # 6. Summary: figures, the profile and the plan files, the loss plot.
     summary = make_summary(cfg, model=parts.model, model_name=model_name(cfg), source=source, device=rt.device,
                            world_size=rt.world_size, amp_dtype=parts.amp_dtype, losses=losses, val_losses=val_losses,
