@@ -280,10 +280,10 @@ def test_recompute_decisions_run_under_checkpointing_exactly(monkeypatch):
 
     real = runtime_module.make_plan
 
-    def with_recompute(trace, hardware, budgets, policy):
+    def with_recompute(trace, hardware, budgets, policy, **kwargs):
         from dataclasses import replace
 
-        plan = real(trace, hardware, budgets, policy)
+        plan = real(trace, hardware, budgets, policy, **kwargs)
         return replace(plan, recomputed_blocks=("blocks.0[0]", "blocks.1[0]"))
 
     monkeypatch.setattr(runtime_module, "make_plan", with_recompute)

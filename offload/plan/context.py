@@ -101,8 +101,10 @@ class PlanContext:
                 self.hardware.link(tier, "device").transfer_s(nbytes))
 
 
-def build_context(trace, hardware: Optional[HardwareModel], budgets: Budgets) -> PlanContext:
-    """Derive the :class:`PlanContext` of one planning pass (the memory timeline is computed once, here).
+def build_context(trace, hardware: Optional[HardwareModel], budgets: Budgets, *,
+                  timeline: Optional[MemoryTimeline] = None) -> PlanContext:
+    """Derive the :class:`PlanContext` of one planning pass (the memory timeline is computed once, here,
+    unless the caller hands in the one it has).
 
     Raises:
         PlanningError: an empty or inconsistent trace, or a budget for a tier the hardware lacks.
@@ -113,7 +115,7 @@ def build_context(trace, hardware: Optional[HardwareModel], budgets: Budgets) ->
     if problems:
         raise PlanningError(f"the trace is inconsistent ({len(problems)} problems, first: {problems[0]}); re-profile")
     compute = np.array([p.compute_s for p in trace.points], dtype=np.float64)
-    timeline = memory_timeline(trace)
+    timeline = timeline if timeline is not None else memory_timeline(trace)
     peak = np.asarray(timeline.interval_peak_bytes, dtype=np.int64)
     tiers: List[str] = []
     tier_budgets: Dict[str, int] = {}

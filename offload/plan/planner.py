@@ -18,6 +18,7 @@ from tierflow.offload.plan.policy_baselines import BASELINES
 from tierflow.offload.plan.policy_ilp import plan_ilp
 from tierflow.offload.plan.policy_lifetime import plan_lifetime
 from tierflow.offload.plan.types import OffloadPlan, PlanningError
+from tierflow.profiling.timeline import MemoryTimeline
 
 __all__ = ["POLICIES", "make_plan"]
 
@@ -29,7 +30,8 @@ _TABLE: Dict[str, Callable[[PlanContext], OffloadPlan]] = {"lifetime": plan_life
 POLICIES = tuple(_TABLE)
 
 
-def make_plan(trace, hardware: Optional[HardwareModel], budgets: Budgets, policy: str = "lifetime") -> OffloadPlan:
+def make_plan(trace, hardware: Optional[HardwareModel], budgets: Budgets, policy: str = "lifetime", *,
+              timeline: Optional[MemoryTimeline] = None) -> OffloadPlan:
     """Plan where every idle tensor waits and when it comes back.
 
     Args:
@@ -37,6 +39,7 @@ def make_plan(trace, hardware: Optional[HardwareModel], budgets: Budgets, policy
         hardware: Tiers and links to plan for (None: nothing can move).
         budgets: Device and tier budgets.
         policy: One of :data:`POLICIES`.
+        timeline: The trace's memory timeline, when the caller has it (one per planning pass).
 
     Returns:
         The :class:`~tierflow.offload.plan.types.OffloadPlan`, with its simulated predictions.
@@ -52,4 +55,4 @@ def make_plan(trace, hardware: Optional[HardwareModel], budgets: Budgets, policy
     """
     if policy not in _TABLE:
         raise PlanningError(f"unknown offload policy {policy!r}; choose one of: {', '.join(POLICIES)}")
-    return _TABLE[policy](build_context(trace, hardware, budgets))
+    return _TABLE[policy](build_context(trace, hardware, budgets, timeline=timeline))

@@ -306,13 +306,14 @@ def _check_decision(i: int, d: Decision, trace: Any, hardware: Any, p: List[str]
         p.append(f"{where}: deadline_point {d.deadline_point} is not a use of the tensor (uses: {acc[:8]})")
 
 
-def validate_plan(plan: OffloadPlan, trace: Any, hardware: Any = None) -> List[str]:
+def validate_plan(plan: OffloadPlan, trace: Any, hardware: Any = None, *, timeline: Any = None) -> List[str]:
     """Every violation of ``plan`` against its trace, hardware and budgets.
 
     Args:
         plan: The plan.
         trace: The :class:`~tierflow.profiling.trace.LifetimeTrace` it was made from.
         hardware: The :class:`~tierflow.offload.core.hardware.HardwareModel` (tiers and links are checked when given).
+        timeline: The trace's memory timeline, when the caller has it (one per planning pass).
 
     Returns:
         One line per problem (empty when the plan is valid): use before arrival, a budget exceeded
@@ -335,7 +336,8 @@ def validate_plan(plan: OffloadPlan, trace: Any, hardware: Any = None) -> List[s
             if a1 < b0:
                 p.append(f"decisions {i0} and {i1} ({trace.tensors[record].key!r}) overlap in intervals {a1}..{b0 - 1}")
     budgets = {"device": plan.device_budget_bytes, **dict(plan.tier_budgets)}
-    mem = plan_memory(memory_timeline(trace).interval_peak_bytes, plan.decisions, [t for t in budgets if t != "device"])
+    timeline = timeline if timeline is not None else memory_timeline(trace)
+    mem = plan_memory(timeline.interval_peak_bytes, plan.decisions, [t for t in budgets if t != "device"])
     for tier, series in mem.items():
         worst = max(range(len(series)), key=series.__getitem__) if series else 0
         if series and series[worst] > budgets[tier]:

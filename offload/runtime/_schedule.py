@@ -18,7 +18,7 @@ from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from tierflow.offload.plan.types import Action, OffloadPlan, absent_intervals
 from tierflow.profiling.idle import idle_intervals
-from tierflow.profiling.timeline import memory_timeline
+from tierflow.profiling.timeline import MemoryTimeline, memory_timeline
 from tierflow.profiling.trace import LifetimeTrace, PointKind, TensorRecord
 
 __all__ = ["MOVABLE", "Schedule", "make_schedule", "one_iteration", "pin_unmovable"]
@@ -144,7 +144,7 @@ class Schedule:
         return uses[i] - point if i < len(uses) else uses[0] + self.num_points - point
 
 
-def make_schedule(trace, plan: OffloadPlan) -> Schedule:
+def make_schedule(trace, plan: OffloadPlan, *, timeline: Optional[MemoryTimeline] = None) -> Schedule:
     """Index ``plan``'s swap decisions by point for the one-iteration ``trace`` it was made from.
 
     Recompute decisions are not scheduled here: their blocks run under activation checkpointing.
@@ -182,7 +182,7 @@ def make_schedule(trace, plan: OffloadPlan) -> Schedule:
                     prefetches=frozen["prefetch"], deadlines=frozen["deadline"],
                     absent_at_start=tuple(absent_at_start), writing_at_start=tuple(writing_at_start), uses=uses, sizes=sizes,
                     activations=frozenset(activations),
-                    interval_peak=tuple(memory_timeline(trace).interval_peak_bytes),
+                    interval_peak=tuple((timeline or memory_timeline(trace)).interval_peak_bytes),
                     index_of={p.label: i for i, p in reversed(list(enumerate(trace.points)))},
                     unobservable=frozenset(_empty_graph_tasks(trace.points)))
 

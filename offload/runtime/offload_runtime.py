@@ -41,7 +41,7 @@ from tierflow.offload.runtime.config import OffloadConfig
 from tierflow.offload.tiers.base import Tier
 from tierflow.offload.tiers.config import HostTierConfig, TiersConfig
 from tierflow.offload.tiers.engine import TierEngine
-from tierflow.profiling import TraceWindow, check_stability, save_trace
+from tierflow.profiling import TraceWindow, check_stability, memory_timeline, save_trace
 from tierflow.profiling.trace import PointKind
 
 __all__ = ["BudgetExceededError", "OffloadRuntime", "StepReport", "nominal_hardware"]
@@ -268,21 +268,22 @@ class OffloadRuntime:
             warnings.warn(f"tierflow offload: the profiled iterations differ ({stability.describe()}); planning the "
                           "last one, iterations that diverge from it fall back", stacklevel=4)
         one = pin_unmovable(one_iteration(trace, -1), self._movable)
-        plan = make_plan(one, self.hardware, self.config.budgets(), self.config.policy)
+        timeline = memory_timeline(one)  # one timeline for planning, validation and the schedule
+        plan = make_plan(one, self.hardware, self.config.budgets(), self.config.policy, timeline=timeline)
         if not plan.fits:
             raise PlanningError(
                 f"policy {plan.policy!r} cannot keep the device under its budget: device budget "
                 f"{plan.device_budget_bytes} bytes, the plan's peak {plan.predicted_device_peak_bytes} bytes "
                 f"(unconstrained peak {plan.unconstrained_peak_bytes} bytes); raise offload.device_budget_bytes/"
                 f"device_budget_fraction or use offload.policy=lifetime")
-        problems = validate_plan(plan, one, self.hardware)
+        problems = validate_plan(plan, one, self.hardware, timeline=timeline)
         if problems:
             raise PlanError(f"the {plan.policy} plan is invalid ({len(problems)} problems): " + "; ".join(problems[:5]))
         for tier in sorted({d.tier for d in plan.decisions if d.action is Action.SWAP}):
             self._tier_for(tier)  # every tier the plan uses is open, or fail now
         recompute = {_block(b) for b in plan.recomputed_blocks}
         self.plan, self.planning_trace = plan, one
-        self._executor = Executor(self.model, self.optimizer, self.residency, plan, make_schedule(one, plan),
+        self._executor = Executor(self.model, self.optimizer, self.residency, plan, make_schedule(one, plan, timeline=timeline),
                                   recompute=recompute, skipped=_inside_recomputed(one, plan, recompute),
                                   budget_bytes=plan.device_budget_bytes, on_divergence=self._on_divergence,
                                   movable=self._movable)
