@@ -40,3 +40,21 @@ def test_impossible_budget_fails_fast_in_the_trainer(quiet):
 
     with pytest.raises(PlanningError, match="feasible minimum"):
         _train([o for o in quiet if o != "offload=none"] + ["trainer.steps=50", "offload.device_budget_fraction=0.02"])
+
+
+def test_evaluation_between_steps_sees_every_tensor_and_is_bit_identical(quiet, tmp_path):
+    """Parameters that wait in a tier across the step boundary (zero_infinity keeps them on NVMe)
+    come back for evaluation, and training re-enters the plan afterwards; it used to crash in
+    evaluate() on an empty storage."""
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    base = [o for o in quiet if o not in ("offload=none", "trainer.eval_every=0")] + [
+        "trainer.steps=7", "trainer.global_batch=8", "trainer.eval_every=2"]
+    off = _train(base + ["offload=none", "logging.run_name=plain"])
+    on = _train(base + ["offload=zero_infinity", "tiers.nvme.enabled=true", f"tiers.nvme.dirs=[{swap}]",
+                        "logging.run_name=nvme"])
+    assert torch.equal(torch.tensor(off.losses), torch.tensor(on.losses))
+    assert on.val_losses == off.val_losses and len(on.val_losses) == 4
+    assert on.summary["param_digests"] == off.summary["param_digests"]
+    steps = on.summary["offload"]["steps"]
+    assert steps.get("planned", 0) >= 3 and not steps.get("fallback")

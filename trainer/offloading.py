@@ -31,6 +31,9 @@ class NoOffload:
     def step(self, inputs: Any = None):
         return nullcontext()
 
+    def resident(self):
+        return nullcontext()
+
     def summary(self) -> Optional[Dict[str, Any]]:
         return None
 

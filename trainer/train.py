@@ -105,7 +105,8 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
                                       "peak_memory_bytes": peak_memory_bytes(rt.device),
                                       **offload.last_report.metrics()}
             if (tc.eval_every and (step + 1) % tc.eval_every == 0) or step + 1 == tc.steps:
-                record["val_loss"] = evaluate(parts.wrapped, parts.loader, tc.eval_batches, parts.amp_dtype, rt)
+                with offload.resident():  # what waits in a tier between steps comes back for evaluation
+                    record["val_loss"] = evaluate(parts.wrapped, parts.loader, tc.eval_batches, parts.amp_dtype, rt)
                 val_losses.append((step + 1, record["val_loss"]))
             records.append({"step": step + 1, **record})
             sink.log(step + 1, record)

@@ -261,6 +261,26 @@ class OffloadRuntime:
             self._window = None
             self._make_plan(window.trace)
 
+    @contextmanager
+    def resident(self) -> Iterator[None]:
+        """Every tensor in place for code that runs between steps (evaluation, a digest, a save).
+
+        Under a plan some tensors wait in a tier across the step boundary (their storage is empty
+        then); inside this block they are back, and the next step re-enters the plan from its start.
+
+        Example:
+            >>> with rt.resident():  # doctest: +SKIP
+            ...     val_loss = evaluate(model)
+        """
+        if self._executor is not None and not self._closed:
+            stats, self.residency.stats = self.residency.stats, TransferStats()
+            self.residency.arrive_all()
+            for tier, b in self.residency.stats.bytes_in.items():
+                self.totals["bytes_in"][tier] = self.totals["bytes_in"].get(tier, 0) + b
+            self.residency.stats = stats
+            self._first_planned = True  # the next iteration evicts what the plan keeps away at its start
+        yield
+
     def _make_plan(self, trace) -> None:
         self.trace = trace
         stability = check_stability(trace)
