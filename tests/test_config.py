@@ -114,3 +114,8 @@ def test_offloading_ranks_that_oversubscribe_host_memory_are_refused_before_any_
     assert code == 2 and "host memory is oversubscribed: 2 rank(s) on this node" in err
     assert "tiers.host.budget_bytes" in err
     assert not runs.exists()
+
+
+def test_checkpoint_settings_while_snapshots_are_off_warn():
+    with pytest.warns(UserWarning, match=r"checkpoint.every_steps=5 ignored: snapshots are off; add checkpoint=memory"):
+        load_config(["checkpoint.every_steps=5"])

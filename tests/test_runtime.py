@@ -314,3 +314,10 @@ def test_cuda_exact_and_allocator_peak_within_budget(policy):
     rt = got[2]
     assert rt.last_report.mode == "planned"
     assert rt.last_report.device_peak_bytes <= rt.plan.device_budget_bytes * 1.05
+
+
+def test_budget_settings_that_do_nothing_warn():
+    with pytest.warns(UserWarning, match="above the traced peak"):
+        OffloadConfig(policy="lifetime", device_budget_fraction=1.5)
+    with pytest.warns(UserWarning, match="device_budget_fraction=0.5 is ignored"):
+        OffloadConfig(policy="lifetime", device_budget_fraction=0.5, device_budget_bytes=1 << 20)

@@ -10,7 +10,8 @@ single :class:`ConfigError` line that names the key and what would be valid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -47,6 +48,11 @@ def _positive(problems: List[str], key: str, value: float) -> None:
     if value <= 0:
         problems.append(f"{key}={value} must be > 0")
 
+
+
+
+def _default_of(f: Field) -> Any:
+    return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
 
 
 @dataclass(kw_only=True)
@@ -287,6 +293,12 @@ class CheckpointConfig:
             p.append(f"checkpoint.node_id={self.node_id!r} must be auto or letters, digits and _.- "
                      "(%r and %l expand to the rank and local rank)")
         raise_if(p, ConfigError)
+        if not self.enabled:  # a setting of snapshots that are off would be silently ignored
+            changed = [f"checkpoint.{f.name}={getattr(self, f.name)}" for f in fields(self)
+                       if f.name != "enabled" and getattr(self, f.name) != _default_of(f)]
+            if changed:
+                warnings.warn(f"{', '.join(changed)} ignored: snapshots are off; add checkpoint=memory to take them",
+                              stacklevel=2)
 
 
 @dataclass(kw_only=True)
