@@ -97,6 +97,6 @@ def test_token_file_errors(tmp_path):
         TokenFile(DataConfig(path=str(short), **cfg), seed=0)
     big = tmp_path / "big.bin"
     _write_tokens(big, 500, high=200)
-    src = TokenFile(DataConfig(path=str(big), **cfg), seed=0)
+    # Found when the file is opened (before any work), not at the batch that happens to hold the id.
     with pytest.raises(ConfigError, match="set data.vocab_size to at least"):
-        src.global_batch("train", 0, 16)
+        TokenFile(DataConfig(path=str(big), **cfg), seed=0)

@@ -115,6 +115,10 @@ class TokenFile(TokenSource):
             raise ConfigError(f"data.path={path} holds {size} bytes, not a whole number of {cfg.dtype} tokens; "
                               "check data.dtype (uint16 or uint32)")
         self.path = path
+        top = _max_token(path, np.dtype(cfg.dtype))
+        if top >= cfg.vocab_size:  # found before any work, not at the batch that happens to hold it
+            raise ConfigError(f"data.path={path} contains token id {top} >= data.vocab_size={cfg.vocab_size}; "
+                              f"set data.vocab_size to at least {top + 1}")
         self.tokens = np.memmap(path, dtype=cfg.dtype, mode="r")
         n = len(self.tokens)
         n_val = int(n * cfg.val_fraction)
@@ -141,6 +145,18 @@ class TokenFile(TokenSource):
     def describe(self) -> str:
         n = len(self.tokens)
         return f"token file {self.path} ({n:,} tokens, vocab {self.vocab_size})"
+
+
+def _max_token(path: Path, dtype: np.dtype, chunk_bytes: int = 64 << 20) -> int:
+    """The largest token id in the file, read in chunks (not mapped: a mapping's pages would count in RSS)."""
+    top = 0
+    chunk_bytes -= chunk_bytes % dtype.itemsize
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(chunk_bytes)
+            if not buf:
+                return top
+            top = max(top, int(np.frombuffer(buf, dtype=dtype).max()))
 
 
 def build_source(cfg: DataConfig, seed: int) -> TokenSource:
