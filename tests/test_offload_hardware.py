@@ -1,6 +1,7 @@
 """HardwareModel (pure data), the tiers config group and its presets, and `tierflow calibrate`."""
 
 import json
+import re
 
 import pytest
 
@@ -128,3 +129,19 @@ def test_calibrate_fails_before_measuring_when_a_directory_is_missing(tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and "does not exist; create it" in err and err.count("\n") == 1
     assert not (tmp_path / "hw.json").exists()
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b'{"links":"x","tiers":3}', "tiers must be a list of objects, not 3; links must be a list of objects"),
+    (b"[1, 2]", "a hardware model is a JSON object, not list"),
+    (b"\xff\xfe{", "is not UTF-8 JSON"),
+    (b'{"name": "x", "tiers": [], "links": [{"src": "device", "samples": 5}]}', "links[0].samples must be a list"),
+])
+def test_a_malformed_hardware_file_is_refused_in_one_line_naming_it(tmp_path, content, expected):
+    from tierflow.offload import TierConfigError, TiersConfig
+
+    path = tmp_path / "hw.json"
+    path.write_bytes(content)
+    with pytest.raises(TierConfigError, match=re.escape(expected)) as info:
+        TiersConfig(hardware_file=str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)

@@ -169,7 +169,19 @@ class HardwareModel:
     @classmethod
     def problems_in_dict(cls, data: Mapping[str, Any]) -> List[str]:
         """Every problem of a dict form at once, without raising."""
+        if not isinstance(data, Mapping):
+            return [f"a hardware model is a JSON object, not {type(data).__name__}; re-run tierflow calibrate"]
         p: List[str] = []
+        for key in ("tiers", "links"):  # each is a list of objects; anything else would raise deep inside
+            value = data.get(key)
+            if value is not None and not (isinstance(value, list) and all(isinstance(x, Mapping) for x in value)):
+                p.append(f"{key} must be a list of objects, not {json.dumps(value)[:60]}")
+        for i, link in enumerate(data.get("links") or () if not p else ()):
+            samples = link.get("samples")
+            if samples is not None and not (isinstance(samples, list) and all(isinstance(s, Mapping) for s in samples)):
+                p.append(f"links[{i}].samples must be a list of objects, not {json.dumps(samples)[:60]}")
+        if p:
+            return p
         version = data.get("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             p.append(f"schema_version={version} is not supported (expected {SCHEMA_VERSION}); re-run tierflow calibrate")
@@ -224,12 +236,15 @@ class HardwareModel:
         """
         if not os.path.isfile(path):
             raise FileNotFoundError(f"hardware model {path} does not exist; write one with `tierflow calibrate --out {path}`")
-        with open(path) as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise TierConfigError(f"hardware model {path} is not JSON ({exc}); re-run tierflow calibrate") from None
-        return cls.from_dict(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TierConfigError(f"hardware model {path} is not UTF-8 JSON ({exc}); re-run tierflow calibrate") from None
+        problems = cls.problems_in_dict(data)
+        if problems:
+            raise TierConfigError(f"hardware model {path}: " + "; ".join(problems))
+        return cls._build(data)
 
 
 def _problems(tiers: Sequence[TierModel], links: Sequence[LinkModel]) -> List[str]:

@@ -220,6 +220,11 @@ class TiersConfig:
         if self.hardware_file is not None and not os.path.isfile(self.hardware_file):
             p.append(f"tiers.hardware_file={self.hardware_file} does not exist; write one with "
                      f"`tierflow calibrate --out {self.hardware_file}`")
+        elif self.hardware_file is not None:
+            try:  # read it now: a malformed file is refused before any work, not at planning
+                HardwareModel.load(self.hardware_file)
+            except TierConfigError as exc:
+                p.append(f"tiers.hardware_file: {exc}")
         raise_if(p, TierConfigError)
 
     def hardware_model(self) -> Optional[HardwareModel]:
