@@ -27,6 +27,7 @@ from tierflow.offload.core import (
     fit_link,
 )
 from tierflow.offload.optim import (
+    SubgroupStepper,
     TieredOptimizer,
     TieredOptimizerConfig,
     TieredStepError,
@@ -102,6 +103,7 @@ __all__ = [
     "SchedulerConfig",
     "Simulation",
     "Slot",
+    "SubgroupStepper",
     "StepReport",
     "Tier",
     "TierConfigError",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tierflow.offload import TierEngine
+from tierflow.offload import SubgroupStepper, TierEngine
 from tierflow.trainer.config import TrainConfig
 from tierflow.trainer.data import ShardedLoader, TokenSource, build_source
 from tierflow.trainer.distributed import Runtime
@@ -54,6 +54,7 @@ class RunParts:
     source: TokenSource
     amp_dtype: Optional[torch.dtype]
     engine: Optional[TierEngine] = None
+    step: Optional[Callable[[], Any]] = None  # the optimizer step (sub-group by sub-group when offloading)
 
     def close(self) -> None:
         """Free the optimizer's tier slots (and swap files), then close the tiers. Idempotent."""
@@ -90,8 +91,14 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
         raise
     loader = ShardedLoader(source, global_batch=tc.global_batch, grad_accum=tc.grad_accum,
                            rank=rt.rank, world_size=rt.world_size, device=rt.device)
+    # With offloading, the optimizer steps one sub-group at a time: each is its own pair of trace
+    # points, so the plan pages parameters, gradients and states through the step. (A tiered
+    # optimizer streams its sub-groups itself.)
+    step = None
+    if cfg.offload.policy != "none" and not cfg.optimizer.tiered.enabled:
+        step = SubgroupStepper(optimizer, cfg.offload.optimizer_subgroup_bytes)
     return RunParts(model, wrapped, optimizer, scheduler, loader, source, autocast_dtype(tc.precision, rt.device),
-                    engine)
+                    engine, step)
 
 
 def seed_everything(seed: int) -> None:

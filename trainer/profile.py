@@ -101,7 +101,7 @@ def profile_steps(parts: RunParts, *, first_step: int, num_iterations: int, grad
         # Data comes from outside the iteration, as from a loader: it enters as an input.
         batches = parts.loader.micro_batches(step)
         with window.step(step, batches):
-            loss = train_step(parts.wrapped, parts.optimizer, batches, parts.amp_dtype, grad_clip)
+            loss = train_step(parts.wrapped, parts.optimizer, batches, parts.amp_dtype, grad_clip, parts.step)
         parts.scheduler.step()
         losses.append(loss.item())
         if on_step is not None:
@@ -172,7 +172,7 @@ def profile_training(cfg: TrainConfig, *, num_iterations: int = 3, num_warmup: i
         try:
             for step in range(num_warmup):
                 loss = train_step(parts.wrapped, parts.optimizer, parts.loader.micro_batches(step), parts.amp_dtype,
-                                  cfg.trainer.grad_clip)
+                                  cfg.trainer.grad_clip, parts.step)
                 parts.scheduler.step()
                 losses.append(loss.item())
                 bar.update(1)

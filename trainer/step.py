@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import nullcontext
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,12 @@ __all__ = ["evaluate", "parameter_digest", "train_step"]
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch],
-               amp_dtype: Optional[torch.dtype], grad_clip: float) -> torch.Tensor:
-    """One optimizer step over ``micro_batches``; returns the mean loss (a detached 0-d tensor)."""
+               amp_dtype: Optional[torch.dtype], grad_clip: float,
+               step: Optional[Callable[[], Any]] = None) -> torch.Tensor:
+    """One optimizer step over ``micro_batches``; returns the mean loss (a detached 0-d tensor).
+
+    ``step`` replaces ``optimizer.step`` (a :class:`~tierflow.offload.optim.SubgroupStepper`, say).
+    """
     accum = len(micro_batches)
     total = torch.zeros((), device=micro_batches[0][0].device)
     for i, (inputs, targets) in enumerate(micro_batches):
@@ -31,7 +35,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         total += loss.detach()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    (step or optimizer.step)()
     optimizer.zero_grad(set_to_none=True)
     return total / accum
 

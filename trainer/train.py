@@ -89,7 +89,7 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
             lr = parts.optimizer.param_groups[0]["lr"]
             batches = parts.loader.micro_batches(step)
             with window.step(step, batches), offload.step(batches):
-                loss = train_step(parts.wrapped, parts.optimizer, batches, parts.amp_dtype, tc.grad_clip)
+                loss = train_step(parts.wrapped, parts.optimizer, batches, parts.amp_dtype, tc.grad_clip, parts.step)
             parts.scheduler.step()
             ckpt.after_step(step + 1)  # snapshot: copied in the background during the next step
             loss_value = rt.mean(loss).item()  # also the step's device sync

@@ -2,10 +2,13 @@
 
 Sub-groups are read ahead, updated by the wrapped optimizer's own step and written behind;
 :func:`place_updates` decides per sub-group whether the update runs on the CPU or the device.
+:class:`SubgroupStepper` steps any plain optimizer one sub-group at a time, so a plan can page
+parameters, gradients and states through the optimizer step.
 """
 
 from tierflow.offload.optim.optimizer import TieredOptimizer, TieredOptimizerConfig, TieredStepError
 from tierflow.offload.optim.placement import UpdateCosts, UpdatePlacement, place_updates
+from tierflow.offload.optim.subgroups import SubgroupStepper
 
-__all__ = ["TieredOptimizer", "TieredOptimizerConfig", "TieredStepError", "UpdateCosts", "UpdatePlacement",
+__all__ = ["SubgroupStepper", "TieredOptimizer", "TieredOptimizerConfig", "TieredStepError", "UpdateCosts", "UpdatePlacement",
            "place_updates"]

@@ -36,6 +36,12 @@ class OffloadConfig:
             planned, 2 or more also checks that iterations repeat.
         reprofile_after: After this many iterations that diverged from the trace since the plan
             was made, profile and plan again (0: never).
+        optimizer_subgroup_bytes: Parameter bytes the trainer steps together (0: one parameter at
+            a time), through :class:`~tierflow.offload.optim.SubgroupStepper`: each sub-group is
+            its own pair of trace points, so the plan pages parameters, gradients and states
+            through the optimizer step. Smaller sub-groups lower the feasible budget; each costs
+            one optimizer call. (The runtime itself does not step: a loop of your own uses the
+            stepper for the same effect.)
         max_inflight_transfers: The runtime's own transfers in flight at once (0: as many as the
             plan issues). Memory vs overlap: a prefetch holds its device memory from the moment it
             starts, so fewer in flight lowers the momentary peak between points but leaves less
@@ -50,6 +56,7 @@ class OffloadConfig:
     profile_iterations: int = 2
     reprofile_after: int = 3
     max_inflight_transfers: int = 0
+    optimizer_subgroup_bytes: int = 0
 
     def __post_init__(self) -> None:
         p: List[str] = []
@@ -60,7 +67,7 @@ class OffloadConfig:
         if self.device_budget_fraction is not None and not 0 < self.device_budget_fraction:
             p.append(f"offload.device_budget_fraction={self.device_budget_fraction} must be > 0, e.g. 0.5")
         for key, minimum in (("profile_warmup", 0), ("profile_iterations", 1), ("reprofile_after", 0),
-                             ("max_inflight_transfers", 0)):
+                             ("max_inflight_transfers", 0), ("optimizer_subgroup_bytes", 0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 p.append(f"offload.{key}={value!r} must be a whole number >= {minimum}")
