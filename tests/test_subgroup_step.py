@@ -139,3 +139,29 @@ def test_the_runtime_plans_below_the_old_floor_and_stays_exact():
     planned = [r for r in reports if r.mode == "planned"]
     assert len(planned) == 4 and all(r.plan_missed == 0 for r in planned)
     assert all(r.device_peak_bytes <= rt.plan.device_budget_bytes for r in planned)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])  # clipping that scales, and one that does not
+def test_clipping_streamed_by_sub_group_matches_clip_grad_norm(max_norm):
+    def run(streamed):
+        model = _gpt()
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        rest = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-2)
+        stepper = SubgroupStepper(opt, 2048)
+        norms = []
+        for b in _batches(4):
+            F.cross_entropy(model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten()).backward()
+            if streamed:
+                norms.append(stepper.clip_and_step(model.parameters(), max_norm))
+            else:
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        return norms, model
+
+    ref_norms, ref = run(False)
+    norms, got = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(ref_norms, norms))
+    for (n, a), (_, b) in zip(ref.named_parameters(), got.named_parameters()):
+        assert torch.equal(a, b), n

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ class RunParts:
     source: TokenSource
     amp_dtype: Optional[torch.dtype]
     engine: Optional[TierEngine] = None
-    step: Optional[Callable[[], Any]] = None  # the optimizer step (sub-group by sub-group when offloading)
+    step: Optional[SubgroupStepper] = None  # with offloading: clip and step sub-group by sub-group
 
     def close(self) -> None:
         """Free the optimizer's tier slots (and swap files), then close the tiers. Idempotent."""

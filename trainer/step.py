@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import nullcontext
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from tierflow.offload import SubgroupStepper
 from tierflow.trainer.data import Batch, ShardedLoader
 from tierflow.trainer.distributed import Runtime
 
@@ -19,10 +20,11 @@ __all__ = ["evaluate", "parameter_digest", "train_step"]
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch],
                amp_dtype: Optional[torch.dtype], grad_clip: float,
-               step: Optional[Callable[[], Any]] = None) -> torch.Tensor:
+               step: Optional[SubgroupStepper] = None) -> torch.Tensor:
     """One optimizer step over ``micro_batches``; returns the mean loss (a detached 0-d tensor).
 
-    ``step`` replaces ``optimizer.step`` (a :class:`~tierflow.offload.optim.SubgroupStepper`, say).
+    With ``step`` (a :class:`~tierflow.offload.optim.SubgroupStepper`) clipping and the update run
+    one sub-group at a time, bit-identically to ``clip_grad_norm_`` and ``optimizer.step()``.
     """
     accum = len(micro_batches)
     total = torch.zeros((), device=micro_batches[0][0].device)
@@ -33,9 +35,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
             loss = _loss(model, inputs, targets, amp_dtype)
             (loss / accum).backward()
         total += loss.detach()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    (step or optimizer.step)()
+    if step is not None and grad_clip > 0:  # clipping streamed sub-group by sub-group, the same bits
+        step.clip_and_step(model.parameters(), grad_clip)
+    else:
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        (step or optimizer.step)()
     optimizer.zero_grad(set_to_none=True)
     return total / accum
 

@@ -20,9 +20,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, Iterable, List, Optional, Set
 
 import torch
+from torch.utils._foreach_utils import _has_foreach_support
 
 from tierflow.offload.optim.placement import SubGroup, partition_subgroups
 
@@ -71,13 +72,98 @@ class SubgroupStepper:
         groups = self.optimizer.param_groups
         try:
             for sub in self.subgroups:
-                members: Set[int] = {id(self._order[i]) for i in sub.param_ids}
-                narrowed: List[Dict[str, Any]] = []
-                for g in groups:
-                    params = [p for p in g["params"] if id(p) in members]
-                    if params:
-                        narrowed.append({**g, "params": params})
-                self.optimizer.param_groups = narrowed
+                self.optimizer.param_groups = self._narrowed(groups, sub)
                 self.optimizer.step()
         finally:
             self.optimizer.param_groups = groups  # the scheduler and state_dict see the real groups
+
+    def clip_and_step(self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """``clip_grad_norm_(parameters, max_norm)`` then the step, one sub-group at a time, bit-identically.
+
+        ``torch.nn.utils.clip_grad_norm_`` reads every gradient in one interval, which keeps them
+        all on the device at once. Here a first pass computes each sub-group's gradient norms in
+        an interval of its own (Note [points without an update]), the total norm is formed exactly
+        as torch forms it (per-tensor norms in ``parameters`` order, grouped by device and dtype,
+        stacked, normed), and the second pass scales each sub-group's gradients right before its
+        update.
+
+        Returns:
+            The total norm, as ``clip_grad_norm_`` returns it.
+        """
+        self._partition()
+        params = list(dict.fromkeys(p for p in parameters if p.grad is not None))  # tied weights once
+        if not params:
+            self()
+            return torch.tensor(0.0)
+        position = {id(p): i for i, p in enumerate(params)}
+        norms: Dict[int, torch.Tensor] = {}
+        groups = self.optimizer.param_groups
+        stepped = {id(p) for p in self._order}
+        try:
+            for sub in self.subgroups:
+                self.optimizer.param_groups = []
+                self.optimizer.step()  # Note [points without an update]
+                for i in sub.param_ids:
+                    p = self._order[i]
+                    if id(p) in position:
+                        norms[id(p)] = _norm(p.grad, norm_type)
+            for p in params:  # clipped but not stepped by this optimizer: normed here
+                if id(p) not in stepped:
+                    norms[id(p)] = _norm(p.grad, norm_type)
+            ordered = [norms[id(p)] for p in _by_device_and_dtype(params)]
+            first = params[0].grad.device
+            total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in ordered]), norm_type)
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            clipped = set()
+            for sub in self.subgroups:
+                grads = [self._order[i].grad for i in sub.param_ids if id(self._order[i]) in position]
+                _scale(grads, coef)
+                clipped.update(id(self._order[i]) for i in sub.param_ids)
+                self.optimizer.param_groups = self._narrowed(groups, sub)
+                self.optimizer.step()
+            _scale([p.grad for p in params if id(p) not in clipped], coef)
+        finally:
+            self.optimizer.param_groups = groups
+        return total
+
+    def _narrowed(self, groups: List[Dict[str, Any]], sub: SubGroup) -> List[Dict[str, Any]]:
+        members: Set[int] = {id(self._order[i]) for i in sub.param_ids}
+        narrowed: List[Dict[str, Any]] = []
+        for g in groups:
+            params = [p for p in g["params"] if id(p) in members]
+            if params:
+                narrowed.append({**g, "params": params})
+        return narrowed
+
+
+# Note [points without an update]: the tracer and the executor learn where they are in the
+# optimizer phase from the optimizer's step hooks. A step over no parameter groups fires those
+# hooks and updates nothing, so each sub-group's norm pass gets a pair of points of its own, and
+# the plan can bring one sub-group's gradients in at a time for it.
+
+
+def _norm(g: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """One gradient's norm, by the kernel ``clip_grad_norm_`` uses for it (foreach where supported)."""
+    if _has_foreach_support([g], g.device):
+        return torch._foreach_norm([g], norm_type)[0]
+    return torch.linalg.vector_norm(g, norm_type)
+
+
+def _by_device_and_dtype(params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``params`` in the order ``clip_grad_norm_`` stacks their norms: grouped by (device, dtype)."""
+    groups: Dict[Any, List[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
+    return [p for members in groups.values() for p in members]
+
+
+def _scale(grads: List[torch.Tensor], coef: torch.Tensor) -> None:
+    by_device: Dict[Any, List[torch.Tensor]] = {}
+    for g in grads:
+        by_device.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), members in by_device.items():
+        if _has_foreach_support(members, device):
+            torch._foreach_mul_(members, coef.to(device))
+        else:
+            for g in members:
+                g.mul_(coef.to(device))
