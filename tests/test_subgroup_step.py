@@ -33,13 +33,13 @@ def _batches(n):
     return [torch.randint(0, 64, (4, 17), generator=g) for _ in range(n)]
 
 
-def _train(make_opt, subgroup_bytes=None, steps=5, clip=1.0):
+def _train(make_opt, subgroup_bytes=None, steps=5, clip=1.0, free_grads=False):
     model = _gpt()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = make_opt([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
-    step = SubgroupStepper(opt, subgroup_bytes) if subgroup_bytes is not None else opt.step
+    step = SubgroupStepper(opt, subgroup_bytes, free_grads=free_grads) if subgroup_bytes is not None else opt.step
     losses = []
     for b in _batches(steps):
         loss = F.cross_entropy(model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten())
@@ -56,7 +56,7 @@ def _train(make_opt, subgroup_bytes=None, steps=5, clip=1.0):
 @pytest.mark.parametrize("subgroup_bytes", [0, 4096, 1 << 30])
 def test_stepping_by_sub_group_is_bit_identical(name, subgroup_bytes):
     ref_losses, ref_model, ref_opt = _train(OPTIMIZERS[name])
-    losses, model, opt = _train(OPTIMIZERS[name], subgroup_bytes)
+    losses, model, opt = _train(OPTIMIZERS[name], subgroup_bytes, free_grads=subgroup_bytes == 0)
     assert losses == ref_losses
     for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
         assert torch.equal(a, b), n
@@ -87,7 +87,7 @@ def test_sub_groups_follow_the_size_and_unsupported_uses_are_refused():
 def _floor(subgroup_bytes):
     model = _gpt(n_layer=4)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    step = SubgroupStepper(opt, subgroup_bytes) if subgroup_bytes is not None else opt.step
+    step = SubgroupStepper(opt, subgroup_bytes, free_grads=True) if subgroup_bytes is not None else opt.step
     window = TraceWindow(model, opt, num_iterations=1, first_step=1)
     for i, b in enumerate(_batches(2)):
         with window.step(i, b):
@@ -109,7 +109,7 @@ def test_the_runtime_plans_below_the_old_floor_and_stays_exact():
     def run(config=None):
         model = _gpt(n_layer=4)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        step = SubgroupStepper(opt, 0)
+        step = SubgroupStepper(opt, 0, free_grads=True)
         rt = OffloadRuntime(model, opt, config, tiers=TiersConfig(host=HostTierConfig(enabled=True))) \
             if config else None
         losses, reports = [], []
@@ -148,7 +148,7 @@ def test_clipping_streamed_by_sub_group_matches_clip_grad_norm(max_norm):
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-2)
-        stepper = SubgroupStepper(opt, 2048)
+        stepper = SubgroupStepper(opt, 2048, free_grads=True)
         norms = []
         for b in _batches(4):
             F.cross_entropy(model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten()).backward()
@@ -165,3 +165,15 @@ def test_clipping_streamed_by_sub_group_matches_clip_grad_norm(max_norm):
     assert all(torch.equal(a, b) for a, b in zip(ref_norms, norms))
     for (n, a), (_, b) in zip(ref.named_parameters(), got.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_free_grads_drops_each_gradient_after_its_update():
+    model = _gpt()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    b = _batches(1)[0]
+    F.cross_entropy(model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten()).backward()
+    SubgroupStepper(opt, 0, free_grads=True)()
+    assert all(p.grad is None for p in model.parameters())
+    F.cross_entropy(model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten()).backward()
+    SubgroupStepper(opt, 0)()
+    assert all(p.grad is not None for p in model.parameters())

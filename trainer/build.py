@@ -96,7 +96,8 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
     # optimizer streams its sub-groups itself.)
     step = None
     if cfg.offload.policy != "none" and not cfg.optimizer.tiered.enabled:
-        step = SubgroupStepper(optimizer, cfg.offload.optimizer_subgroup_bytes)
+        # The loop zeroes gradients right after the step, so each may go as soon as it is used.
+        step = SubgroupStepper(optimizer, cfg.offload.optimizer_subgroup_bytes, free_grads=True)
     return RunParts(model, wrapped, optimizer, scheduler, loader, source, autocast_dtype(tc.precision, rt.device),
                     engine, step)
 

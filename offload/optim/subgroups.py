@@ -39,12 +39,17 @@ class SubgroupStepper:
             vs overhead: smaller sub-groups let a plan keep fewer parameters, gradients and states
             on the device during the step; each sub-group costs one optimizer call (tens of
             microseconds of Python) and two trace points.
+        free_grads: Drop each sub-group's gradients (``grad = None``) right after its update, as
+            ``zero_grad(set_to_none=True)`` would after the whole step. A gradient is dead once its
+            parameter is updated; left in place, every gradient stays allocated until the last
+            sub-group is done, and that is the whole gradient state. Keep False if your loop
+            reads gradients after the step.
 
     Raises:
         ValueError: an optimizer whose step is not separable by parameter, or a negative size.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, subgroup_bytes: int = 0) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, subgroup_bytes: int = 0, *, free_grads: bool = False) -> None:
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError("LBFGS cannot step by sub-group: its step is a closure over every parameter")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -53,6 +58,7 @@ class SubgroupStepper:
             raise ValueError(f"subgroup_bytes={subgroup_bytes!r} must be a whole number >= 0 (0: one parameter each)")
         self.optimizer = optimizer
         self.subgroup_bytes = subgroup_bytes
+        self.free_grads = free_grads
         self.subgroups: List[SubGroup] = []
         self._order: List[torch.nn.Parameter] = []
 
@@ -74,6 +80,7 @@ class SubgroupStepper:
             for sub in self.subgroups:
                 self.optimizer.param_groups = self._narrowed(groups, sub)
                 self.optimizer.step()
+                self._release(sub)
         finally:
             self.optimizer.param_groups = groups  # the scheduler and state_dict see the real groups
 
@@ -121,10 +128,16 @@ class SubgroupStepper:
                 clipped.update(id(self._order[i]) for i in sub.param_ids)
                 self.optimizer.param_groups = self._narrowed(groups, sub)
                 self.optimizer.step()
+                self._release(sub)
             _scale([p.grad for p in params if id(p) not in clipped], coef)
         finally:
             self.optimizer.param_groups = groups
         return total
+
+    def _release(self, sub: SubGroup) -> None:
+        if self.free_grads:
+            for i in sub.param_ids:
+                self._order[i].grad = None
 
     def _narrowed(self, groups: List[Dict[str, Any]], sub: SubGroup) -> List[Dict[str, Any]]:
         members: Set[int] = {id(self._order[i]) for i in sub.param_ids}
