@@ -126,6 +126,9 @@ def test_keyboard_interrupt_with_transfers_in_flight_leaves_no_thread_and_no_fil
     cfg = TiersConfig(host=HostTierConfig(enabled=True, budget_bytes=64 * MiB, slab_bytes=8 * MiB),
                       nvme=NvmeTierConfig(enabled=True, dirs=[str(tmp_path)], chunk_bytes=256 * 1024))
     handles = []
+    # A process started in the background by a non-interactive shell (CI, say) ignores SIGINT;
+    # the test is about our cleanup, so it restores Python's own handler for its duration.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with pytest.raises(KeyboardInterrupt):
         with TierEngine(cfg) as engine:
             for i in range(32):
@@ -135,6 +138,7 @@ def test_keyboard_interrupt_with_transfers_in_flight_leaves_no_thread_and_no_fil
             signal.raise_signal(signal.SIGINT)  # Ctrl-C while most transfers are queued or running
             for h in handles:
                 h.wait()
+    signal.signal(signal.SIGINT, previous)
     assert set(_tierflow_threads()) <= before
     assert all(h.done() for h in handles)  # each one finished or was cancelled: nobody waits forever
     assert os.listdir(tmp_path) == []
@@ -156,8 +160,10 @@ _CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("mode", ["wait", "exit"])
 def test_a_process_never_hangs_at_exit_and_removes_its_swap_files(tmp_path, subprocess_env, mode):
+    # SIG_DFL in the child (Python then raises KeyboardInterrupt), even when this process ignores SIGINT.
     proc = subprocess.Popen([PYTHON, "-c", _CHILD, str(tmp_path), mode], cwd=REPO, env=subprocess_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "submitted"
     if mode == "wait":
         proc.send_signal(signal.SIGINT)
