@@ -74,18 +74,23 @@ class InitProgram:
     Attributes:
         ops: The recorded operations.
         storages: ``token -> (nbytes, dtype)`` of every storage the program touches.
+        tokens: ``storage address -> token`` of the meta storages, to find the model's tensors.
+        meta_tensors: One tensor per meta storage, kept so that no address is reused while the
+            program is alive.
     """
 
     ops: List[_Op] = field(default_factory=list)
     storages: Dict[int, Tuple[int, torch.dtype]] = field(default_factory=dict)
+    tokens: Dict[int, int] = field(default_factory=dict)
+    meta_tensors: List[torch.Tensor] = field(default_factory=list)
 
 
 class _Recorder(TorchDispatchMode):
     def __init__(self, program: InitProgram) -> None:
         super().__init__()
         self.program = program
-        self._tokens: Dict[int, int] = {}
-        self._keep: List[torch.Tensor] = []  # keeps meta storages alive: a freed one's address may come back
+        self._tokens = program.tokens
+        self._keep = program.meta_tensors  # keeps meta storages alive: a freed one's address may come back
 
     def token(self, t: torch.Tensor) -> int:
         storage = t.untyped_storage()
@@ -140,8 +145,6 @@ def record_init(build: Callable[[], nn.Module]) -> Tuple[nn.Module, InitProgram]
     recorder = _Recorder(program)
     with torch.device("meta"), recorder:
         model = build()
-    program._tokens = recorder._tokens  # type: ignore[attr-defined]  # storage address -> token, for _names
-    program._keep = recorder._keep  # type: ignore[attr-defined]
     return model, program
 
 
@@ -198,7 +201,7 @@ def materialize(model: nn.Module, program: InitProgram, *, device: torch.device 
         MaterializeError: a source tensor has another shape or dtype, or the program reads a tensor
             before anything wrote it.
     """
-    tokens: Dict[int, int] = program._tokens  # type: ignore[attr-defined]
+    tokens = program.tokens
     owners = _final_tensors(model)
     final: Dict[int, List[Tuple[nn.Module, str, str, bool]]] = {tokens[a]: o for a, o in owners.items() if a in tokens}
     missing = [o[0][2] for a, o in owners.items() if a not in tokens]
