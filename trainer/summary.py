@@ -73,11 +73,16 @@ def _offload_lines(o: Optional[Dict[str, Any]], *, cuda: bool) -> List[str]:
         f"{o['unconstrained_peak_bytes'] / mib:,.1f} MiB",
         # On CUDA the allocator measures the device peak; on a CPU it is computed from the trace and
         # the runtime's residency (the process's measured figure is the peak RSS line above).
-        (f"              measured peak {o['device_peak_bytes'] / mib:,.1f} MiB (CUDA allocator); " if cuda else
-         f"              computed peak {o['device_peak_bytes'] / mib:,.1f} MiB (from the trace and residency); ") +
+        (f"              measured peak {o['device_peak_bytes'] / mib:,.1f} MiB in planned steps (CUDA allocator); "
+         if cuda else
+         f"              computed peak {o['device_peak_bytes'] / mib:,.1f} MiB in planned steps (from the trace and "
+         f"residency); ") +
         f"moved {moved / mib:,.1f} MiB ({', '.join(sorted(o['bytes_out'])) or 'nothing'}); "
         f"stall {o['stall_s'] * 1e3:,.1f} ms",
         f"              steps: {steps.get('planned', 0)} planned, {steps.get('fallback', 0)} fallback, "
         f"{steps.get('profile', 0)} profiled; {o['plan_hits']} plan hits, {o['fallbacks']} fallbacks, "
         f"{o['divergent_iterations']} divergent, {o['reprofiles']} re-profiles",
+        # Not hidden: warm-up and profiled steps run before any plan exists, without the budget.
+        *([f"              the {steps.get('warmup', 0) + steps.get('profile', 0)} warm-up and profiled steps ran "
+           f"without the budget, at the unconstrained peak"] if steps.get("warmup", 0) + steps.get("profile", 0) else []),
     ]
