@@ -88,6 +88,14 @@ def _wait_for_step(run_dir, step):
         if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
             return
         time.sleep(0.005)
+    pytest.fail(f"the run never logged step {step} within 120 s")
+
+
+def _kill_step() -> int:
+    """A random step after the first snapshots; the seed is printed so a failure can be replayed."""
+    seed = int(os.environ.get("TIERFLOW_TEST_SEED", random.SystemRandom().randrange(1 << 30)))
+    print(f"kill step seed: {seed} (TIERFLOW_TEST_SEED={seed} replays it)")
+    return random.Random(seed).randint(5, STEPS - 8)
 
 
 def _lose_node(store_dir, node):
@@ -103,7 +111,7 @@ def _lose_node(store_dir, node):
 def test_kill_9_a_rank_resumes_from_memory_bit_identically(tmp_path, snapshot_store_dir, subprocess_env, reference):
     run_dir = tmp_path / "killed"
     proc = _torchrun(_common(tmp_path, snapshot_store_dir) + ["logging.run_name=killed"], subprocess_env, restarts=1)
-    kill_at = random.Random().randint(5, STEPS - 8)  # a random step, after the first snapshots
+    kill_at = _kill_step()
     _wait_for_step(run_dir, kill_at)
     os.kill(_rank_pid(proc, 1), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
@@ -133,7 +141,7 @@ def test_lost_node_is_rebuilt_from_erasure_coded_shards(tmp_path, snapshot_store
     run_dir = tmp_path / "lost"
     args = _common(tmp_path, snapshot_store_dir, batch=12) + ["logging.run_name=lost", "checkpoint.data_shards=2"]
     proc = _torchrun(args, subprocess_env, nproc=3, restarts=1)
-    _wait_for_step(run_dir, random.Random().randint(5, STEPS - 8))
+    _wait_for_step(run_dir, _kill_step())
     os.kill(_rank_pid(proc, 2), signal.SIGKILL)
     os.kill(_rank_pid(proc, 1), signal.SIGKILL)
     _lose_node(snapshot_store_dir, "n1")

@@ -215,9 +215,9 @@ def test_corrupted_swap_file_is_detected_with_checksums(tmp_path):
 def test_deepspeed_aio_backend_round_trips_or_says_why_not(tmp_path):
     try:
         tier = NvmeTier(_cfg(_dirs(tmp_path, 2), backend="deepspeed_aio"))
-    except TierIOError as exc:  # deepspeed missing or its op does not build here
+    except TierIOError as exc:  # deepspeed missing or its op does not build here (libaio-dev absent)
         assert "tiers.nvme.backend=deepspeed_aio is not available" in str(exc)
-        return
+        pytest.skip(f"DeepSpeed's async I/O is not available here, so only its error was checked: {exc}")
     with tier:
         for n in (5, 64 * KiB, 200_000):
             t = torch.randint(0, 256, (n,), dtype=torch.uint8)
