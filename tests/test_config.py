@@ -119,3 +119,19 @@ def test_offloading_ranks_that_oversubscribe_host_memory_are_refused_before_any_
 def test_checkpoint_settings_while_snapshots_are_off_warn():
     with pytest.warns(UserWarning, match=r"checkpoint.every_steps=5 ignored: snapshots are off; add checkpoint=memory"):
         load_config(["checkpoint.every_steps=5"])
+
+
+def test_a_tier_too_small_for_the_optimizer_state_is_one_paragraph_not_a_traceback(tmp_path, capsys):
+    code = cli.main(["train", "optimizer.tiered.enabled=true", "optimizer.tiered.paths=[host]",
+                     "tiers.host.budget_bytes=65536", "tiers.host.slab_bytes=65536", "trainer.steps=2",
+                     "logging=none", "logging.progress=false", f"logging.run_root={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("tierflow: error: TieredStepError:") and "Traceback" not in err
+    assert "raise the tiers' budgets" in err and len(err.splitlines()) == 1
+
+
+def test_a_model_target_that_does_not_import_is_one_line(capsys):
+    code = cli.main(["train", "--dry-run", "model._target_=nopkg.Nope"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "cannot be imported (ModuleNotFoundError: No module named 'nopkg')" in err

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from tierflow.offload import BudgetExceededError, TierError, TierIOError
 from tierflow.trainer.config import ConfigError
 
 __all__ = ["SUBCOMMANDS", "main"]
@@ -53,6 +54,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as exc:
         print(f"tierflow: error: {exc}", file=sys.stderr)
         return 2
+    except (TierError, BudgetExceededError) as exc:
+        # A tier that is full or failed, a budget the run cannot keep: one paragraph that says what
+        # to change, not a traceback through the runtime (TIERFLOW_TRACEBACK=1 shows it).
+        if os.environ.get("TIERFLOW_TRACEBACK"):
+            raise
+        print(f"tierflow: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, TierIOError) else 2  # an I/O error may pass; a full tier will not
     except BrokenPipeError:  # e.g. `tierflow train --print-config | head`
         sys.stdout = open(os.devnull, "w")
         return 0

@@ -7,6 +7,7 @@ the token embedding. Written for clarity over cleverness; nanoGPT is the model t
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import warnings
@@ -16,7 +17,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import get_class
 from torch import nn
 
 from tierflow.offload.runtime.materialize import MaterializeError, WeightSource, materialize, record_init
@@ -206,10 +206,11 @@ def _constructor(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> Callable
         return lambda: GPT(GPTConfig(**offered))
     if cfg._target_ == HF_MODEL:
         return lambda: HFCausalLM(cfg.path, vocab_size=vocab_size, **cfg.kwargs)
-    try:
-        cls = get_class(cfg._target_)
-    except Exception as exc:
-        raise ConfigError(f"model._target_={cfg._target_!r} cannot be imported ({exc}); "
+    module_name, _, class_name = cfg._target_.rpartition(".")
+    try:  # importlib, not hydra's get_class: that one logs the error a second time, over several lines
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"model._target_={cfg._target_!r} cannot be imported ({type(exc).__name__}: {exc}); "
                           "give the dotted path of an nn.Module class on PYTHONPATH") from None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ConfigError(f"model._target_={cfg._target_!r} is not an nn.Module subclass")
