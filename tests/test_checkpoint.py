@@ -380,3 +380,16 @@ def test_snapshot_of_device_state_restores_bit_identically(tmp_path, snapshot_st
     got = _state(model2, opt2)
     assert res.step == 3 and all(torch.equal(want[k].cpu(), got[k].cpu()) for k in want)
     store.close()
+
+
+def test_persisting_removes_copies_abandoned_by_a_crash(tmp_path):
+    """A kill during persistence leaves a .tmp-step-N directory that is never restored from; the
+    next save removes every such leftover, whatever its step."""
+    from tierflow.trainer.checkpoint.persist import find_checkpoints, save_checkpoint
+
+    for step in (3, 9):
+        (tmp_path / f".tmp-step-{step:08d}").mkdir(parents=True)
+        (tmp_path / f".tmp-step-{step:08d}" / "__0_0.distcp").write_bytes(b"partial")
+    final = save_checkpoint(tmp_path, 5, {"model.w": torch.ones(4)}, {"rng": {}, "step": 5}, rank=0, world_size=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+    assert find_checkpoints(tmp_path) == [(5, final)]

@@ -72,8 +72,10 @@ def save_checkpoint(root: Path, step: int, tensors: Dict[str, torch.Tensor], met
     distributed = world_size > 1
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # abandoned by an earlier crash
+        # Copies abandoned by a crash during persistence (never chosen, Note [metadata last]):
+        # one save runs at a time per directory, so every other .tmp-step-* is stale.
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(mode=0o700)
     if distributed:
         dist.barrier(group=group)
