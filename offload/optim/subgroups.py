@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch.utils._foreach_utils import _has_foreach_support
@@ -61,14 +61,25 @@ class SubgroupStepper:
         self.free_grads = free_grads
         self.subgroups: List[SubGroup] = []
         self._order: List[torch.nn.Parameter] = []
+        self._ids: List[int] = []
+        # Per sub-group: (param group index, its parameters in this sub-group), built once per
+        # partition so a step costs O(sub-group), not O(all parameters), per sub-group.
+        self._members: List[List[Tuple[int, List[torch.nn.Parameter]]]] = []
 
     def _partition(self) -> None:
         flat = [(gid, p) for gid, g in enumerate(self.optimizer.param_groups) for p in g["params"]]
-        if [p for _, p in flat] == self._order:
+        ids = [id(p) for _, p in flat]  # identities: == on tensors would compare their values
+        if ids == self._ids:
             return  # the parameters did not change since the last step
-        self._order = [p for _, p in flat]
+        self._ids, self._order = ids, [p for _, p in flat]
         sizes = [(gid, p.numel() * p.element_size()) for gid, p in flat]
         self.subgroups = list(partition_subgroups(sizes, self.subgroup_bytes or 1))
+        self._members = []
+        for sub in self.subgroups:
+            by_group: Dict[int, List[torch.nn.Parameter]] = {}
+            for i, gid in zip(sub.param_ids, sub.group_ids):
+                by_group.setdefault(gid, []).append(self._order[i])
+            self._members.append(sorted(by_group.items()))
 
     def __call__(self, closure: Optional[Any] = None) -> None:
         """One optimizer step, sub-group by sub-group; ``param_groups`` is whole again afterwards."""
@@ -77,8 +88,8 @@ class SubgroupStepper:
         self._partition()
         groups = self.optimizer.param_groups
         try:
-            for sub in self.subgroups:
-                self.optimizer.param_groups = self._narrowed(groups, sub)
+            for k, sub in enumerate(self.subgroups):
+                self.optimizer.param_groups = self._narrowed(groups, k)
                 self.optimizer.step()
                 self._release(sub)
         finally:
@@ -122,11 +133,11 @@ class SubgroupStepper:
             total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in ordered]), norm_type)
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             clipped = set()
-            for sub in self.subgroups:
+            for k, sub in enumerate(self.subgroups):
                 grads = [self._order[i].grad for i in sub.param_ids if id(self._order[i]) in position]
                 _scale(grads, coef)
                 clipped.update(id(self._order[i]) for i in sub.param_ids)
-                self.optimizer.param_groups = self._narrowed(groups, sub)
+                self.optimizer.param_groups = self._narrowed(groups, k)
                 self.optimizer.step()
                 self._release(sub)
             _scale([p.grad for p in params if id(p) not in clipped], coef)
@@ -139,14 +150,9 @@ class SubgroupStepper:
             for i in sub.param_ids:
                 self._order[i].grad = None
 
-    def _narrowed(self, groups: List[Dict[str, Any]], sub: SubGroup) -> List[Dict[str, Any]]:
-        members: Set[int] = {id(self._order[i]) for i in sub.param_ids}
-        narrowed: List[Dict[str, Any]] = []
-        for g in groups:
-            params = [p for p in g["params"] if id(p) in members]
-            if params:
-                narrowed.append({**g, "params": params})
-        return narrowed
+    def _narrowed(self, groups: List[Dict[str, Any]], k: int) -> List[Dict[str, Any]]:
+        # Fresh dicts of the live groups: the hyperparameters a scheduler set for this step.
+        return [{**groups[gid], "params": params} for gid, params in self._members[k]]
 
 
 # Note [points without an update]: the tracer and the executor learn where they are in the
