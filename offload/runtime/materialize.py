@@ -275,7 +275,7 @@ def materialize(model: nn.Module, program: InitProgram, *, device: torch.device 
                 nbytes, dtype = program.storages[op.mutates]
                 if op.mutates in env:
                     live -= env.pop(op.mutates).untyped_storage().nbytes()
-                env[op.mutates] = torch.empty(nbytes // _itemsize(dtype), dtype=dtype, device=cpu)
+                env[op.mutates] = torch.empty(nbytes // dtype.itemsize, dtype=dtype, device=cpu)
                 live += nbytes
                 draws += int(last_define.get(op.mutates) != i or op.mutates not in final)
             args = tree_map(lambda a: _view(env, a) if isinstance(a, _Ref) else a, op.args)
@@ -316,10 +316,6 @@ def _tokens_of(op: _Op) -> Sequence[int]:
     toks: List[int] = []
     tree_map(lambda a: toks.append(a.token) if isinstance(a, _Ref) else a, (op.args, op.kwargs))
     return [*toks, *op.outputs]
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _view(env: Dict[int, torch.Tensor], ref: _Ref) -> torch.Tensor:
@@ -370,8 +366,7 @@ class TierPlacement:
     @property
     def nbytes(self) -> int:
         """Bytes placed in the tier."""
-        return sum(int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-                   for _, shape, dtype in self.slots.values())
+        return sum(int(torch.Size(shape).numel()) * dtype.itemsize for _, shape, dtype in self.slots.values())
 
     def free(self) -> None:
         """Free every slot (the model's placeholders are then meaningless)."""

@@ -74,7 +74,7 @@ def _read_header(path: Path) -> Dict[str, _Entry]:
         numel = 1
         for d in shape:
             numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if begin < 0 or end - begin != nbytes or base + end > size:
             raise MaterializeError(f"{path}: tensor {name!r} claims bytes {begin}..{end} for {nbytes} bytes of "
                                    f"{tuple(shape)} {info['dtype']} in a {size}-byte file; the file is truncated or corrupt")
@@ -171,7 +171,8 @@ class DcpSource(WeightSource):
         if not (self._path / ".metadata").is_file():
             raise MaterializeError(f"{self._path} is not a torch.distributed.checkpoint directory (no .metadata)")
         try:
-            metadata = FileSystemReader(str(self._path)).read_metadata()
+            self._reader = _cached_reader(FileSystemReader, self._path)
+            metadata = self._reader.read_metadata()
         except Exception as exc:  # a truncated or foreign pickle raises anything
             raise MaterializeError(f"{self._path / '.metadata'} cannot be read ({type(exc).__name__}: {exc})") from None
         self._keys: Dict[str, str] = {}
@@ -186,21 +187,35 @@ class DcpSource(WeightSource):
 
     def nbytes(self) -> int:
         """Bytes of every tensor offered."""
-        return sum(int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-                   for shape, dtype in self._meta.values())
+        return sum(int(torch.Size(shape).numel()) * dtype.itemsize for shape, dtype in self._meta.values())
 
     def read(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint import load
 
         shape, dtype = self._meta[name]
         out = torch.empty(shape, dtype=dtype)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-                load({self._keys[name]: out}, storage_reader=FileSystemReader(str(self._path)), no_dist=True)
+                load({self._keys[name]: out}, storage_reader=self._reader, no_dist=True)
         except Exception as exc:
             raise MaterializeError(f"{self._path}: tensor {name!r} cannot be read ({type(exc).__name__}: {exc}); "
                                    "the checkpoint is incomplete or corrupt") from None
         if like.dtype != dtype and torch.promote_types(dtype, like.dtype) == like.dtype:
             out = out.to(like.dtype)
         return out
+
+
+def _cached_reader(base: type, path: Path):
+    """A ``FileSystemReader`` that unpickles ``.metadata`` once: every partial ``load`` asks for it,
+    and a checkpoint of N tensors would otherwise read it N times."""
+
+    class _Reader(base):  # type: ignore[misc, valid-type]
+        _metadata = None
+
+        def read_metadata(self):
+            if self._metadata is None:
+                self._metadata = super().read_metadata()
+            return self._metadata
+
+    return _Reader(str(path))
