@@ -273,13 +273,19 @@ class OffloadRuntime:
             ...     val_loss = evaluate(model)
         """
         if self._executor is not None and not self._closed:
-            stats, self.residency.stats = self.residency.stats, TransferStats()
-            self.residency.arrive_all()
-            for tier, b in self.residency.stats.bytes_in.items():
-                self.totals["bytes_in"][tier] = self.totals["bytes_in"].get(tier, 0) + b
-            self.residency.stats = stats
+            self._counting_bytes_in(self.residency.arrive_all)
             self._first_planned = True  # the next iteration evicts what the plan keeps away at its start
         yield
+
+    def _counting_bytes_in(self, bring_back) -> None:
+        """Run ``bring_back`` between steps, adding what it reads back to the run's totals."""
+        stats, self.residency.stats = self.residency.stats, TransferStats()
+        try:
+            bring_back()
+            for tier, b in self.residency.stats.bytes_in.items():
+                self.totals["bytes_in"][tier] = self.totals["bytes_in"].get(tier, 0) + b
+        finally:
+            self.residency.stats = stats
 
     def _make_plan(self, trace) -> None:
         self.trace = trace
@@ -399,10 +405,7 @@ class OffloadRuntime:
             if self._window is not None:
                 self._window.close()
             if self._executor is not None:
-                self.residency.stats = TransferStats()
-                self._executor.remove()  # what waits across the step boundary comes back
-                for tier, b in self.residency.stats.bytes_in.items():
-                    self.totals["bytes_in"][tier] = self.totals["bytes_in"].get(tier, 0) + b
+                self._counting_bytes_in(self._executor.remove)  # what waits across the step boundary comes back
         finally:
             if self.engine is not None and self._owns_engine:
                 self.engine.close()
