@@ -12,9 +12,7 @@ alone, so the command does not depend on the trainer.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +22,7 @@ from tierflow.offload.core.errors import TierConfigError, TierError
 from tierflow.offload.core.units import format_bytes
 from tierflow.offload.tiers.calibrate import CalibrationPlan, calibrate
 from tierflow.offload.tiers.config import TiersConfig
+from tierflow.trainer.compose import config_dir
 
 __all__ = ["add_arguments", "load_tiers_config", "run"]
 
@@ -83,7 +82,7 @@ def load_tiers_config(overrides: Sequence[str] = ()):
         TierConfigError: one line naming every bad override or key.
     """
 
-    root = _config_dir() / "tiers"
+    root = config_dir() / "tiers"  # the same tree (and TIERFLOW_CONFIG_DIR) as the trainer's
     options = sorted(p.stem for p in root.glob("*.yaml"))
     preset, dotlist, problems = "none", [], []
     for item in overrides:
@@ -109,11 +108,6 @@ def load_tiers_config(overrides: Sequence[str] = ()):
     except Exception as exc:  # OmegaConf's errors are multi-line; keep the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TierConfigError(f"tiers: {first}") from None
-
-
-def _config_dir() -> Path:
-    override = os.environ.get("TIERFLOW_CONFIG_DIR")
-    return Path(override).expanduser().resolve() if override else Path(str(resources.files("tierflow.conf")))
 
 
 def _parse_size(text: str) -> int:
