@@ -42,7 +42,7 @@ from tierflow.profiling.trace import (
                              state_key,
                              validate_trace,
 )
-from tierflow.profiling.tracer import LifetimeTracer, TracerConfig, trace_iterations
+from tierflow.profiling.tracer import LifetimeTracer, MovingTensors, TracerConfig, trace_iterations
 from tierflow.profiling.window import TraceWindow
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "IdleScore",
     "LifetimeTrace",
     "LifetimeTracer",
+    "MovingTensors",
     "MemoryTimeline",
     "Peak",
     "Phase",

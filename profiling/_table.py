@@ -59,12 +59,12 @@ class RecordTable:
         return None if ref is None else ref.row
 
     def add(self, storage: torch.UntypedStorage, tensor: torch.Tensor, category: Category, key: str, *,
-            iteration: Optional[int], created: Optional[int], created_tick: int) -> int:
-        """Start tracking ``storage``; returns its row."""
+            iteration: Optional[int], created: Optional[int], created_tick: int, nbytes: Optional[int] = None) -> int:
+        """Start tracking ``storage`` (of ``nbytes`` on the device, default its size now); returns its row."""
         row = len(self.key)
         self.key.append(key)
         self.category.append(category)
-        self.size_bytes.append(storage.nbytes())
+        self.size_bytes.append(storage.nbytes() if nbytes is None else nbytes)
         self.dtype.append(str(tensor.dtype).removeprefix("torch."))
         self.device.append(str(tensor.device))
         self.iteration.append(iteration)
@@ -124,15 +124,22 @@ class RecordTable:
 
 
 def register_existing(table: RecordTable, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                      name_of: Callable[[torch.Tensor], str]) -> None:
+                      name_of: Callable[[torch.Tensor], str],
+                      away_bytes: Optional[Callable[[torch.UntypedStorage], int]] = None) -> None:
     """Rows for what exists before tracing: parameters, buffers, gradients, optimizer states.
 
     A storage shared by two of them (a tied weight) is registered once, under the first name.
+    ``away_bytes`` gives the device size of a storage a runtime holds away (it is empty now:
+    Note [tracing under a budget] in :mod:`tierflow.profiling.tracer`).
     """
     def add(t: torch.Tensor, category: Category, key: str) -> None:
-        st = storage_of(t)
+        st, nbytes = storage_of(t), None
+        if st is None and away_bytes is not None and t.device.type != "meta" and not t.is_sparse:
+            st = t.untyped_storage()
+            nbytes = away_bytes(st) or None
+            st = st if nbytes else None
         if st is not None and table.row_of(st) is None:
-            table.add(st, t, category, key, iteration=None, created=None, created_tick=-1)
+            table.add(st, t, category, key, iteration=None, created=None, created_tick=-1, nbytes=nbytes)
 
     for name, p in model.named_parameters():
         add(p, Category.PARAM, name)

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ from tierflow.profiling.trace import (
     state_key,
 )
 
-__all__ = ["LifetimeTracer", "TracerConfig", "trace_iterations"]
+__all__ = ["LifetimeTracer", "MovingTensors", "TracerConfig", "trace_iterations"]
 
 @dataclass(frozen=True, kw_only=True)
 class TracerConfig:
@@ -78,6 +78,27 @@ class TracerConfig:
                 raise ValueError(f"TracerConfig.{name}={getattr(self, name)!r} must be True or False")
 
 
+class MovingTensors(Protocol):
+    """What a runtime that moves tensors off the device while they are traced tells the tracer.
+
+    Note [tracing under a budget]: the offload runtime traces its profiling iterations inside the
+    device budget, so some storages are empty (their bytes wait in a tier) when the tracer first
+    sees them, the runtime's own copies run on the training thread, and compute waits for them.
+    The trace must still describe the iteration as if nothing moved: a storage held away has the
+    size it has on the device, the runtime's copies are not the model's operations, and waiting
+    for a copy is not compute.
+    """
+
+    def away_bytes(self, storage: torch.UntypedStorage) -> int:
+        """Device bytes of ``storage`` while it is held away (0: it is not)."""
+
+    def busy(self) -> bool:
+        """Whether an operation on this thread now is the runtime's own copy (not traced)."""
+
+    def waited_s(self) -> float:
+        """Seconds compute has waited for the runtime's copies so far (a running total)."""
+
+
 class LifetimeTracer:
     """Records tensor lifetimes and runtime points of a model and its optimizer.
 
@@ -85,18 +106,25 @@ class LifetimeTracer:
         model: Any ``nn.Module``; its parameter names and module paths become keys.
         optimizer: Any ``torch.optim.Optimizer`` stepping (some of) the model's parameters, or None.
         config: Measurement settings.
+        saved_hooks: The ``(pack, unpack)`` pair the tracer's saved-tensor hooks call on to
+            (default: the pair active when it attaches, if any).
+        moving: The runtime moving tensors while they are traced (Note [tracing under a budget]).
 
     Raises:
         ValueError: ``model`` is not a module or ``optimizer`` not an optimizer.
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                 config: TracerConfig = TracerConfig()) -> None:
+                 config: TracerConfig = TracerConfig(), *,
+                 saved_hooks: Optional[Tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]] = None,
+                 moving: Optional[MovingTensors] = None) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         self.model, self.optimizer, self.config = model, optimizer, config
+        self._chained, self._moving = saved_hooks, moving
+        self._waited_s = 0.0  # moving.waited_s() at the last point
         self._table = RecordTable()
         self._points: List[Tuple] = []
         self._handles: List[Any] = []
@@ -135,7 +163,10 @@ class LifetimeTracer:
             raise RuntimeError("a LifetimeTracer attaches once; create a new one to trace again")
         if self.config.subtract_dispatch_cost:
             self._per_op_s = dispatch_round_trip_s()
-        register_existing(self._table, self.model, self.optimizer, self._name_of)
+        if self._moving is not None:
+            self._waited_s = self._moving.waited_s()
+        away = self._moving.away_bytes if self._moving is not None else None
+        register_existing(self._table, self.model, self.optimizer, self._name_of, away_bytes=away)
         for path, module in self.model.named_modules():
             path = path or ROOT_PATH
             self._direct_params[path] = [p for p in module._parameters.values() if p is not None]
@@ -150,7 +181,7 @@ class LifetimeTracer:
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(lambda *_: self._optimizer_pre()))
             self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self._optimizer_post()))
-        outer = torch_compat.outer_saved_tensors_hooks()
+        outer = self._chained if self._chained is not None else torch_compat.outer_saved_tensors_hooks()
         self._outer_pack, self._outer_unpack = outer if outer is not None else (None, None)
         self._saved_hooks = saved_tensors_hooks(self._pack, self._unpack)
         self._saved_hooks.__enter__()
@@ -269,7 +300,11 @@ class LifetimeTracer:
 
     def _emit(self, kind: PointKind, name: str, call: int, phase: Phase, entered: Optional[float] = None) -> None:
         now = self._now() if entered is None else entered
-        compute_s = max(now - self._interval_start - self._overhead_s - self._num_ops * self._per_op_s, 0.0)
+        waited = 0.0
+        if self._moving is not None:  # Note [tracing under a budget]
+            total = self._moving.waited_s()
+            waited, self._waited_s = total - self._waited_s, total
+        compute_s = max(now - self._interval_start - self._overhead_s - self._num_ops * self._per_op_s - waited, 0.0)
         tick = self._table.next_tick()
         self._points.append((kind, name, call, self._iteration, phase, compute_s, tick))
         self._table.point = len(self._points) - 1
@@ -383,7 +418,7 @@ class LifetimeTracer:
     # ---- the dispatch hot path ---------------------------------------------------------------
 
     def _on_op(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        if self._iteration is None:
+        if self._iteration is None or (self._moving is not None and self._moving.busy()):
             return func(*args, **kwargs)
         self._check_backward_start()
         start = time.perf_counter()

@@ -9,13 +9,13 @@ plans from. Steps outside the window run with no hook at all.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 
 from tierflow.profiling.trace import LifetimeTrace
-from tierflow.profiling.tracer import LifetimeTracer, TracerConfig
+from tierflow.profiling.tracer import LifetimeTracer, MovingTensors, TracerConfig
 
 __all__ = ["TraceWindow"]
 
@@ -43,6 +43,7 @@ class TraceWindow:
         config: Tracer settings.
         record: False runs the same iterations untraced (ranks other than 0, say); :attr:`complete`
             still turns True after them.
+        saved_hooks, moving: Passed to the :class:`LifetimeTracer`.
 
     Example:
         >>> window = TraceWindow(model, opt, num_iterations=2, first_step=1)  # doctest: +SKIP
@@ -53,10 +54,13 @@ class TraceWindow:
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, num_iterations: int,
-                 first_step: int = 0, config: Optional[TracerConfig] = None, record: bool = True) -> None:
+                 first_step: int = 0, config: Optional[TracerConfig] = None, record: bool = True,
+                 saved_hooks: Optional[Tuple[Callable[..., Any], Callable[..., Any]]] = None,
+                 moving: Optional[MovingTensors] = None) -> None:
         self.num_iterations = _count("num_iterations", num_iterations, 1)
         self.first_step = _count("first_step", first_step, 0)
         self._model, self._optimizer, self._config, self._record = model, optimizer, config or TracerConfig(), record
+        self._saved_hooks, self._moving = saved_hooks, moving
         self._tracer: Optional[LifetimeTracer] = None
         self.traced = 0
         self.trace: Optional[LifetimeTrace] = None
@@ -85,7 +89,8 @@ class TraceWindow:
             self._advance()
             return
         if self._tracer is None:
-            self._tracer = LifetimeTracer(self._model, self._optimizer, self._config)
+            self._tracer = LifetimeTracer(self._model, self._optimizer, self._config, saved_hooks=self._saved_hooks,
+                                          moving=self._moving)
             self._tracer.attach()
         try:
             with self._tracer.iteration():
