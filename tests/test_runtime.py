@@ -216,7 +216,7 @@ def test_fallback_evicts_saved_activations_and_keeps_the_budget():
         return DataDependentLM(VOCAB, hidden=64)
 
     ref = train(make, data)
-    config = OffloadConfig(policy="lifetime", device_budget_fraction=1.06, reprofile_after=0)
+    config = OffloadConfig(policy="lifetime", device_budget_fraction=1.15, reprofile_after=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = train(make, data, config, host_tiers(), movable=frozenset({"activation"}))
@@ -228,7 +228,9 @@ def test_fallback_evicts_saved_activations_and_keeps_the_budget():
         if r.mode == "fallback":
             evicted = dict(r.fallback_evicted)
             assert set(evicted) == {"activation"} and evicted["activation"] > 0
-            assert 0 < r.fallback_settled_peak_bytes <= budget < r.device_peak_bytes
+            # Room is made before anything comes back or an operation allocates (Note [headroom]),
+            # so even the momentary peak stays within the budget.
+            assert 0 < r.fallback_settled_peak_bytes <= r.device_peak_bytes <= budget
         elif r.mode == "planned":
             assert r.device_peak_bytes <= budget
 

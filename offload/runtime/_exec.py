@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple
 
 import torch
@@ -52,7 +52,7 @@ from tierflow.offload.plan.types import OffloadPlan
 from tierflow.offload.runtime._fallback import BudgetExceededError, Fallback
 from tierflow.offload.runtime._iteration import IterationState
 from tierflow.offload.runtime._residency import Residency
-from tierflow.offload.runtime._schedule import MOVABLE, Schedule
+from tierflow.offload.runtime._schedule import EMPTY_SCHEDULE, MOVABLE, Schedule
 from tierflow.profiling import flat_tensors, torch_compat
 from tierflow.profiling.keys import StorageMap
 from tierflow.profiling.trace import ROOT_PATH, PointKind, point_label
@@ -63,31 +63,49 @@ __all__ = ["BudgetExceededError", "Executor"]
 class Executor:
     """Installs hooks on ``model`` and ``optimizer`` and runs one iteration at a time under a plan.
 
+    Note [online executor]: with no plan (before the first trace: warm-up and profiling steps,
+    and between steps when the state does not fit) every iteration runs on the fallback policy
+    from its first point: demand paging plus budgeted eviction. That keeps the budget from the
+    very first step, and the profiling iterations are traced inside it (Note [tracing under a
+    budget] in :mod:`tierflow.profiling.tracer`).
+
     Args:
         model: The module (its parameter names and module paths are the keys).
         optimizer: Its optimizer, or None.
         residency: The table that moves storages.
-        plan: The plan; its swap decisions are indexed by ``schedule``.
-        schedule: From :func:`~tierflow.offload.runtime._schedule.make_schedule`.
+        plan: The plan; its swap decisions are indexed by ``schedule``. None: the online executor
+            (Note [online executor]).
+        schedule: From :func:`~tierflow.offload.runtime._schedule.make_schedule` (ignored without a plan).
         recompute: ``(module path, call)`` of blocks to run under activation checkpointing.
         skipped: Decision indices not executed (activations inside a recomputed block).
         budget_bytes: The device budget (fallback evictions keep tracked bytes under it).
         on_divergence: Called once per diverging iteration with the reason.
         movable: Categories the fallback may evict (the plan's own decisions already respect them).
+        tier: Where the fallback evicts to (default: the plan's first tier, else ``host``).
+        strict: Whether the fallback raises when it cannot meet the budget (False: it evicts what
+            it can and the peak shows the rest; the runtime uses this while a budget given as a
+            fraction of a peak not yet measured is only an estimate).
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], residency: Residency,
-                 plan: OffloadPlan, schedule: Schedule, *, recompute: Set[Tuple[str, int]], skipped: Set[int],
-                 budget_bytes: int, on_divergence: Callable[[str], None],
-                 movable: FrozenSet[str] = MOVABLE) -> None:
+                 plan: Optional[OffloadPlan], schedule: Optional[Schedule], *, recompute: Set[Tuple[str, int]],
+                 skipped: Set[int], budget_bytes: int, on_divergence: Callable[[str], None],
+                 movable: FrozenSet[str] = MOVABLE, tier: Optional[str] = None, strict: bool = True) -> None:
         self.model, self.optimizer, self.residency = model, optimizer, residency
-        self.plan, self.schedule = plan, schedule
+        self.online = plan is None
+        self.plan, self.schedule = plan, schedule if plan is not None else EMPTY_SCHEDULE
+        decisions = plan.decisions if plan is not None else ()
+        self.tier = tier or next((d.tier for d in decisions if d.tier), "host")
+        self.strict = strict
         self.recompute, self.skipped = recompute, skipped
         # What the fallback shares with this executor (Note [divergence]); reset by every iteration.
         self.state = IterationState(budget_bytes)
         self.on_divergence = on_divergence
         self.movable = movable
-        self.planned_keys: Set[str] = {d.key for d in plan.decisions}
+        self.planned_keys: Set[str] = {d.key for d in decisions}
+        # What the plan keeps away when an iteration starts (everything else is resident then).
+        self.away_at_start: Set[str] = {decisions[i].key for i in
+                                        self.schedule.absent_at_start + self.schedule.writing_at_start}
         self.params: Dict[str, nn.Parameter] = dict(model.named_parameters())
         self.name_of = {id(p): n for n, p in self.params.items()}
         self.module_params = {(path or ROOT_PATH): [self.name_of[id(p)] for p in m._parameters.values()
@@ -124,18 +142,28 @@ class Executor:
             self._handles.append(self.optimizer.register_step_pre_hook(lambda *_: self._optimizer(True)))
             self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self._optimizer(False)))
 
-    def remove(self) -> None:
-        """Remove every hook; bring every tensor back."""
+    def remove(self, restore: bool = True) -> None:
+        """Remove every hook; bring every tensor back (unless ``restore`` is False)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self.residency.arrive_all()
+        if restore:
+            self.residency.arrive_all()
 
     # ---- one iteration ---------------------------------------------------------------------
 
     @contextmanager
-    def iteration(self, inputs: Any = None, first: bool = False) -> Iterator[None]:
-        """Run one iteration under the plan; ``first`` evicts what the plan keeps away at the start."""
+    def iteration(self, inputs: Any = None, first: bool = False, saved_hooks: bool = True) -> Iterator[None]:
+        """Run one iteration under the plan.
+
+        Args:
+            inputs: The iteration's input tensors.
+            first: Enter the plan's steady state: bring back what the plan keeps resident at the
+                start (a previous iteration's fallback, or the online executor, may have left it
+                away) and evict what it keeps away.
+            saved_hooks: False when someone else's saved-tensor hooks call :meth:`pack` and
+                :meth:`unpack` (a tracer chained to them: ``saved_tensors_hooks`` pairs do not nest).
+        """
         self.pos, self.diverged = 0, False
         self.state.begin(inputs)
         self.point_calls: Dict[Tuple[PointKind, str], int] = {}
@@ -149,7 +177,10 @@ class Executor:
         self.absent_at: List[int] = []  # per matched interval: the fewest bytes held away during it
         self._thread = threading.get_ident()
         self.active = True
-        if first:  # enter the plan's steady state: what wraps around is away or leaving
+        self.residency.drop_dead()
+        if first and not self.online:  # enter the plan's steady state: what wraps around is away or leaving
+            away = self.away_at_start
+            self.residency.arrive_all(keep=lambda k: k in away)
             for i in self.schedule.absent_at_start + self.schedule.writing_at_start:
                 d = self.plan.decisions[i]
                 storage = self._storage(d.key, d.category)
@@ -157,8 +188,10 @@ class Executor:
                         i in self.schedule.absent_at_start:
                     self.residency.release(d.key)
         self.residency.absent_min = self.residency.absent_bytes
+        if self.online:
+            self._diverge("")  # Note [online executor]: no plan to follow
         try:
-            with saved_tensors_hooks(self._pack, self._unpack):
+            with saved_tensors_hooks(self.pack, self.unpack) if saved_hooks else nullcontext():
                 self._point(PointKind.ITERATION_START, "iteration", 0)
                 yield
             self._point(PointKind.ITERATION_END, "iteration", 0)
@@ -172,8 +205,8 @@ class Executor:
             # Saved activations still away: dead ones (their graph is gone) are dropped, one still
             # held (a graph kept for another backward) comes back (Note [absent is weak]).
             self.residency.arrive_all(keep=lambda k: not (k in self.schedule.activations or ":saved" in k))
-            if self.diverged:
-                self.residency.arrive_all()  # the next iteration starts from a clean state
+            # After a divergence the rest stays where the fallback left it: the next planned
+            # iteration starts with ``first`` and settles it (never all at once: it may not fit).
             self.state.end()
             self.saved.clear()
             self._checkpoint_gens.clear()
@@ -363,8 +396,11 @@ class Executor:
         self._point(PointKind.BACKWARD_END, "backward", call)
 
     def _grad_arriving(self, name: str) -> None:
-        if self.active:
-            self.residency.arrive(f"{name}:grad")  # accumulation reads the old gradient
+        if self.active:  # accumulation reads the old gradient
+            if self.fallback is not None:
+                self.fallback.bring([f"{name}:grad"], frozenset(), "gradient accumulation")
+            else:
+                self.residency.arrive(f"{name}:grad")
 
     def _grad_ready(self, name: str) -> None:
         if self.active:
@@ -382,7 +418,8 @@ class Executor:
 
     # ---- saved tensors -----------------------------------------------------------------------
 
-    def _pack(self, t: torch.Tensor) -> Any:
+    def pack(self, t: torch.Tensor) -> Any:
+        """The executor's saved-tensor pack hook (keys the tensor; see :meth:`iteration`)."""
         if not self.active or t.device.type == "meta" or self._entering_checkpoint:
             return t, None
         st = t.untyped_storage()
@@ -413,13 +450,15 @@ class Executor:
                 self._late_offload(key)
         return t, key
 
-    def _unpack(self, packed: Any) -> torch.Tensor:
+    def unpack(self, packed: Any) -> torch.Tensor:
+        """The executor's saved-tensor unpack hook (brings the tensor back first)."""
         t, key = packed
         if key is not None and self.active:
             self._check_backward_start()
-            self.residency.arrive(key)
-            if self.diverged:
-                self.state.last_used[key] = self.state.clock
+            if self.fallback is not None:  # counted against the budget, with room made first
+                self.fallback.bring([key], frozenset({id(t.untyped_storage())}), f"unpack of {key}")
+            else:
+                self.residency.arrive(key)
         return t
 
     @property
@@ -445,12 +484,12 @@ class Executor:
         self.diverged, self.state.reason = True, reason
         # Handed the shared state and lookups, not this executor, so the policy cannot come to
         # depend on the plan-following bookkeeping (pos, pending, saved), which is void from here.
-        tier = next((d.tier for d in self.plan.decisions if d.tier), "host")  # where it evicts to
         self.fallback = Fallback(self.state, self.residency, self.schedule, params=self.params,
                                  optimizer=self.optimizer, module_params=self.module_params,
-                                 fixed_storages=self.fixed_storages, movable=self.movable, tier=tier,
-                                 thread=self._thread)
-        self.on_divergence(reason)
+                                 fixed_storages=self.fixed_storages, movable=self.movable, tier=self.tier,
+                                 thread=self._thread, strict=self.strict)
+        if not self.online:
+            self.on_divergence(reason)
         for key in list(self.residency.entries):
             if key in self.saved or ":saved" in key:
                 self.residency.arrive(key)  # Note [divergence]: a changed forward may read them

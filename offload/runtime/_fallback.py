@@ -18,7 +18,12 @@ policy runs at every point instead:
   gradients, optimizer states, inputs, every saved activation of the iteration and every storage
   allocated since the fallback started (the mode sees those allocations). When eviction cannot
   bring that under the budget it raises :class:`BudgetExceededError` with the budget and the
-  bytes needed; it never exceeds a budget silently.
+  bytes needed; it never exceeds a budget silently. (Not ``strict``: it evicts what it can and
+  goes on; the reported peak shows what it could not.)
+* **Nothing all at once**: it never brings back more than the next operation needs. The
+  optimizer step fetches the parameters, gradients and states of the parameter groups it is
+  about to step (a sub-group, with :class:`~tierflow.offload.optim.SubgroupStepper`), and
+  whatever else an operation reads faults in, so a state larger than the budget can be stepped.
 
 The policy never sees the executor: it reads the iteration through the shared
 :class:`~tierflow.offload.runtime._iteration.IterationState` (which the executor keeps current) and
@@ -76,6 +81,7 @@ class _FaultIn(TorchDispatchMode):
         if residency.transferring:  # the runtime's own copy, run while it waits: not the model's memory
             return func(*args, **kwargs)
         inputs = set()
+        away: List[str] = []
         for t in flat_tensors(kwargs, flat_tensors(args, [])):
             if t.device.type == "meta":
                 continue
@@ -83,9 +89,10 @@ class _FaultIn(TorchDispatchMode):
             inputs.add(id(st))
             key = residency.key_of(st) if residency.entries else None
             if key is not None:
-                residency.arrive(key)
-                fb.faults += 1
-                fb.state.last_used[key] = fb.state.clock
+                away.append(key)
+        if away:
+            fb.faults += len(away)
+            fb.bring(away, frozenset(inputs), f"operation {func}")
         out = func(*args, **kwargs)
         if not func.is_view:  # a view, or an in-place op's result, is no new memory
             outputs = set()
@@ -97,8 +104,12 @@ class _FaultIn(TorchDispatchMode):
                     fb.allocated[id(st)] = weakref.ref(st)
                     fb.level += st.nbytes()
                     outputs.add(id(st))
-            if fb.level > fb.state.budget_bytes:
-                # Over budget in the middle of an interval: act now, sparing this op's tensors.
+            made = sum(st.nbytes() for st in (ref() for sid, ref in fb.allocated.items() if sid in outputs)
+                       if st is not None)
+            fb.state.largest_op_bytes = max(fb.state.largest_op_bytes, made)
+            if fb.level > fb.state.budget_bytes - fb.state.largest_op_bytes:
+                # Act now, in the middle of an interval, sparing this op's tensors: room for the
+                # next operation's output too (Note [headroom]).
                 fb.evict(f"operation {func}", spare=inputs | outputs)
         return out
 
@@ -117,16 +128,18 @@ class Fallback:
         movable: Categories it may evict.
         tier: Name of the tier evictions go to.
         thread: Ident of the thread running the iteration (the mode is entered only there).
+        strict: Raise :class:`BudgetExceededError` when eviction cannot meet the budget.
     """
 
     def __init__(self, state: IterationState, residency: Residency, schedule: Schedule, *,
                  params: Mapping[str, nn.Parameter], optimizer: Optional[torch.optim.Optimizer],
                  module_params: Mapping[str, Sequence[str]], fixed_storages: StorageMap, movable: FrozenSet[str],
-                 tier: str, thread: int) -> None:
+                 tier: str, thread: int, strict: bool = True) -> None:
         self.state, self.residency, self.schedule = state, residency, schedule
         self.params, self.optimizer, self.module_params = params, optimizer, module_params
         self.fixed_storages, self.movable, self.tier = fixed_storages, movable, tier
-        self.thread = thread
+        self.thread, self.strict = thread, strict
+        self.name_of = {id(p): n for n, p in params.items()}
         self.allocated: Dict[int, Any] = {}  # id(storage) -> weakref, allocated since the mode started
         self.faults = 0
         self.evictions = 0
@@ -169,21 +182,49 @@ class Fallback:
     # ---- points -------------------------------------------------------------------------------
 
     def point(self, kind: PointKind, name: str) -> None:
-        """Act at a point of the diverged iteration: bring back what is needed now, then evict."""
-        iteration, r = self.state, self.residency
+        """Act at a point of the diverged iteration: make room for what is needed now, bring it
+        back, and keep the rest under the budget."""
+        iteration = self.state
         self.start()
-        if kind is PointKind.FORWARD_PRE:
-            for pname in self.module_params.get(name, ()):
-                r.arrive(pname)  # about to run: fetch now rather than fault in op by op
-                iteration.last_used[pname] = iteration.clock
-        elif kind is PointKind.BACKWARD_END:
-            r.arrive_all(keep=lambda k: not k.endswith(":grad"))  # clipping reads every gradient
+        needed: List[Tuple[str, torch.Tensor]] = []
+        if kind is PointKind.FORWARD_PRE:  # about to run: fetch now rather than fault in op by op
+            needed = [(pname, self.params[pname]) for pname in self.module_params.get(name, ())]
         elif kind is PointKind.OPTIMIZER_PRE:
-            r.arrive_all()
+            needed = self._stepped()
         elif kind is PointKind.GRAD_READY:
             iteration.last_used[f"{name}:grad"] = iteration.clock
-        if kind is not PointKind.OPTIMIZER_PRE:
-            self.evict(kind.value)
+        self.bring([key for key, _ in needed], frozenset(id(t.untyped_storage()) for _, t in needed), kind.value)
+        self.evict(kind.value, frozenset(id(t.untyped_storage()) for _, t in needed))
+
+    def bring(self, keys: Sequence[str], spare: FrozenSet[int], where: str) -> None:
+        """Bring ``keys`` back, making room for them first (Note [headroom]); ``spare``: storage
+        ids not to evict for it (what the caller is about to use)."""
+        r, iteration = self.residency, self.state
+        incoming = sum(r.bytes_to_arrive(k) for k in keys)
+        if incoming and self.level + incoming > iteration.budget_bytes - iteration.largest_op_bytes:
+            self.evict(where, spare, incoming)
+        for key in keys:
+            r.arrive(key)
+            iteration.last_used[key] = iteration.clock
+        if incoming:
+            self.level += incoming
+            iteration.tracked_peak = max(iteration.tracked_peak, self.level)
+
+    def _stepped(self) -> List[Tuple[str, torch.Tensor]]:
+        """``(key, tensor)`` of what the optimizer is about to step: parameters, gradients and
+        states of its parameter groups as they are now (one sub-group under SubgroupStepper)."""
+        if self.optimizer is None:
+            return []
+        out: List[Tuple[str, torch.Tensor]] = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                name = self.name_of.get(id(p))
+                if name is None:
+                    continue
+                tensors = [(name, p), (f"{name}:grad", p.grad)]
+                tensors += [(f"{name}:{s}", v) for s, v in self.optimizer.state.get(p, {}).items()]
+                out += [(key, t) for key, t in tensors if isinstance(t, torch.Tensor)]
+        return out
 
     def tracked_bytes(self) -> int:
         """Device bytes the fallback can see (see the module docstring)."""
@@ -222,7 +263,9 @@ class Fallback:
         """What may leave now: ``(key, storage, category)`` of resident tensors it can find again."""
         iteration, r = self.state, self.residency
         running = {pname for path in iteration.running_modules() for pname in self.module_params.get(path, ())}
-        in_backward = iteration.graph_task != -1
+        # In backward a parameter may go only while the fault-in mode runs there (it started before
+        # backward: Note [no mode from backward]); it brings the parameter back for any use.
+        in_backward = iteration.graph_task != -1 and self._mode is None
         out: List[Tuple[str, torch.UntypedStorage, str]] = []
         movable = self.movable
 
@@ -247,17 +290,21 @@ class Fallback:
                 add(key, st, "activation")
         return out
 
-    def evict(self, where: str, spare: FrozenSet[int] = frozenset()) -> None:
+    def evict(self, where: str, spare: FrozenSet[int] = frozenset(), incoming: int = 0) -> None:
         """Evict until the tracked bytes fit the budget, or raise BudgetExceededError.
 
         Args:
             where: The point kind, or the operation, after which it acts (for the error).
             spare: Storage ids not to evict (the operation that just ran reads or made them).
+            incoming: Bytes about to come back (room is made for them too).
         """
         iteration = self.state
         used = self.level = self.tracked_bytes()
         iteration.tracked_peak = max(iteration.tracked_peak, used)
-        if used <= iteration.budget_bytes:
+        # Note [headroom]: an operation's output appears before anyone can evict for it, so the
+        # policy keeps room for the largest output seen so far (learnt from the first iteration).
+        target = max(iteration.budget_bytes - iteration.largest_op_bytes - incoming, 0)
+        if used <= target:
             self.settled_peak = max(self.settled_peak, used)
             return
         here = iteration.here
@@ -269,7 +316,7 @@ class Fallback:
 
         tier = self.tier
         for key, storage, category in sorted(self.candidates(where, spare), key=order):
-            if used <= iteration.budget_bytes:
+            if used <= target:
                 break
             freed = self.residency.evict_now(key, storage, tier)
             if freed:
@@ -278,10 +325,12 @@ class Fallback:
                 self.evicted_bytes[category] = self.evicted_bytes.get(category, 0) + freed
         self.level = used
         self.settled_peak = max(self.settled_peak, used)
-        if used > iteration.budget_bytes:
+        if used + incoming > iteration.budget_bytes and self.strict:
             raise BudgetExceededError(
-                f"device budget {iteration.budget_bytes} bytes exceeded: this iteration diverged from the trace "
-                f"({iteration.reason}) and needs at least {used} bytes after {where} with nothing left to evict; "
-                f"raise offload.device_budget_bytes/device_budget_fraction to at least {used} bytes, or make the "
+                f"device budget {iteration.budget_bytes} bytes exceeded: "
+                + (f"this iteration diverged from the trace ({iteration.reason})" if iteration.reason else
+                   "no plan exists yet (a warm-up or profiling step, or between steps)")
+                + f" and needs at least {used + incoming} bytes after {where} with nothing left to evict; "
+                f"raise offload.device_budget_bytes/device_budget_fraction to at least {used + incoming} bytes, or make the "
                 f"iteration static")
 

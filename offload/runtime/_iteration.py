@@ -38,6 +38,8 @@ class IterationState:
         input_tensors: The iteration's input tensors (they count against the budget on CPU).
         inputs: Storages of the inputs (and of the root module's arguments): never evicted.
         calls: The module-call stack and saved-tensor numbering of this iteration.
+        largest_op_bytes: The most bytes one operation allocated, over every iteration so far
+            (the fallback's headroom: Note [headroom] in ``_fallback``).
     """
 
     budget_bytes: int
@@ -51,6 +53,7 @@ class IterationState:
     input_tensors: List[torch.Tensor] = field(default_factory=list)
     inputs: StorageMap = field(default_factory=StorageMap)
     calls: ModuleCalls = field(default_factory=ModuleCalls)
+    largest_op_bytes: int = 0
 
     def begin(self, inputs: Any) -> None:
         """Start a new iteration: forget the last one and record its inputs.

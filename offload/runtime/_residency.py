@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -97,6 +98,21 @@ class _CudaBytes:
         self.__cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (ptr, False), "version": 2}
 
 
+def _ours(method):
+    """Run a table method as the runtime's own work: operations it issues on this thread (a tier
+    staging a copy, a view for the transfer) are neither faulted, counted nor traced."""
+
+    @functools.wraps(method)
+    def wrapper(self: "Residency", *args, **kwargs):
+        self.transferring += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.transferring -= 1
+
+    return wrapper
+
+
 class Residency:
     """Moves storages between the device and tiers, and knows where each one is.
 
@@ -117,12 +133,16 @@ class Residency:
         self.stats = TransferStats()
         self.absent_bytes = 0  # device bytes held away now
         self.absent_min = 0  # the least absent_bytes since the runtime last reset it (a point)
+        self.waited_total_s = 0.0  # every stall since the table was made (the tracer subtracts it)
 
     # --- the four plan actions ------------------------------------------------------------
 
+    @_ours
     def offload(self, key: str, storage: torch.UntypedStorage, tier_name: str) -> bool:
         """Start copying ``storage`` out (evict point). False when it cannot move (already away,
         empty, or not resizable); the tensor then simply stays."""
+        if key in self.entries and self._dead(self.entries[key]):
+            self.discard(key)  # the key's previous tensor died while away (a gradient set to None)
         if key in self.entries or storage.nbytes() == 0 or not storage.resizable():
             return False
         self._make_room()
@@ -135,6 +155,7 @@ class Residency:
         self.stats.bytes_out[tier_name] += entry.nbytes
         return True
 
+    @_ours
     def release(self, key: str) -> None:
         """Free the device copy once the copy out is done (free point)."""
         entry = self.entries.get(key)
@@ -146,6 +167,7 @@ class Residency:
         entry.state = ABSENT
         self.absent_bytes += entry.nbytes
 
+    @_ours
     def prefetch(self, key: str) -> None:
         """Grow the storage again and start the copy back (prefetch point)."""
         entry = self.entries.get(key)
@@ -164,6 +186,7 @@ class Residency:
         self._inflight[key] = None
         self.stats.bytes_in[entry.tier_name] += entry.nbytes
 
+    @_ours
     def arrive(self, key: str) -> None:
         """Make ``key`` resident now: wait for its copy back, or fetch it on demand; drop the entry.
 
@@ -180,6 +203,44 @@ class Residency:
         self._wait(entry)
         entry.tier.free(entry.slot)
         self._forget(key, entry)
+
+    def adopt(self, key: str, storage: torch.UntypedStorage, nbytes: int, tier_name: str, slot: Slot) -> None:
+        """Take over a storage whose bytes already wait in ``slot`` of a tier (an empty storage now:
+        a model materialised into a tier, see ``TierPlacement``); it is absent from here on.
+
+        Raises:
+            ValueError: ``key`` already has an entry, or the storage is not empty.
+        """
+        if key in self.entries:
+            raise ValueError(f"{key!r} is already held away")
+        if storage.nbytes():
+            raise ValueError(f"{key!r}: only an empty storage can be adopted, this one has {storage.nbytes()} bytes")
+        entry = _Entry(key, storage, tier_name, self._tier_for(tier_name))
+        entry.nbytes, entry.slot, entry.state = nbytes, slot, ABSENT
+        entry.ref, entry.storage = weakref.ref(storage), None
+        self.entries[key] = entry
+        self._by_storage[entry.sid] = key
+        self._set_absent(self.absent_bytes + nbytes)
+
+    # --- what the tracer asks (profiling.MovingTensors: Note [tracing under a budget]) ----------
+
+    def away_bytes(self, storage: torch.UntypedStorage) -> int:
+        """Device bytes of ``storage`` while an entry holds it away, else 0."""
+        key = self.key_of(storage)
+        return self.entries[key].nbytes if key is not None else 0
+
+    def bytes_to_arrive(self, key: str) -> int:
+        """Device bytes :meth:`arrive` would allocate for ``key`` now (0: resident or still on the device)."""
+        entry = self.entries.get(key)
+        return entry.nbytes if entry is not None and entry.state == ABSENT else 0
+
+    def busy(self) -> bool:
+        """Whether this thread is running one of the table's own copies now."""
+        return self.transferring > 0
+
+    def waited_s(self) -> float:
+        """Seconds waited for transfers since the table was made."""
+        return self.waited_total_s
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -208,6 +269,7 @@ class Residency:
         for key in [k for k in self.entries if not keep(k)]:
             self.arrive(key)
 
+    @_ours
     def discard(self, key: str) -> None:
         """Forget an entry whose tensor is dead (an activation after its graph was freed)."""
         entry = self.entries.pop(key, None)
@@ -220,6 +282,15 @@ class Residency:
         entry.tier.free(entry.slot)
         self._inflight.pop(key, None)
         self._forget(key, entry)
+
+    def drop_dead(self) -> None:
+        """Forget every entry whose tensor died while away (its tier slot is freed)."""
+        for key in [k for k, e in self.entries.items() if self._dead(e)]:
+            self.discard(key)
+
+    @staticmethod
+    def _dead(entry: _Entry) -> bool:
+        return entry.state == ABSENT and entry.ref is not None and entry.ref() is None
 
     def _forget(self, key: str, entry: _Entry) -> None:
         self.entries.pop(key, None)
@@ -237,7 +308,9 @@ class Residency:
             if handle is not None and not handle.done():
                 start = time.perf_counter()
                 handle.wait()
-                self.stats.stall_s += time.perf_counter() - start
+                waited = time.perf_counter() - start
+                self.stats.stall_s += waited
+                self.waited_total_s += waited
             elif handle is not None:
                 handle.wait()  # raises the transfer's error, if any
         finally:

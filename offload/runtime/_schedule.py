@@ -21,7 +21,7 @@ from tierflow.profiling.idle import idle_intervals
 from tierflow.profiling.timeline import MemoryTimeline, memory_timeline
 from tierflow.profiling.trace import LifetimeTrace, PointKind, TensorRecord
 
-__all__ = ["MOVABLE", "Schedule", "make_schedule", "one_iteration", "pin_unmovable"]
+__all__ = ["EMPTY_SCHEDULE", "MOVABLE", "Schedule", "make_schedule", "one_iteration", "pin_unmovable"]
 
 #: Categories the runtime can find by key on a live iteration and move.
 MOVABLE: FrozenSet[str] = frozenset({"param", "grad", "optimizer_state", "activation"})
@@ -142,6 +142,12 @@ class Schedule:
             return None
         i = bisect.bisect_right(uses, point)
         return uses[i] - point if i < len(uses) else uses[0] + self.num_points - point
+
+
+#: The schedule of no plan (the online executor's): no point expected, no decision, no hint.
+EMPTY_SCHEDULE = Schedule(labels=(), evicts=(), frees=(), prefetches=(), deadlines=(), absent_at_start=(),
+                          writing_at_start=(), uses={}, sizes={}, activations=frozenset(), interval_peak=(),
+                          index_of={})
 
 
 def make_schedule(trace, plan: OffloadPlan, *, timeline: Optional[MemoryTimeline] = None) -> Schedule:

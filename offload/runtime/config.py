@@ -46,6 +46,11 @@ class OffloadConfig:
             plan issues). Memory vs overlap: a prefetch holds its device memory from the moment it
             starts, so fewer in flight lowers the momentary peak between points but leaves less
             time to hide each copy (compute waits for the oldest one to make room).
+        build_in_tier: ``auto`` (default): when the training state would not fit the budget
+            (``device_budget_bytes``, or on a CPU machine the memory available), the trainer
+            materialises the model's parameters straight into a tier (NVMe on a CPU machine) and
+            the runtime adopts them there, so no moment holds the whole model. ``always`` forces
+            it, ``never`` builds on the device.
     """
 
     policy: str = "none"
@@ -57,6 +62,7 @@ class OffloadConfig:
     reprofile_after: int = 3
     max_inflight_transfers: int = 0
     optimizer_subgroup_bytes: int = 0
+    build_in_tier: str = "auto"
 
     def __post_init__(self) -> None:
         p: List[str] = []
@@ -71,6 +77,8 @@ class OffloadConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 p.append(f"offload.{key}={value!r} must be a whole number >= {minimum}")
+        if self.build_in_tier not in ("auto", "always", "never"):
+            p.append(f"offload.build_in_tier={self.build_in_tier!r} is not valid; choose auto, always or never")
         for tier, b in self.tier_budget_bytes.items():
             if b < 0:
                 p.append(f"offload.tier_budget_bytes.{tier}={b} must be >= 0")

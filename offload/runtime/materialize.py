@@ -192,7 +192,8 @@ def materialize(model: nn.Module, program: InitProgram, *, device: torch.device 
         source: Loaded weights by state-dict name (None: initialise everything).
         place: Called as ``place(name, tensor)`` once per final tensor, as soon as it is complete;
             returns the tensor the model should hold (e.g. an empty storage whose bytes now wait
-            in a tier), or None to keep ``tensor`` moved to ``device``.
+            in a tier), or None to keep ``tensor`` moved to ``device``. A ``place`` whose
+            ``parameters_only`` attribute is True is called for parameters only.
 
     Returns:
         ``{"computed": n, "loaded": n, "scratch_draws": n, "peak_live_bytes": n}``.
@@ -242,9 +243,11 @@ def materialize(model: nn.Module, program: InitProgram, *, device: torch.device 
         module, attr, _, is_param = final[tok][0]
         return module._parameters[attr] if is_param else module._buffers[attr]
 
+    params_only = bool(getattr(place, "parameters_only", False))
+
     def finish(tok: int, tensor: torch.Tensor) -> None:
         where = final[tok]
-        kept = place(where[0][2], tensor) if place is not None else None
+        kept = place(where[0][2], tensor) if place is not None and (where[0][3] or not params_only) else None
         if kept is None:
             kept = tensor.to(device)
         done[tok] = kept
@@ -336,14 +339,16 @@ class TierPlacement:
 
     Args:
         tier: An open tier (NVMe, NUMA or host).
+        parameters_only: Place parameters only; buffers go to the device (what
+            :meth:`~tierflow.offload.OffloadRuntime.adopt` takes over).
 
     Example:
         >>> placement = TierPlacement(engine.tiers["nvme"])  # doctest: +SKIP
         >>> materialize(model, program, source=SafetensorsSource(path), place=placement)  # doctest: +SKIP
     """
 
-    def __init__(self, tier: Any) -> None:
-        self.tier = tier
+    def __init__(self, tier: Any, parameters_only: bool = False) -> None:
+        self.tier, self.parameters_only = tier, parameters_only
         self.slots: Dict[str, Tuple[Any, torch.Size, torch.dtype]] = {}
 
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

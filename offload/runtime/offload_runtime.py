@@ -9,19 +9,30 @@ Wrap your own loop's step; nothing else in it changes::
             loss = loss_fn(model(batch)); loss.backward(); optimizer.step(); optimizer.zero_grad()
     rt.close()
 
-Steps ``0 .. profile_warmup-1`` run untouched, the next ``profile_iterations`` run under the
+Steps ``0 .. profile_warmup-1`` are warm-up, the next ``profile_iterations`` run under the
 :class:`~tierflow.profiling.LifetimeTracer`; when the last of them ends the plan is made from the last
 traced iteration and validated (a budget no plan can meet raises :class:`PlanningError` there,
 before training goes on). Every later step runs under the plan (:mod:`tierflow.offload.runtime._exec`);
 an iteration that differs from the trace falls back for its remainder, and after
 ``reprofile_after`` such iterations the runtime profiles and plans again.
+
+Note [budget from step 0]: warm-up and profiling steps (re-profiling too) run under the online
+executor (Note [online executor] in ``_exec``): demand paging and budgeted eviction, no plan. The
+budget is ``device_budget_bytes`` when given. Given as a fraction of the unconstrained peak, which
+no one knows before the trace, it is that fraction of the training state (parameters, gradients,
+optimizer states: a lower bound of the peak) until the plan replaces it with the fraction of the
+traced peak; only a budget in bytes is enforced strictly before the plan (the summary's peak covers
+every step either way). Without a budget below the peak nothing moves before the plan.
+
+A model whose parameters were materialised straight into a tier (``TierPlacement``) is adopted
+with :meth:`OffloadRuntime.adopt`: its parameters stay there until a step needs them.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple, Union
@@ -38,6 +49,8 @@ from tierflow.offload.runtime._exec import BudgetExceededError, Executor
 from tierflow.offload.runtime._residency import Residency, TransferStats
 from tierflow.offload.runtime._schedule import MOVABLE, make_schedule, one_iteration, pin_unmovable
 from tierflow.offload.runtime.config import OffloadConfig
+from tierflow.offload.runtime.materialize import TierPlacement
+from tierflow.offload.tiers._memory import map_large_allocations
 from tierflow.offload.tiers.base import Tier
 from tierflow.offload.tiers.config import HostTierConfig, TiersConfig
 from tierflow.offload.tiers.engine import TierEngine
@@ -196,9 +209,72 @@ class OffloadRuntime:
         self.last_report: Optional[StepReport] = None
         self.totals: Dict[str, Any] = {"steps": {}, "bytes_out": {}, "bytes_in": {}, "stall_s": 0.0, "plan_hits": 0,
                                        "fallbacks": 0, "divergent_iterations": 0, "reprofiles": 0,
-                                       "device_peak_bytes": 0}
+                                       "device_peak_bytes": 0, "peak_by_mode": {}}
         self.residency = Residency(self._tier_for, config.max_inflight_transfers)
         self._closed = False
+        self._online: Optional[Executor] = None  # Note [budget from step 0]
+        self._out_of_core = False  # the state does not fit the budget: never bring it all back
+        if config.policy != "none":
+            budget, strict = self._online_budget()
+            if budget is not None:
+                self._online = Executor(model, optimizer, self.residency, None, None, recompute=set(), skipped=set(),
+                                        budget_bytes=budget, on_divergence=self._on_divergence,
+                                        movable=self._movable, tier=self._online_tier(), strict=strict)
+                self._out_of_core = budget < self._state_bytes()
+            if self.device.type == "cpu":
+                map_large_allocations()  # the device is RAM: a freed tensor's memory must leave RSS
+
+    # ---- before the first step -------------------------------------------------------------
+
+    def _state_bytes(self) -> int:
+        """Parameters, their gradients and optimizer states, in bytes (states estimated before the
+        first step: two per parameter for Adam-like optimizers, one for the others)."""
+        params = [p for p in self.model.parameters()]
+        total = sum(p.numel() * p.element_size() for p in params)
+        total += sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+        if self.optimizer is not None:
+            stepped = [p for g in self.optimizer.param_groups for p in g["params"]]
+            per_param = 2 if "adam" in type(self.optimizer).__name__.lower() else 1
+            total += per_param * sum(p.numel() * p.element_size() for p in stepped)
+        return total
+
+    def _online_budget(self) -> Tuple[Optional[int], bool]:
+        """(budget in bytes before the plan, whether it is strict): Note [budget from step 0]."""
+        c = self.config
+        if c.device_budget_bytes is not None:
+            return int(c.device_budget_bytes), True
+        if c.device_budget_fraction is not None and c.device_budget_fraction < 1:
+            return int(c.device_budget_fraction * self._state_bytes()), False
+        return None, False
+
+    def _online_tier(self) -> str:
+        """Where the online executor evicts to: below RAM on a CPU run (NVMe, then NUMA), the
+        fastest open tier on a GPU run."""
+        order = ("nvme", "numa", "host") if self.device.type == "cpu" else ("host", "numa", "nvme")
+        opened = self.engine.tiers if self.engine is not None else {}
+        return str(TierName.first(next((k for k in order if k in opened), "host")))
+
+    def adopt(self, placement: TierPlacement, tier: str) -> int:
+        """Take over parameters materialised into ``tier`` by ``placement`` (their storages are
+        empty; their bytes wait in its slots): they stay there until a step needs them. Returns
+        the bytes adopted. Buffers are not adopted (place only parameters).
+
+        Raises:
+            ValueError: a placed tensor is not a parameter of the model.
+        """
+        params = dict(self.model.named_parameters())
+        total = 0
+        for name, (slot, shape, dtype) in placement.slots.items():
+            p = params.get(name)
+            if p is None:
+                raise ValueError(f"{name!r} was placed in the tier but is not a parameter of the model; "
+                                 "place only parameters")
+            nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+            self.residency.adopt(name, p.untyped_storage(), nbytes, tier, slot)
+            total += nbytes
+        placement.slots.clear()  # the slots belong to the residency table now
+        self._out_of_core = True
+        return total
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -224,11 +300,12 @@ class OffloadRuntime:
         if self.config.policy == "none":
             yield
         elif executor is None and self._warmup_left > 0:
-            mode = "warmup"
-            yield
+            mode, executor = "warmup", self._online
+            with executor.iteration(inputs) if executor is not None else nullcontext():
+                yield
             self._warmup_left -= 1
         elif executor is None:
-            mode = "profile"
+            mode, executor = "profile", self._online
             with self._profiling(inputs):
                 yield
         else:
@@ -238,8 +315,7 @@ class OffloadRuntime:
             mode = "fallback" if executor.diverged else "planned"
             if executor.diverged:
                 self._first_planned = True  # everything came back: the next iteration re-enters the plan
-        self.last_report = self._report(mode, executor if mode in ("planned", "fallback") else None,
-                                        time.perf_counter() - start)
+        self.last_report = self._report(mode, executor, time.perf_counter() - start)
         self.step_index += 1
         if mode == "fallback" and self.config.reprofile_after and \
                 self._divergent_since_plan >= self.config.reprofile_after:
@@ -247,12 +323,18 @@ class OffloadRuntime:
 
     @contextmanager
     def _profiling(self, inputs: Any) -> Iterator[None]:
+        online = self._online
         if self._window is None:
+            hooks = (online.pack, online.unpack) if online is not None else None
             self._window = TraceWindow(self.model, self.optimizer, num_iterations=self.config.profile_iterations,
-                                       config=self._tracer_config)
+                                       config=self._tracer_config, saved_hooks=hooks,
+                                       moving=self.residency if online is not None else None)
         window = self._window
         try:
-            with window.iteration(inputs):
+            # The tracer first, then the online executor: its fault-in mode is the inner one, so
+            # the tracer sees every operation with its storages back (Note [tracing under a budget]).
+            with window.iteration(inputs), \
+                    online.iteration(inputs, saved_hooks=False) if online is not None else nullcontext():
                 yield
         except BaseException:
             self._window = None  # a failed step spends the window: the trace must be of consecutive iterations
@@ -267,12 +349,31 @@ class OffloadRuntime:
 
         Under a plan some tensors wait in a tier across the step boundary (their storage is empty
         then); inside this block they are back, and the next step re-enters the plan from its start.
+        When the training state does not fit the budget they are not all brought back: the block
+        runs under the online executor, so an operation that reads a tensor brings it back first
+        and the budget holds (code that reads raw bytes rather than through torch operations must
+        ``clone()`` a tensor first).
 
         Example:
             >>> with rt.resident():  # doctest: +SKIP
             ...     val_loss = evaluate(model)
         """
-        if self._executor is not None and not self._closed:
+        if self._closed:
+            yield
+            return
+        if self._out_of_core and self._online is not None:
+            self._first_planned = True
+            stats, self.residency.stats = self.residency.stats, TransferStats()
+            try:
+                with self._online.iteration(None):
+                    yield
+            finally:
+                for name in ("bytes_in", "bytes_out"):
+                    for tier, b in getattr(self.residency.stats, name).items():
+                        self.totals[name][tier] = self.totals[name].get(tier, 0) + b
+                self.residency.stats = stats
+            return
+        if self.residency.entries:
             self._counting_bytes_in(self.residency.arrive_all)
             self._first_planned = True  # the next iteration evicts what the plan keeps away at its start
         yield
@@ -326,7 +427,7 @@ class OffloadRuntime:
                              if self.config.reprofile_after else ""), stacklevel=2)
 
     def _reprofile(self) -> None:
-        self._executor.remove()
+        self._executor.remove(restore=False)  # the online executor takes over where it left things
         self._executor = None
         self._warmup_left = 0
         self.totals["reprofiles"] += 1
@@ -366,11 +467,15 @@ class OffloadRuntime:
         t["plan_hits"] += hits
         t["fallbacks"] += fallbacks
         t["device_peak_bytes"] = max(t["device_peak_bytes"], peak)
+        t["peak_by_mode"][mode] = max(t["peak_by_mode"].get(mode, 0), peak)
         return report
 
     def summary(self) -> Dict[str, Any]:
         """Totals over every step so far, with the plan's budget and the unconstrained peak."""
         out = {"policy": self.config.policy, **{k: (dict(v) if isinstance(v, dict) else v) for k, v in self.totals.items()}}
+        if self._online is not None:
+            out["online_budget_bytes"] = self._online.state.budget_bytes
+            out["out_of_core"] = self._out_of_core
         if self.plan is not None:
             out.update(device_budget_bytes=self.plan.device_budget_bytes,
                        unconstrained_peak_bytes=self.plan.unconstrained_peak_bytes,
@@ -396,16 +501,24 @@ class OffloadRuntime:
             paths["plot"] = plot_plan(self.planning_trace, self.plan, directory / "plan.png")
         return paths
 
-    def close(self) -> None:
-        """Bring every tensor back, remove every hook, close the tiers the runtime opened. Idempotent."""
+    def close(self, restore: bool = True) -> None:
+        """Bring every tensor back, remove every hook, close the tiers the runtime opened. Idempotent.
+
+        Args:
+            restore: False leaves what waits in a tier there (its bytes are lost when the tiers
+                close): for a training state that does not fit, once nothing needs it any more.
+        """
         if self._closed:
             return
         self._closed = True
         try:
             if self._window is not None:
                 self._window.close()
-            if self._executor is not None:
-                self._counting_bytes_in(self._executor.remove)  # what waits across the step boundary comes back
+            for executor in (self._executor, self._online):
+                if executor is not None:
+                    executor.remove(restore=False)
+            if restore:
+                self._counting_bytes_in(self.residency.arrive_all)  # what waits across the step boundary comes back
         finally:
             if self.engine is not None and self._owns_engine:
                 self.engine.close()

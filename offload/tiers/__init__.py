@@ -8,7 +8,13 @@ hold. Private modules (``_memory``, ``_pool``, ``_nvme_io``, ``_cuda``) are priv
 other packages use the names re-exported here.
 """
 
-from tierflow.offload.tiers._memory import ExtentAllocator, MappedMemory, aligned_empty, trim_freed_memory
+from tierflow.offload.tiers._memory import (
+    ExtentAllocator,
+    MappedMemory,
+    aligned_empty,
+    map_large_allocations,
+    trim_freed_memory,
+)
 from tierflow.offload.tiers._pool import PooledTier, SlabPool
 from tierflow.offload.tiers.base import Slot, Tier, TransferHandle
 from tierflow.offload.tiers.calibrate import CalibrationPlan, calibrate, measure_link
@@ -53,5 +59,6 @@ __all__ = [
     "measure_link",
     "numa_placement",
     "ranks_on_this_node",
+    "map_large_allocations",
     "trim_freed_memory",
 ]

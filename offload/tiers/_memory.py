@@ -185,6 +185,27 @@ def aligned_empty(nbytes: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor
 _libc: Optional[ctypes.CDLL] = None
 
 
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
+
+
+def map_large_allocations(threshold_bytes: int = 1 << 20) -> bool:
+    """Have glibc map every allocation of ``threshold_bytes`` or more on its own, for good.
+
+    Setting the threshold explicitly also stops glibc from raising it (see
+    :func:`trim_freed_memory`), so a freed tensor of that size goes straight back to the OS and
+    RSS follows what is live: what a CPU run whose "device" is RAM needs for its budget to mean
+    resident memory. Each such allocation then costs an ``mmap`` and fresh zeroed pages (cheap
+    next to the NVMe I/O such a run does). A no-op (returns False) where the C library is not glibc.
+    """
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL("libc.so.6")
+        return bool(_libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+    except (OSError, AttributeError):
+        return False
+
+
 def trim_freed_memory() -> bool:
     """Give the OS back the heap memory freed tensors left behind, so RSS follows what is live.
 
