@@ -13,21 +13,23 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import psutil
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tierflow.offload import SubgroupStepper, TierEngine
-from tierflow.trainer.config import TrainConfig
+from tierflow.offload.runtime.materialize import TierPlacement
+from tierflow.trainer.config import ConfigError, TrainConfig
 from tierflow.trainer.data import ShardedLoader, TokenSource, build_source
 from tierflow.trainer.distributed import Runtime
 from tierflow.trainer.metrics import make_run_dir
 from tierflow.trainer.model import build_model
 from tierflow.trainer.optim import build_optimizer
 
-__all__ = ["RunParts", "autocast_dtype", "build_run", "model_name", "prepare_run_dir", "seed_everything",
-           "uses_tiers"]
+__all__ = ["RunParts", "autocast_dtype", "build_in_tier", "build_run", "model_name", "prepare_run_dir",
+           "seed_everything", "training_state_bytes", "uses_tiers"]
 
 
 @dataclass
@@ -55,6 +57,8 @@ class RunParts:
     amp_dtype: Optional[torch.dtype]
     engine: Optional[TierEngine] = None
     step: Optional[SubgroupStepper] = None  # with offloading: clip and step sub-group by sub-group
+    placement: Optional[TierPlacement] = None  # parameters materialised into a tier (out of core)
+    placement_tier: str = ""  # the tier they wait in
 
     def close(self) -> None:
         """Free the optimizer's tier slots (and swap files), then close the tiers. Idempotent."""
@@ -77,11 +81,28 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
     seed_everything(tc.seed)
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    # Built on the meta device, then materialised tensor by tensor onto the device (bit-identical to eager).
-    model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len, device=rt.device)
+    engine = TierEngine(cfg.tiers) if uses_tiers(cfg) else None
+    placed: dict = {}
+
+    def place_for(meta_model: nn.Module) -> Optional[TierPlacement]:
+        tier = build_in_tier(cfg, rt.device, training_state_bytes(meta_model, cfg), engine, rt.distributed)
+        if tier is None:
+            return None
+        placed["tier"] = tier
+        placed["placement"] = TierPlacement(engine.tiers[tier.split(":")[0]], parameters_only=True)
+        return placed["placement"]
+
+    try:
+        # Built on the meta device, then materialised tensor by tensor onto the device
+        # (bit-identical to eager), or, when the state does not fit, into a tier.
+        model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len, device=rt.device,
+                            place_for=place_for)
+    except BaseException:
+        if engine is not None:
+            engine.close()
+        raise
     wrapped: nn.Module = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
         if rt.distributed else model
-    engine = TierEngine(cfg.tiers) if uses_tiers(cfg) else None
     try:
         optimizer, scheduler = build_optimizer(model, cfg.optimizer, tc.steps, tiers=cfg.tiers, engine=engine,
                                                grad_accum=tc.grad_accum)
@@ -99,7 +120,54 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
         # The loop zeroes gradients right after the step, so each may go as soon as it is used.
         step = SubgroupStepper(optimizer, cfg.offload.optimizer_subgroup_bytes, free_grads=True)
     return RunParts(model, wrapped, optimizer, scheduler, loader, source, autocast_dtype(tc.precision, rt.device),
-                    engine, step)
+                    engine, step, placed.get("placement"), placed.get("tier", ""))
+
+
+def training_state_bytes(model: nn.Module, cfg: TrainConfig) -> int:
+    """Parameters, gradients and optimizer states of ``model`` (meta or real) in bytes."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return params + grads + grads * (2 if cfg.optimizer.name == "adamw" else 1)
+
+
+def build_in_tier(cfg: TrainConfig, device: torch.device, state_bytes: int, engine: Optional[TierEngine],
+                  distributed: bool = False) -> Optional[str]:
+    """The tier to materialise the parameters into, or None to build on the device
+    (``offload.build_in_tier``: ``auto`` when the state would not fit the byte budget or, on a CPU
+    machine, the memory available now).
+
+    Raises:
+        ConfigError: the state must go to a tier but cannot (no tier below the device is open,
+            several ranks, in-memory snapshots, the tiered optimizer).
+    """
+    o = cfg.offload
+    if o.policy == "none" or o.build_in_tier == "never":
+        return None
+    budget = o.device_budget_bytes
+    too_big = (budget is not None and state_bytes > budget) or \
+        (device.type == "cpu" and state_bytes > psutil.virtual_memory().available)
+    if o.build_in_tier == "auto" and not too_big:
+        return None
+    gib = state_bytes / 2 ** 30
+    why = (f"the training state ({gib:,.2f} GiB of parameters, gradients and optimizer states) does not fit "
+           + ("the device budget" if budget is not None and state_bytes > budget else "in memory")
+           if o.build_in_tier == "auto" else "offload.build_in_tier=always")
+    if distributed:
+        raise ConfigError(f"{why}, and building a model into a tier is single-process for now; train it on one "
+                          "rank, or raise the budget so each rank holds it")
+    if cfg.checkpoint.enabled:
+        raise ConfigError(f"{why}, and checkpoint=memory keeps a copy of the whole state in RAM; use "
+                          "checkpoint=none for a state this size")
+    if cfg.optimizer.tiered.enabled:
+        raise ConfigError(f"{why}; with optimizer.tiered.enabled=true the parameters stay on the device: set "
+                          "optimizer.tiered.enabled=false and let offloading page the whole state")
+    order = ("nvme", "numa") if device.type == "cpu" else ("host", "numa", "nvme")
+    opened = engine.tiers if engine is not None else {}
+    for kind in order:
+        if kind in opened:
+            return kind
+    raise ConfigError(f"{why}, and no tier below the {'memory' if device.type == 'cpu' else 'device'} is open to "
+                      f"hold it; enable one, e.g. tiers.nvme.enabled=true tiers.nvme.dirs=[/path/on/ssd]")
 
 
 def seed_everything(seed: int) -> None:

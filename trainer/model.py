@@ -128,7 +128,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int,
-                device: Optional[torch.device] = None) -> nn.Module:
+                device: Optional[torch.device] = None,
+                place_for: Optional[Callable[[nn.Module], Optional[Callable]]] = None) -> nn.Module:
     """Build the module ``cfg._target_`` names.
 
     The built-in GPT gets every size key. A user's module gets ``cfg.kwargs`` plus each of
@@ -143,6 +144,9 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int,
     initialisation consumes the random generator exactly as eager construction does, so the
     weights are bit-identical, and host memory never holds a second copy of the model. Without
     ``device`` the module is constructed eagerly where the caller's device context says.
+    ``place_for(meta_model)`` may return a ``place`` for ``materialize`` (a ``TierPlacement``:
+    the parameters then go straight into a tier); it sees the model on the meta device first,
+    so it can size the training state before any memory is used.
 
     Raises:
         ConfigError: the target cannot be imported, is not an ``nn.Module``, or rejects its
@@ -166,8 +170,9 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int,
         if source is not None:
             _load_eagerly(model, source)
         return model.to(device)
+    place = place_for(model) if place_for is not None else None
     try:
-        materialize(model, program, device=device, source=source)
+        materialize(model, program, device=device, source=source, place=place)
     except MaterializeError as exc:
         raise ConfigError(f"{cfg._target_}: {exc}") from None
     return model

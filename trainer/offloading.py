@@ -40,7 +40,7 @@ class NoOffload:
     def save_plan(self, directory: Union[str, Path], *, plot: bool = True) -> Dict[str, Path]:
         return {}
 
-    def close(self) -> None:
+    def close(self, restore: bool = True) -> None:
         pass
 
 
@@ -63,5 +63,8 @@ def start_offload(cfg: TrainConfig, parts: RunParts, *, checkpointing: bool) -> 
         movable -= {"param", "grad"}
     if cfg.optimizer.tiered.enabled:
         movable -= {"optimizer_state"}
-    return OffloadRuntime(parts.model, parts.optimizer, cfg.offload, tiers=parts.engine,
-                          hardware=cfg.tiers.hardware_model(), movable=frozenset(movable))
+    rt = OffloadRuntime(parts.model, parts.optimizer, cfg.offload, tiers=parts.engine,
+                        hardware=cfg.tiers.hardware_model(), movable=frozenset(movable))
+    if parts.placement is not None:  # built into a tier: the parameters stay there until a step needs them
+        rt.adopt(parts.placement, parts.placement_tier)
+    return rt

@@ -83,6 +83,9 @@ def resident_training_state_bytes(cfg: TrainConfig) -> int:
     report = dry_run(cfg)
     if cfg.optimizer.tiered.enabled:
         return report["param_bytes"] * 2  # weights and gradients
+    budget = cfg.offload.device_budget_bytes
+    if cfg.offload.policy != "none" and budget is not None and budget < report["training_state_bytes"]:
+        return budget  # the device is RAM: offloading keeps the resident state within the budget
     return report["training_state_bytes"]
 
 

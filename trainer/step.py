@@ -71,5 +71,6 @@ def parameter_digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # A copy made by an operation: a tensor waiting in a tier comes back for it (one at a time).
+        h.update(p.detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

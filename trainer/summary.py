@@ -61,6 +61,11 @@ def format_summary(s: Dict[str, Any]) -> str:
     ])
 
 
+def _peaks_by_mode(peaks: Dict[str, int]) -> str:
+    order = ("warmup", "profile", "planned", "fallback")
+    return ", ".join(f"{mode} {peaks[mode] / 2 ** 20:,.1f} MiB" for mode in order if mode in peaks) or "no step"
+
+
 def _offload_lines(o: Optional[Dict[str, Any]], *, cuda: bool) -> List[str]:
     if not o or "device_budget_bytes" not in o:
         return [f"  offloading {o['policy']}: no plan was made"] if o else []
@@ -73,16 +78,13 @@ def _offload_lines(o: Optional[Dict[str, Any]], *, cuda: bool) -> List[str]:
         f"{o['unconstrained_peak_bytes'] / mib:,.1f} MiB",
         # On CUDA the allocator measures the device peak; on a CPU it is computed from the trace and
         # the runtime's residency (the process's measured figure is the peak RSS line above).
-        (f"              measured peak {o['device_peak_bytes'] / mib:,.1f} MiB in planned steps (CUDA allocator); "
-         if cuda else
-         f"              computed peak {o['device_peak_bytes'] / mib:,.1f} MiB in planned steps (from the trace and "
-         f"residency); ") +
-        f"moved {moved / mib:,.1f} MiB ({', '.join(sorted(o['bytes_out'])) or 'nothing'}); "
+        f"              {'measured' if cuda else 'computed'} peak {o['device_peak_bytes'] / mib:,.1f} MiB over every "
+        f"step ({_peaks_by_mode(o.get('peak_by_mode', {}))}; "
+        + ("CUDA allocator" if cuda else "from the trace and residency") + ")",
+        f"              moved {moved / mib:,.1f} MiB ({', '.join(sorted(o['bytes_out'])) or 'nothing'}); "
         f"stall {o['stall_s'] * 1e3:,.1f} ms",
-        f"              steps: {steps.get('planned', 0)} planned, {steps.get('fallback', 0)} fallback, "
-        f"{steps.get('profile', 0)} profiled; {o['plan_hits']} plan hits, {o['fallbacks']} fallbacks, "
-        f"{o['divergent_iterations']} divergent, {o['reprofiles']} re-profiles",
-        # Not hidden: warm-up and profiled steps run before any plan exists, without the budget.
-        *([f"              the {steps.get('warmup', 0) + steps.get('profile', 0)} warm-up and profiled steps ran "
-           f"without the budget, at the unconstrained peak"] if steps.get("warmup", 0) + steps.get("profile", 0) else []),
+        f"              steps: {steps.get('warmup', 0)} warm-up and {steps.get('profile', 0)} profiled (no plan yet: "
+        f"{'online policy under the budget' if o.get('online_budget_bytes') else 'no budget'}), "
+        f"{steps.get('planned', 0)} planned, {steps.get('fallback', 0)} fallback; {o['plan_hits']} plan hits, "
+        f"{o['fallbacks']} fallbacks, {o['divergent_iterations']} divergent, {o['reprofiles']} re-profiles",
     ]

@@ -114,21 +114,25 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
                             refresh=False)
             bar.update(1)
         ckpt.finish(tc.steps)  # last snapshot, persisted if configured
+        with offload.resident():  # within the budget: a state that does not fit comes back tensor by tensor
+            if not val_losses:  # resumed after the last step: nothing was left to train, report where it stands
+                val_losses.append((tc.steps, evaluate(parts.wrapped, parts.loader, tc.eval_batches, parts.amp_dtype,
+                                                      rt)))
+            digest = parameter_digest(parts.model)
     except BaseException:
         ckpt.abort()
         sink.close_on_error()
         raise
     finally:
         bar.close()
-        offload.close()  # every tensor back on the device, hooks removed
+        # Every tensor back on the device and hooks removed; a state built into a tier stays there.
+        offload.close(restore=parts.placement is None)
         parts.close()  # the tiered optimizer's slots and swap files, then the tiers
-    if not val_losses:  # resumed after the last step: nothing was left to train, report where it stands
-        val_losses.append((tc.steps, evaluate(parts.wrapped, parts.loader, tc.eval_batches, parts.amp_dtype, rt)))
     # 6. Summary: figures, the profile and the plan files, the loss plot.
     summary = make_summary(cfg, model=parts.model, model_name=model_name(cfg), source=source, device=rt.device,
                            world_size=rt.world_size, amp_dtype=parts.amp_dtype, losses=losses, val_losses=val_losses,
                            step_times=step_times, wall_s=time.perf_counter() - start,
-                           digests=rt.gather(parameter_digest(parts.model)), run_dir=str(run_dir))
+                           digests=rt.gather(digest), run_dir=str(run_dir))
     summary.update(ckpt.summary())
     _add_offload_and_profile(cfg, rt, summary, offload, window, run_dir)
     sink.finish(summary)
