@@ -414,6 +414,9 @@ class Executor:
             return
         name = type(self.optimizer).__name__
         kind = PointKind.OPTIMIZER_PRE if pre else PointKind.OPTIMIZER_POST
+        if pre:  # the step writes its parameters, even through .data (Note [clean copies])
+            self.residency.forget_clean(self.name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]
+                                        if id(p) in self.name_of)
         self._point(kind, name, self._next_call(kind, name))
 
     # ---- saved tensors -----------------------------------------------------------------------

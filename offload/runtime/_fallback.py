@@ -191,6 +191,7 @@ class Fallback:
             needed = [(pname, self.params[pname]) for pname in self.module_params.get(name, ())]
         elif kind is PointKind.OPTIMIZER_PRE:
             needed = self._stepped()
+            self.residency.forget_clean(key for key, _ in needed)  # the step writes them
         elif kind is PointKind.GRAD_READY:
             iteration.last_used[f"{name}:grad"] = iteration.clock
         self.bring([key for key, _ in needed], frozenset(id(t.untyped_storage()) for _, t in needed), kind.value)

@@ -19,6 +19,14 @@ Note [absent is weak]: while an entry is ``absent`` it holds its (empty) storage
 storage nobody else holds any more (a saved activation whose graph autograd freed) is dead: its
 bytes need not come back, and the entry is simply dropped when it would be fetched. While a copy
 is in flight the entry holds the storage strongly (the copy reads or writes its memory).
+
+Note [clean copies]: a parameter that comes back keeps its tier copy (its slot is not freed)
+while its version counter says it is unchanged; evicting it again then only frees the device
+memory. Parameters change only in the optimizer step, so in forward and backward each leaves the
+device at no I/O cost, as ZeRO-Infinity releases gathered parameters without writing them. Both
+executors drop the copies of the parameters an optimizer step is about to update (so an
+optimizer that writes ``p.data``, which no version counter sees, is covered too), and a tier that
+runs out of room frees every clean copy before it gives up.
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ import functools
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
+from tierflow.offload.core.errors import TierFullError
 from tierflow.offload.tiers.base import Slot, Tier, TransferHandle
 
 __all__ = ["Residency", "TransferStats"]
@@ -123,9 +132,14 @@ class Residency:
             less compute; the oldest transfer is waited for (a stall) to make room.
     """
 
-    def __init__(self, tier_for: Callable[[str], Tier], max_inflight: int = 0) -> None:
+    def __init__(self, tier_for: Callable[[str], Tier], max_inflight: int = 0,
+                 version_of: Optional[Callable[[str], Optional[int]]] = None) -> None:
         self._tier_for = tier_for
         self.max_inflight = max_inflight
+        # Note [clean copies]: key -> (slot, tier name, tier, bytes, version) of a tier copy kept
+        # after the tensor came back, reused by its next offload while the tensor is unchanged.
+        self._version_of = version_of
+        self.clean: Dict[str, Tuple[Slot, str, Tier, int, int]] = {}
         self.entries: Dict[str, _Entry] = {}
         self._by_storage: Dict[int, str] = {}  # id(storage) -> key of its entry
         self.transferring = 0  # > 0 while this thread may run one of our own copies
@@ -143,11 +157,21 @@ class Residency:
         empty, or not resizable); the tensor then simply stays."""
         if key in self.entries and self._dead(self.entries[key]):
             self.discard(key)  # the key's previous tensor died while away (a gradient set to None)
-        if key in self.entries or storage.nbytes() == 0 or not storage.resizable():
+        if key in self.entries or storage.nbytes() == 0 or not storage.resizable() or storage.device.type == "meta":
             return False
-        self._make_room()
         entry = _Entry(key, storage, tier_name, self._tier_for(tier_name))
-        entry.slot = entry.tier.reserve(entry.nbytes)
+        if self._reuse_clean(entry):
+            self.entries[key] = entry
+            self._by_storage[entry.sid] = key
+            return True
+        self._make_room()
+        try:
+            entry.slot = entry.tier.reserve(entry.nbytes)
+        except TierFullError:
+            if not self.clean:
+                raise
+            self.free_clean()  # clean copies are a convenience: give their room to what must leave now
+            entry.slot = entry.tier.reserve(entry.nbytes)
         entry.handle = entry.tier.write(entry.slot, _bytes_of(storage))
         self.entries[key] = entry
         self._by_storage[entry.sid] = key
@@ -201,8 +225,38 @@ class Residency:
                 return  # it was dead
             self.stats.on_demand += 1
         self._wait(entry)
-        entry.tier.free(entry.slot)
+        version = self._version_of(key) if self._version_of is not None else None
+        if version is not None:  # the slot holds what the storage holds now (Note [clean copies])
+            self.clean[key] = (entry.slot, entry.tier_name, entry.tier, entry.nbytes, version)
+        else:
+            entry.tier.free(entry.slot)
         self._forget(key, entry)
+
+    def _reuse_clean(self, entry: _Entry) -> bool:
+        """Note [clean copies]: a tensor that comes back keeps its tier copy while it is unchanged
+        (parameters in forward and backward: only the optimizer writes them). Its next offload
+        to the same tier then writes nothing: the copy is already there. Changed (its version
+        counter moved, or :meth:`forget_clean` was told so) or going elsewhere, the copy is freed."""
+        kept = self.clean.pop(entry.key, None)
+        if kept is None:
+            return False
+        slot, tier_name, tier, nbytes, version = kept
+        if tier_name == entry.tier_name and nbytes == entry.nbytes and version == self._version_of(entry.key):
+            entry.slot = slot
+            return True
+        tier.free(slot)
+        return False
+
+    def forget_clean(self, keys: Iterable[str]) -> None:
+        """These tensors are about to change (an optimizer step): free their clean copies."""
+        for key in keys:
+            kept = self.clean.pop(key, None)
+            if kept is not None:
+                kept[2].free(kept[0])
+
+    def free_clean(self) -> None:
+        """Free every clean copy."""
+        self.forget_clean(list(self.clean))
 
     def adopt(self, key: str, storage: torch.UntypedStorage, nbytes: int, tier_name: str, slot: Slot) -> None:
         """Take over a storage whose bytes already wait in ``slot`` of a tier (an empty storage now:

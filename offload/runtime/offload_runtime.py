@@ -177,6 +177,9 @@ class OffloadRuntime:
             raise ValueError("pass the module inside DistributedDataParallel (ddp.module), not the wrapper")
         if not isinstance(config, OffloadConfig):
             raise ValueError(f"config must be an OffloadConfig, got {type(config).__name__}")
+        if any(p.device.type == "meta" for p in model.parameters()):
+            raise ValueError("the model has parameters on the meta device: materialise it first (into a tier with "
+                             "TierPlacement, then OffloadRuntime.adopt), and create its optimizer after that")
         self.model, self.optimizer, self.config = model, optimizer, config
         first = next(model.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
@@ -210,7 +213,13 @@ class OffloadRuntime:
         self.totals: Dict[str, Any] = {"steps": {}, "bytes_out": {}, "bytes_in": {}, "stall_s": 0.0, "plan_hits": 0,
                                        "fallbacks": 0, "divergent_iterations": 0, "reprofiles": 0,
                                        "device_peak_bytes": 0, "peak_by_mode": {}}
-        self.residency = Residency(self._tier_for, config.max_inflight_transfers)
+        params = dict(model.named_parameters())
+
+        def version_of(key: str) -> Optional[int]:
+            p = params.get(key)
+            return None if p is None else p._version  # parameters keep clean copies (Note [clean copies])
+
+        self.residency = Residency(self._tier_for, config.max_inflight_transfers, version_of=version_of)
         self._closed = False
         self._online: Optional[Executor] = None  # Note [budget from step 0]
         self._out_of_core = False  # the state does not fit the budget: never bring it all back
@@ -519,6 +528,7 @@ class OffloadRuntime:
                     executor.remove(restore=False)
             if restore:
                 self._counting_bytes_in(self.residency.arrive_all)  # what waits across the step boundary comes back
+            self.residency.free_clean()
         finally:
             if self.engine is not None and self._owns_engine:
                 self.engine.close()
