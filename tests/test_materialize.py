@@ -148,15 +148,21 @@ def test_hf_directory_loads_shard_by_shard_and_equals_the_saved_weights(llama_di
     assert torch.equal(model(tokens), reference(input_ids=tokens).logits)
 
 
-def test_hf_directory_trains_with_offloading_bit_identically(llama_dir, quiet):
+def test_hf_directory_trains_with_offloading_bit_identically(tmp_path, quiet):
+    """A transformers Llama (random weights from its config) at 25% of its unconstrained peak."""
     from tierflow.trainer.compose import load_config
     from tierflow.trainer.train import train
 
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    cfg.save_pretrained(tmp_path / "llama")  # config.json only: the architecture's own initialisation
     common = [q for q in quiet if q != "offload=none"] + [
-        "model=hf", f"model.path={llama_dir}", "data.vocab_size=256", "data.seq_len=32", "trainer.steps=5",
+        "model=hf", f"model.path={tmp_path / 'llama'}", "data.vocab_size=256", "data.seq_len=32", "trainer.steps=5",
         "trainer.global_batch=4"]
     plain = train(load_config(common + ["offload=none", "logging.run_name=plain"])[0])
-    offloaded = train(load_config(common + ["offload=lifetime", "offload.device_budget_fraction=0.75",
+    offloaded = train(load_config(common + ["offload=lifetime", "offload.device_budget_fraction=0.25",
                                             "logging.run_name=offloaded"])[0])
     assert torch.equal(torch.tensor(plain.losses), torch.tensor(offloaded.losses))
     for (name, a), (_, b) in zip(plain.model.named_parameters(), offloaded.model.named_parameters()):
