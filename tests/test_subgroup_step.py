@@ -177,3 +177,35 @@ def test_free_grads_drops_each_gradient_after_its_update():
     F.cross_entropy(model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten()).backward()
     SubgroupStepper(opt, 0)()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def _train_fused(make_opt, subgroup_bytes, steps=5):
+    """``_train`` without clipping, every sub-group updated inside backward."""
+    model = _gpt()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = make_opt([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    stepper = SubgroupStepper(opt, subgroup_bytes, free_grads=True)
+    losses = []
+    for b in _batches(steps):
+        with stepper.fused_into_backward():
+            loss = F.cross_entropy(model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten())
+            loss.backward()
+        assert all(p.grad is None for p in model.parameters())  # freed as each sub-group was updated
+        sched.step()
+        losses.append(loss.item())
+    return losses, model, opt
+
+
+@pytest.mark.parametrize("name", ["adamw-foreach", "sgd-nesterov", "rmsprop"])
+@pytest.mark.parametrize("subgroup_bytes", [0, 4096])
+def test_an_update_fused_into_backward_is_bit_identical(name, subgroup_bytes):
+    """Note [update in backward]: sub-groups stepped as their gradients become final (in reverse
+    order, inside backward) give the bits of one step after backward."""
+    ref_losses, ref_model, ref_opt = _train(OPTIMIZERS[name], clip=float("inf"))
+    losses, model, opt = _train_fused(OPTIMIZERS[name], subgroup_bytes)
+    assert losses == ref_losses
+    for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), n
+    assert ref_opt.state_dict()["param_groups"] == opt.state_dict()["param_groups"]

@@ -24,18 +24,24 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     """One optimizer step over ``micro_batches``; returns the mean loss (a detached 0-d tensor).
 
     With ``step`` (a :class:`~tierflow.offload.optim.SubgroupStepper`) clipping and the update run
-    one sub-group at a time, bit-identically to ``clip_grad_norm_`` and ``optimizer.step()``.
+    one sub-group at a time, bit-identically to ``clip_grad_norm_`` and ``optimizer.step()``;
+    without clipping or accumulation, inside backward (``SubgroupStepper.fused_into_backward``).
     """
     accum = len(micro_batches)
     total = torch.zeros((), device=micro_batches[0][0].device)
+    # Nothing needs every gradient first (no clipping, one micro-batch, no DDP reduction): each
+    # sub-group is updated inside backward as soon as its gradients are final, the same bits.
+    fused = step is not None and grad_clip <= 0 and accum == 1 and not isinstance(model, DDP)
     for i, (inputs, targets) in enumerate(micro_batches):
         # DDP all-reduces gradients only on the last micro-batch of the step.
         sync = nullcontext() if i == accum - 1 or not isinstance(model, DDP) else model.no_sync()
-        with sync:
+        with sync, step.fused_into_backward() if fused else nullcontext():
             loss = _loss(model, inputs, targets, amp_dtype)
             (loss / accum).backward()
         total += loss.detach()
-    if step is not None and grad_clip > 0:  # clipping streamed sub-group by sub-group, the same bits
+    if fused:
+        pass  # updated in backward
+    elif step is not None and grad_clip > 0:  # clipping streamed sub-group by sub-group, the same bits
         step.clip_and_step(model.parameters(), grad_clip)
     else:
         if grad_clip > 0:

@@ -20,7 +20,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils._foreach_utils import _has_foreach_support
@@ -65,6 +66,12 @@ class SubgroupStepper:
         # Per sub-group: (param group index, its parameters in this sub-group), built once per
         # partition so a step costs O(sub-group), not O(all parameters), per sub-group.
         self._members: List[List[Tuple[int, List[torch.nn.Parameter]]]] = []
+        self._hooks: List[Any] = []  # post-accumulate-grad hooks of fused_into_backward
+        self._hooks_for: List[int] = []
+        self._sub_of: Dict[int, int] = {}
+        self._waiting: List[int] = []
+        self._groups: List[Dict[str, Any]] = []
+        self._armed = False
 
     def _partition(self) -> None:
         flat = [(gid, p) for gid, g in enumerate(self.optimizer.param_groups) for p in g["params"]]
@@ -145,6 +152,62 @@ class SubgroupStepper:
             self.optimizer.param_groups = groups
         return total
 
+    @contextmanager
+    def fused_into_backward(self) -> Iterator[None]:
+        """Run one backward inside this block: each sub-group is updated inside it, the moment its
+        last gradient is final, and its gradients are freed at once (Note [update in backward]).
+
+        Use it when nothing needs every gradient first: no clipping by global norm, no gradient
+        accumulation over micro-batches, no data-parallel reduction. Exact: each update reads its
+        own parameter, gradient and state only, so the order of sub-groups changes nothing.
+
+        Example:
+            >>> with stepper.fused_into_backward():  # doctest: +SKIP
+            ...     loss.backward()            # the whole optimizer step happens in here
+        """
+        self._partition()
+        if self._hooks_for != self._ids:
+            for h in self._hooks:
+                h.remove()
+            self._sub_of = {id(self._order[i]): k for k, sub in enumerate(self.subgroups) for i in sub.param_ids}
+            self._hooks = [p.register_post_accumulate_grad_hook(self._grad_final) for p in self._order
+                           if p.requires_grad]
+            self._hooks_for = list(self._ids)
+        self._waiting = [sum(1 for i in sub.param_ids if self._order[i].requires_grad) for sub in self.subgroups]
+        self._groups = self.optimizer.param_groups
+        self._armed = True
+        try:
+            yield
+            for k, left in enumerate(self._waiting):  # a sub-group part of which got no gradient
+                if left > 0 and self._has_grads(k):
+                    self._step_subgroup(k)
+        finally:
+            self._armed = False
+            self.optimizer.param_groups = self._groups
+
+    def _grad_final(self, p: torch.Tensor) -> None:
+        if not self._armed:
+            return
+        k = self._sub_of.get(id(p))
+        if k is None:
+            return
+        self._waiting[k] -= 1
+        if self._waiting[k] == 0:
+            self._step_subgroup(k)
+
+    def _has_grads(self, k: int) -> bool:
+        return any(self._order[i].grad is not None for i in self.subgroups[k].param_ids)
+
+    def _step_subgroup(self, k: int) -> None:
+        self._waiting[k] = -1  # stepped
+        self.optimizer.param_groups = self._narrowed(self._groups, k)
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.param_groups = self._groups
+        for i in self.subgroups[k].param_ids:
+            self._order[i].grad = None
+
     def _release(self, sub: SubGroup) -> None:
         if self.free_grads:
             for i in sub.param_ids:
@@ -153,6 +216,15 @@ class SubgroupStepper:
     def _narrowed(self, groups: List[Dict[str, Any]], k: int) -> List[Dict[str, Any]]:
         # Fresh dicts of the live groups: the hyperparameters a scheduler set for this step.
         return [{**groups[gid], "params": params} for gid, params in self._members[k]]
+
+
+# Note [update in backward]: ``register_post_accumulate_grad_hook`` fires once a parameter's
+# gradient is final for this backward (every use of the parameter has contributed: the engine
+# sums them before the accumulation node runs), and the parameter is not read by backward after
+# that. Updating its sub-group there, and dropping the gradient, means gradients never wait for
+# the whole backward: no gradient is written to a tier and read back, which is half the I/O of a
+# step whose state lives on NVMe. The step hooks still fire (inside backward), so the tracer and
+# the plan see each sub-group's update as points of the backward phase.
 
 
 # Note [points without an update]: the tracer and the executor learn where they are in the
