@@ -209,3 +209,32 @@ def test_an_update_fused_into_backward_is_bit_identical(name, subgroup_bytes):
     for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
         assert torch.equal(a, b), n
     assert ref_opt.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_norms_taken_in_backward_clip_exactly(max_norm):
+    """The norms clip_and_step needs, taken as each gradient became final in backward, give the
+    bits of clip_grad_norm_ (scaling and not), and no pass over the gradients runs before the
+    update (no step over empty groups)."""
+    ref_losses, ref_model, _ = _train(OPTIMIZERS["adamw-foreach"], clip=max_norm)
+    model = _gpt()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = OPTIMIZERS["adamw-foreach"]([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    stepper = SubgroupStepper(opt, 0, free_grads=True)
+    empty_steps = []
+    opt.register_step_pre_hook(lambda o, *_: empty_steps.append(not o.param_groups))
+    losses = []
+    for b in _batches(5):
+        with stepper.norms_in_backward():
+            loss = F.cross_entropy(model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten())
+            loss.backward()
+        stepper.clip_and_step(model.parameters(), max_norm)
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        losses.append(loss.item())
+    assert losses == ref_losses
+    for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), n
+    assert empty_steps and not any(empty_steps)

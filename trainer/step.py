@@ -32,10 +32,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     # Nothing needs every gradient first (no clipping, one micro-batch, no DDP reduction): each
     # sub-group is updated inside backward as soon as its gradients are final, the same bits.
     fused = step is not None and grad_clip <= 0 and accum == 1 and not isinstance(model, DDP)
+    # With clipping, each gradient's norm is taken as it becomes final (in the last backward).
+    early_norms = step is not None and grad_clip > 0 and not isinstance(model, DDP)
     for i, (inputs, targets) in enumerate(micro_batches):
         # DDP all-reduces gradients only on the last micro-batch of the step.
         sync = nullcontext() if i == accum - 1 or not isinstance(model, DDP) else model.no_sync()
-        with sync, step.fused_into_backward() if fused else nullcontext():
+        streamed = step.fused_into_backward() if fused else \
+            step.norms_in_backward() if early_norms and i == accum - 1 else nullcontext()
+        with sync, streamed:
             loss = _loss(model, inputs, targets, amp_dtype)
             (loss / accum).backward()
         total += loss.detach()

@@ -71,7 +71,9 @@ class SubgroupStepper:
         self._sub_of: Dict[int, int] = {}
         self._waiting: List[int] = []
         self._groups: List[Dict[str, Any]] = []
-        self._armed = False
+        self._armed = ""  # "fused" or "norms" while a backward runs inside one of those blocks
+        self._early_norms: Dict[int, torch.Tensor] = {}  # id(param) -> its gradient's norm, taken in backward
+        self._norm_type = 2.0
 
     def _partition(self) -> None:
         flat = [(gid, p) for gid, g in enumerate(self.optimizer.param_groups) for p in g["params"]]
@@ -124,8 +126,11 @@ class SubgroupStepper:
         norms: Dict[int, torch.Tensor] = {}
         groups = self.optimizer.param_groups
         stepped = {id(p) for p in self._order}
+        early, self._early_norms = self._early_norms, {}
+        if self._norm_type == norm_type and all(id(p) in early for p in params):
+            norms = early  # taken as each gradient became final (norms_in_backward): no pass needed
         try:
-            for sub in self.subgroups:
+            for sub in self.subgroups if not norms else ():
                 self.optimizer.param_groups = []
                 self.optimizer.step()  # Note [points without an update]
                 for i in sub.param_ids:
@@ -165,28 +170,48 @@ class SubgroupStepper:
             >>> with stepper.fused_into_backward():  # doctest: +SKIP
             ...     loss.backward()            # the whole optimizer step happens in here
         """
-        self._partition()
-        if self._hooks_for != self._ids:
-            for h in self._hooks:
-                h.remove()
-            self._sub_of = {id(self._order[i]): k for k, sub in enumerate(self.subgroups) for i in sub.param_ids}
-            self._hooks = [p.register_post_accumulate_grad_hook(self._grad_final) for p in self._order
-                           if p.requires_grad]
-            self._hooks_for = list(self._ids)
+        self._install_hooks()
         self._waiting = [sum(1 for i in sub.param_ids if self._order[i].requires_grad) for sub in self.subgroups]
         self._groups = self.optimizer.param_groups
-        self._armed = True
+        self._armed = "fused"
         try:
             yield
             for k, left in enumerate(self._waiting):  # a sub-group part of which got no gradient
                 if left > 0 and self._has_grads(k):
                     self._step_subgroup(k)
         finally:
-            self._armed = False
+            self._armed = ""
             self.optimizer.param_groups = self._groups
 
+    @contextmanager
+    def norms_in_backward(self, norm_type: float = 2.0) -> Iterator[None]:
+        """Run the backward that makes the gradients final inside this block (the last
+        micro-batch's): each gradient's norm is taken the moment it is final, so the next
+        :meth:`clip_and_step` needs no pass over the gradients before the update (Note [update in
+        backward]). Not under DDP: its reducer changes gradients after they are accumulated."""
+        self._install_hooks()
+        self._early_norms, self._norm_type = {}, norm_type
+        self._armed = "norms"
+        try:
+            yield
+        finally:
+            self._armed = ""
+
+    def _install_hooks(self) -> None:
+        self._partition()
+        if self._hooks_for == self._ids:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._sub_of = {id(self._order[i]): k for k, sub in enumerate(self.subgroups) for i in sub.param_ids}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_final) for p in self._order if p.requires_grad]
+        self._hooks_for = list(self._ids)
+
     def _grad_final(self, p: torch.Tensor) -> None:
-        if not self._armed:
+        if self._armed == "norms":
+            self._early_norms[id(p)] = _norm(p.grad, self._norm_type)
+            return
+        if self._armed != "fused":
             return
         k = self._sub_of.get(id(p))
         if k is None:
