@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tierflow.offload.core.errors import TierFullError
 from tierflow.offload.runtime._iteration import IterationState
 from tierflow.offload.runtime._residency import Residency
 from tierflow.offload.runtime._schedule import Schedule
@@ -319,7 +320,12 @@ class Fallback:
         for key, storage, category in sorted(self.candidates(where, spare), key=order):
             if used <= target:
                 break
-            freed = self.residency.evict_now(key, storage, tier)
+            try:
+                freed = self.residency.evict_now(key, storage, tier)
+            except TierFullError:
+                if self.strict:
+                    raise
+                break  # a best-effort budget (not strict) keeps what the tier cannot take
             if freed:
                 used -= freed
                 self.evictions += 1
