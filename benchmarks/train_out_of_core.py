@@ -32,7 +32,28 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from torch import nn
+
+from tierflow.trainer.model import GPT, GPTConfig
+
 REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+
+
+class UntiedGPT(GPT):
+    """The built-in GPT with its own output head (not tied to the token embedding).
+
+    DeepSpeed's NVMe parameter swapper fails on the tied one (``AssertionError: param 17 already
+    assigned swap buffer id 1`` at the first forward), so both peers train this one. The trainer
+    builds it from ``model._target_=train_out_of_core.UntiedGPT`` with the size keys.
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, n_layer: int, n_head: int, d_model: int,
+                 mlp_ratio: int = 4, dropout: float = 0.0) -> None:
+        super().__init__(GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=n_layer, n_head=n_head,
+                                   d_model=d_model, mlp_ratio=mlp_ratio, dropout=dropout))
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        nn.init.normal_(self.head.weight, mean=0.0, std=0.02)
 GiB, MiB = 1 << 30, 1 << 20
 
 _STATUS = r"""
@@ -50,6 +71,7 @@ baseline = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")
 code = main(sys.argv[1:])
 print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": status("VmHWM"), "exit": code}))
+sys.exit(code)
 """
 
 _DEEPSPEED = _STATUS + r"""
@@ -60,17 +82,15 @@ for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_A
     os.environ.setdefault(k, v)
 import torch, torch.nn.functional as F
 import deepspeed
-from tierflow.trainer.model import GPT, GPTConfig
+from train_out_of_core import UntiedGPT
 args = json.loads(sys.argv[1])
 baseline = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")
 deepspeed.init_distributed(dist_backend="gloo")
-cfg = GPTConfig(vocab_size=args["vocab"], seq_len=args["seq"], n_layer=args["layers"], n_head=args["heads"],
-                d_model=args["d_model"])
 ds = args["ds"]
 nvme = args["dir"]
 config = {"train_micro_batch_size_per_gpu": args["batch"], "gradient_accumulation_steps": 1, "steps_per_print": 10**6,
-          "gradient_clipping": 1.0,
+          "gradient_clipping": args["clip"],
           "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.1}},
           "zero_optimization": {"stage": 3, "sub_group_size": ds["sub_group_size"],
                                 "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": ds["max_live"],
@@ -85,7 +105,7 @@ config = {"train_micro_batch_size_per_gpu": args["batch"], "gradient_accumulatio
 t0 = time.perf_counter()
 with deepspeed.zero.Init(remote_device="nvme", config_dict_or_path=config):
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = UntiedGPT(args["vocab"], args["seq"], args["layers"], args["heads"], args["d_model"])
 engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
 build_s = time.perf_counter() - t0
 g = torch.Generator().manual_seed(1)
@@ -125,15 +145,16 @@ def run_tierflow(a: argparse.Namespace, directory: Path) -> Dict[str, Any]:
     nvme = directory / "tierflow-nvme"
     nvme.mkdir(parents=True, exist_ok=True)
     overrides = ["logging=none", "logging.progress=false", "logging.plot=false", f"logging.run_root={run_root}",
+                 "model._target_=train_out_of_core.UntiedGPT",
                  f"model.n_layer={a.layers}", f"model.d_model={a.d_model}", f"model.n_head={a.heads}",
                  f"data.vocab_size={a.vocab}", f"data.seq_len={a.seq}", f"trainer.global_batch={a.batch}",
-                 f"trainer.steps={a.steps}", "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.grad_clip=1.0",
+                 f"trainer.steps={a.steps}", "trainer.eval_every=0", "trainer.eval_batches=1", f"trainer.grad_clip={a.clip}",
                  "offload=lifetime", f"offload.device_budget_bytes={int(a.budget_gib * GiB)}",
                  f"offload.profile_warmup={a.warmup}", "offload.profile_iterations=1",
                  "tiers.host.enabled=false", "tiers.nvme.enabled=true", f"tiers.nvme.dirs=[{nvme}]"]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _TIERFLOW, *overrides], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{HERE}"})
     wall = time.perf_counter() - start
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}",
@@ -143,7 +164,8 @@ def run_tierflow(a: argparse.Namespace, directory: Path) -> Dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     o = summary["offload"]
-    planned = [m for m in metrics if m.get("offload/diverged") == 0.0][a.warmup + 1:]
+    n_planned = o["steps"].get("planned", 0)
+    planned = metrics[len(metrics) - n_planned:] if n_planned else []
     moved = [sum(v for k, v in m.items() if k.startswith("offload/bytes_")) for m in planned]
     compute = _traced_compute_s(run_dir / "trace.tftrace")
     shutil.rmtree(run_root, ignore_errors=True)
@@ -172,10 +194,10 @@ def run_deepspeed(a: argparse.Namespace, directory: Path, ds: Dict[str, Any]) ->
     nvme = directory / "deepspeed-nvme"
     nvme.mkdir(parents=True, exist_ok=True)
     args = {"vocab": a.vocab, "seq": a.seq, "layers": a.layers, "heads": a.heads, "d_model": a.d_model,
-            "batch": a.batch, "steps": a.steps, "dir": str(nvme), "ds": ds}
+            "batch": a.batch, "steps": a.steps, "dir": str(nvme), "ds": ds, "clip": a.clip}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _DEEPSPEED, json.dumps(args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"})
+                          env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{HERE}", "DS_ACCELERATOR": "cpu"})
     wall = time.perf_counter() - start
     shutil.rmtree(nvme, ignore_errors=True)
     if done.returncode != 0:
@@ -200,6 +222,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=4, help="steps in all; the first --warmup + 1 build the plan")
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--budget-gib", type=float, default=2.0, help="tierflow's device (RAM) budget")
+    p.add_argument("--clip", type=float, default=1.0, help="clipping by global norm (0: none; tierflow then "
+                                                            "updates inside backward)")
     p.add_argument("--peers", default="tierflow,deepspeed")
     p.add_argument("--fio-gib", type=float, default=2.0)
     p.add_argument("--ds", default="{}", help="DeepSpeed buffer settings as JSON (see DS_DEFAULTS)")

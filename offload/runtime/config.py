@@ -88,9 +88,6 @@ class OffloadConfig:
             warnings.warn(f"offload.device_budget_fraction={self.device_budget_fraction} is above the traced peak: "
                           "iterations like the traced ones move nothing, only larger ones are held to it; "
                           "use a fraction below 1 (e.g. 0.5) to offload", stacklevel=2)
-        if self.device_budget_bytes is not None and self.device_budget_fraction is not None:
-            warnings.warn(f"offload.device_budget_fraction={self.device_budget_fraction} is ignored: "
-                          f"offload.device_budget_bytes={self.device_budget_bytes} wins; set only one", stacklevel=2)
 
     def budgets(self) -> Budgets:
         """The :class:`~tierflow.offload.plan.Budgets` these settings describe."""
