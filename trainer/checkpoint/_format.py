@@ -6,7 +6,7 @@ complete snapshot, which one is newest) is tested on plain ``bytearray`` buffers
 A segment is ``HEADER_BYTES`` of header followed by a body. Two kinds exist:
 
 * ``FULL``: one rank's whole snapshot. Body = tensor payload (``payload_len`` bytes, each tensor
-  64-byte aligned at a fixed offset for the run) then the pickled meta (``meta_len`` bytes).
+  64-byte aligned at a fixed offset for the run) then the meta as JSON (``meta_len`` bytes, Note [no pickles]).
 * ``SHARD``: piece ``shard_index`` of another rank's FULL body, erasure-coded ``k`` data +
   ``m`` parity. ``image_len``/``image_hash`` describe the FULL body it decodes back to.
 

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from tierflow.trainer.checkpoint._codec import decode, encode
 from tierflow.trainer.checkpoint._format import align
 
 __all__ = ["Captured", "ModuleState", "StateSource", "TensorEntry", "apply_state", "capture", "capture_rng", "host_copy",
-           "layout", "optimizer_param_names", "restore_rng", "views_from_payload"]
+           "layout", "meta_from_bytes", "meta_to_bytes", "optimizer_param_names", "restore_rng", "views_from_payload"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,24 @@ def layout(tensors: Sequence[Tuple[str, torch.Tensor]]) -> Tuple[List[TensorEntr
         entries.append(TensorEntry(key, str(t.dtype).replace("torch.", ""), tuple(t.shape), offset, nbytes))
         offset = align(offset + nbytes)
     return entries, offset
+
+
+def meta_to_bytes(meta: Dict[str, Any], entries: Sequence[TensorEntry]) -> bytes:
+    """A snapshot's meta and payload layout as JSON (Note [no pickles] in ``_codec``)."""
+    return encode({**meta, "layout": [(e.key, e.dtype, tuple(e.shape), e.offset, e.nbytes) for e in entries]})
+
+
+def meta_from_bytes(data: bytes) -> Dict[str, Any]:
+    """What :func:`meta_to_bytes` wrote, its ``layout`` as TensorEntry again.
+
+    Raises:
+        ValueError: not such bytes.
+    """
+    meta = decode(data)
+    if not isinstance(meta, dict) or not isinstance(meta.get("layout"), list):
+        raise ValueError("the snapshot's metadata has no layout")
+    meta["layout"] = [TensorEntry(*e) for e in meta["layout"]]
+    return meta
 
 
 def views_from_payload(entries: Sequence[TensorEntry], payload: torch.Tensor) -> Dict[str, torch.Tensor]:

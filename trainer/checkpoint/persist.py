@@ -13,16 +13,24 @@ when its name is final *and* both files are there, so a half-written one never i
 The state is a flat dict keyed by parameter *names* (see :mod:`tierflow.trainer.checkpoint._state`), so
 it loads at any world size: model and optimizer tensors are replicated under DDP and DCP stores
 them once; each rank's RNG state is its own key; a rank without one (a larger world) takes rank
-0's.
+0's. The meta and RNG states are JSON in uint8 tensors (Note [no pickles] in ``_codec``), so DCP
+pickles nothing of ours.
+
+Note [verify before parsing]: ``tierflow.json``, written last, is the copy's manifest: the size
+and XXH3-64 of every other file. Before anything in a copy is parsed (DCP's ``.metadata`` is a
+pickle), :func:`verify_checkpoint` checks that the directory and every file belong to this user
+and are not writable by group or others (as ssh treats key files), and that every file matches
+the manifest. :func:`newest_verified` skips a copy that fails, with a warning naming the problem,
+for the next older one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -30,8 +38,18 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import xxhash
 
-__all__ = ["find_checkpoints", "load_checkpoint", "save_checkpoint"]
+from tierflow.trainer.checkpoint._codec import decode, encode
+
+__all__ = ["CheckpointCorruptError", "find_checkpoints", "load_checkpoint", "newest_verified", "save_checkpoint",
+           "verify_checkpoint"]
+
+MANIFEST = "tierflow.json"
+
+
+class CheckpointCorruptError(RuntimeError):
+    """No persisted copy passed verification (Note [verify before parsing])."""
 
 _NAME = re.compile(r"^step-(\d{8,})$")
 META_KEY = "tierflow.meta"
@@ -49,7 +67,7 @@ def find_checkpoints(root: Path) -> List[Tuple[int, Path]]:
     out = []
     for p in root.iterdir():
         m = _NAME.match(p.name)
-        if m and (p / ".metadata").is_file() and (p / "tierflow.json").is_file():
+        if m and (p / ".metadata").is_file() and (p / MANIFEST).is_file():
             out.append((int(m.group(1)), p))
     return sorted(out, reverse=True)
 
@@ -81,8 +99,8 @@ def save_checkpoint(root: Path, step: int, tensors: Dict[str, torch.Tensor], met
         dist.barrier(group=group)
     shared = {k: v for k, v in meta.items() if k not in ("rng", "layout")}
     state: Dict[str, Any] = dict(tensors)
-    state[META_KEY] = pickle.dumps(shared)
-    state[_rng_key(rank)] = pickle.dumps(meta["rng"])
+    state[META_KEY] = _as_tensor(encode(shared))
+    state[_rng_key(rank)] = _as_tensor(encode(meta["rng"]))
     # torch.distributed.checkpoint is imported only when a copy is persisted or loaded.
     from torch.distributed.checkpoint import FileSystemWriter, save
 
@@ -95,8 +113,9 @@ def save_checkpoint(root: Path, step: int, tensors: Dict[str, torch.Tensor], met
     if rank == 0:
         for p in tmp.rglob("*"):
             os.chmod(p, 0o700 if p.is_dir() else 0o600)
-        info = {"step": step, "world_size": world_size, "time": time.time(), "format": "torch.distributed.checkpoint"}
-        with open(tmp / "tierflow.json", "w", opener=lambda p, f: os.open(p, f, 0o600)) as f:
+        info = {"step": step, "world_size": world_size, "time": time.time(), "format": "torch.distributed.checkpoint",
+                "files": {str(p.relative_to(tmp)): _file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}}
+        with open(tmp / MANIFEST, "w", opener=lambda p, f: os.open(p, f, 0o600)) as f:
             json.dump(info, f)
             f.flush()
             os.fsync(f.fileno())
@@ -115,10 +134,87 @@ def save_checkpoint(root: Path, step: int, tensors: Dict[str, torch.Tensor], met
     return final
 
 
+def _as_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def _file_digest(path: Path) -> Dict[str, Any]:
+    h = xxhash.xxh3_64()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "xxh3": h.hexdigest()}
+
+
+def _loose(path: Path) -> Optional[str]:
+    """Why ``path`` must not be trusted (another owner, group/other-writable, a link), or None."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if st.st_uid != os.geteuid():
+        return f"{path} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); chmod go-w it"
+    return None
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """Why the persisted copy ``path`` must not be loaded, or None when it verifies
+    (Note [verify before parsing]). Reads every file once; parses nothing but the manifest (JSON)."""
+    path = Path(path)
+    problem = _loose(path)
+    if problem:
+        return problem
+    manifest = path / MANIFEST
+    try:
+        problem = _loose(manifest)
+        if problem:
+            return problem
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its manifest {manifest} is missing or unreadable ({type(exc).__name__}); it was written by an " \
+               "older tierflow or damaged"
+    present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST}
+    if not isinstance(files, dict) or present != set(files):
+        extra, missing = sorted(present - set(files or {})), sorted(set(files or {}) - present)
+        return f"its files differ from its manifest (unlisted: {extra[:3]}, missing: {missing[:3]})"
+    for name, want in sorted(files.items()):
+        f = path / name
+        problem = _loose(f)
+        if problem:
+            return problem
+        if _file_digest(f) != want:
+            return f"{f} does not match its manifest (size or XXH3-64 checksum): truncated or changed"
+    return None
+
+
+def newest_verified(root: Path) -> List[Tuple[int, Path]]:
+    """``[(step, path)]`` of the newest complete copy under ``root`` that verifies (empty when
+    there is none); each newer one that fails is skipped with a warning.
+
+    Raises:
+        CheckpointCorruptError: copies exist and none verifies (one line naming each and why).
+    """
+    tried = []
+    for step, path in find_checkpoints(root):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return [(step, path)]
+        warnings.warn(f"skipping the persisted checkpoint {path}: {problem}", stacklevel=2)
+        tried.append(f"{path.name} ({problem})")
+    if tried:
+        raise CheckpointCorruptError(f"no persisted checkpoint under {root} verifies; tried {'; '.join(tried)}. "
+                                     "Restore a good copy there, or set checkpoint.restore=none to start afresh")
+    return []
+
+
 def load_checkpoint(path: Path, rank: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """This rank's named tensors and meta (with its RNG) from a checkpoint, at any world size.
 
-    Needs no process group: every rank reads what it needs on its own.
+    Needs no process group: every rank reads what it needs on its own. Verify it first
+    (:func:`verify_checkpoint`): DCP's ``.metadata`` is a pickle.
     """
     # torch.distributed.checkpoint is imported only when a copy is persisted or loaded.
     from torch.distributed.checkpoint import BytesStorageMetadata, FileSystemReader, TensorStorageMetadata, load
@@ -128,13 +224,14 @@ def load_checkpoint(path: Path, rank: int) -> Tuple[Dict[str, torch.Tensor], Dic
     rng_key = _rng_key(rank) if _rng_key(rank) in metadata.state_dict_metadata else _rng_key(0)
     state: Dict[str, Any] = {}
     for key, md in metadata.state_dict_metadata.items():
-        if isinstance(md, TensorStorageMetadata):
+        if isinstance(md, TensorStorageMetadata) and (not key.startswith("tierflow.rng.") or key == rng_key):
             state[key] = torch.empty(md.size, dtype=md.properties.dtype)
-        elif isinstance(md, BytesStorageMetadata) and key in (META_KEY, rng_key):
-            state[key] = b""
+        elif isinstance(md, BytesStorageMetadata):
+            raise ValueError(f"{path} holds pickled objects ({key}): not a copy this tierflow wrote; "
+                             "it is not loaded")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         load(state, storage_reader=reader, no_dist=True)
-    meta = pickle.loads(state.pop(META_KEY))
-    meta["rng"] = pickle.loads(state.pop(rng_key))
+    meta = decode(state.pop(META_KEY).numpy().tobytes())
+    meta["rng"] = decode(state.pop(rng_key).numpy().tobytes())
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, meta

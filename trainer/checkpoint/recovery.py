@@ -14,7 +14,6 @@ newest snapshot falls back to the older slot (or the peers, or disk) on every ra
 
 from __future__ import annotations
 
-import pickle
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +26,8 @@ import torch
 from tierflow.trainer.checkpoint._erasure import decode_body
 from tierflow.trainer.checkpoint._format import FULL, SHARD, checksum
 from tierflow.trainer.checkpoint._peers import fetch_shards
-from tierflow.trainer.checkpoint._state import views_from_payload
-from tierflow.trainer.checkpoint.persist import find_checkpoints, load_checkpoint
+from tierflow.trainer.checkpoint._state import meta_from_bytes, views_from_payload
+from tierflow.trainer.checkpoint.persist import load_checkpoint, newest_verified
 from tierflow.trainer.checkpoint.snapshotter import Holding, Snapshotter
 
 __all__ = ["RestorePlan", "RestoreResult", "choose_restore", "restore_latest"]
@@ -109,7 +108,9 @@ def restore_latest(snap: Snapshotter, *, gather: Any, broadcast: Any, persist_di
     t0 = time.perf_counter()
     mine = snap.holdings() if restore in ("auto", "memory") else []
     holdings = [h for per_rank in gather(mine) for h in per_rank]
-    disk = broadcast([(s, str(p)) for s, p in find_checkpoints(persist_dir)]) if restore in ("auto", "disk") else []
+    # Rank 0 verifies the newest persisted copy (Note [verify before parsing]); every rank loads it.
+    disk = broadcast([(s, str(p)) for s, p in newest_verified(persist_dir)] if snap.rank == 0 else None) \
+        if restore in ("auto", "disk") else []
     dirty = False  # some rank's live state holds a snapshot that failed its checksum
     while True:  # Note [verify what is chosen]
         plan = choose_restore(holdings, snap.world_size, disk)
@@ -185,7 +186,7 @@ def _from_memory(snap: Snapshotter, plan: RestorePlan, holdings: Sequence[Holdin
 
 
 def _apply_body(snap: Snapshotter, body: memoryview, payload_len: int, meta_len: int) -> int:
-    meta = pickle.loads(body[payload_len:payload_len + meta_len])
+    meta = meta_from_bytes(body[payload_len:payload_len + meta_len])
     tensors = views_from_payload(meta["layout"], torch.frombuffer(body, dtype=torch.uint8)[:payload_len]
                                  if payload_len else torch.empty(0, dtype=torch.uint8))
     return snap.state.apply(tensors, meta, rng=meta["rng"])

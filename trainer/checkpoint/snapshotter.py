@@ -19,7 +19,6 @@ and a slot is never written twice at once.
 from __future__ import annotations
 
 import os
-import pickle
 import queue
 import threading
 import time
@@ -54,6 +53,8 @@ from tierflow.trainer.checkpoint._state import (
     StateSource,
     TensorEntry,
     layout,
+    meta_from_bytes,
+    meta_to_bytes,
     views_from_payload,
 )
 from tierflow.trainer.checkpoint.persist import save_checkpoint
@@ -174,7 +175,7 @@ class Snapshotter:
         self.drain()  # Note [one snapshot in flight]
         cap = reference_tier_state(self.state.capture(step, self.config_hash))
         entries, payload_len = layout(cap.tensors)
-        meta_bytes = pickle.dumps({**cap.meta, "layout": entries})
+        meta_bytes = meta_to_bytes(cap.meta, entries)
         body_len = payload_len + len(meta_bytes)
         seg = self._pick_slot([self._full_name(0), self._full_name(1)], HEADER_BYTES + body_len + len(meta_bytes))
         invalidate(seg.buf)
@@ -259,7 +260,7 @@ class Snapshotter:
         if self.holders is not None and self.m > 0:
             self._push_shards(buf[HEADER_BYTES:HEADER_BYTES + body_len], header)
         if persist:
-            meta = pickle.loads(meta_bytes)
+            meta = meta_from_bytes(meta_bytes)
             views = views_from_payload(entries, payload)
             self.last_persisted = save_checkpoint(self.persist_dir, handle.step, views, meta, rank=self.rank,
                                                   world_size=self.world_size, group=self.group, keep=self.keep)
