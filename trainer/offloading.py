@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 from tierflow.offload import OffloadRuntime
+from tierflow.offload.core.names import TierName
 from tierflow.trainer.build import RunParts
 from tierflow.trainer.config import TrainConfig
 
@@ -66,5 +67,5 @@ def start_offload(cfg: TrainConfig, parts: RunParts, *, checkpointing: bool) -> 
     rt = OffloadRuntime(parts.model, parts.optimizer, cfg.offload, tiers=parts.engine,
                         hardware=cfg.tiers.hardware_model(), movable=frozenset(movable))
     if parts.placement is not None:  # built into a tier: the parameters stay there until a step needs them
-        rt.adopt(parts.placement, parts.placement_tier)
+        rt.adopt(parts.placement, str(TierName.first(parts.placement_tier)))
     return rt

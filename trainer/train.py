@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from tierflow.trainer.build import build_run, model_name, prepare_run_dir
-from tierflow.trainer.checkpoint import run_config_hash, start_checkpointing
+from tierflow.trainer.checkpoint import default_persist_dir, run_config_hash, run_identity, start_checkpointing
 from tierflow.trainer.cli import main as cli_main
 from tierflow.trainer.config import TrainConfig
 from tierflow.trainer.data import TokenSource
@@ -66,7 +66,9 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
     parts = build_run(cfg, rt, source)
     run_dir = prepare_run_dir(cfg, rt)
     # 2. In-memory snapshots: restore the newest complete one (memory, peers, disk) before training.
-    ckpt = start_checkpointing(cfg.checkpoint, parts, rt, run_dir, config_hash=run_config_hash(cfg))
+    run_id = run_identity(cfg, rt.world_size)  # Note [run identity]: whose snapshots and copies are whose
+    ckpt = start_checkpointing(cfg.checkpoint, parts, rt, default_persist_dir(cfg, run_id),
+                               config_hash=run_config_hash(cfg), run_id=run_id)
     start_step = ckpt.restore()
     # 3. Offloading profiles its first steps, plans, then runs every later step under the plan;
     #    without it, trainer.profile_iterations traces a window of steps.

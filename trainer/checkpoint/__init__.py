@@ -13,9 +13,11 @@ from tierflow.trainer.checkpoint.manager import (
     NoCheckpointing,
     check_checkpoint_config,
     check_restart_env,
+    default_persist_dir,
     open_checkpointer,
     resolve_node_id,
     run_config_hash,
+    run_identity,
     start_checkpointing,
 )
 from tierflow.trainer.checkpoint.persist import find_checkpoints, load_checkpoint, save_checkpoint
@@ -25,6 +27,6 @@ from tierflow.trainer.checkpoint.store import StoreClient, StoreError, default_s
 
 __all__ = ["Checkpointer", "Holding", "NoCheckpointing", "ModuleState", "RestorePlan", "RestoreResult", "SnapshotHandle", "Snapshotter",
            "StateSource", "StoreClient", "StoreError", "check_checkpoint_config", "check_restart_env", "choose_restore",
-           "default_store_dir", "find_checkpoints", "list_stores", "load_checkpoint", "open_checkpointer",
-           "reference_tier_state", "restore_latest", "resolve_node_id", "run_config_hash", "save_checkpoint",
+           "default_persist_dir", "default_store_dir", "find_checkpoints", "list_stores", "load_checkpoint", "open_checkpointer",
+           "reference_tier_state", "restore_latest", "resolve_node_id", "run_config_hash", "run_identity", "save_checkpoint",
            "start_checkpointing", "stop_store"]

@@ -19,7 +19,9 @@ What a snapshot of an engine holds (each rank its own; restored at the same worl
   (``param.ds_tensor``, never gathered) and persistent parameters are held whole;
 * ``optim[.rank<r>].<path>``: every tensor of ``engine.optimizer.state_dict()``, the ZeRO
   optimizer's per-rank state (fp32 master partitions and the partitioned Adam moments) or, at
-  stage 0, the torch optimizer's. The rest of that dict (loss scaler, paddings, ...) is pickled;
+  stage 0, the torch optimizer's. The rest of that dict (loss scaler, paddings, ...) is pickled,
+  as DeepSpeed's own checkpoints pickle it (the only pickle in tierflow's snapshots: it is read
+  after the segment's owner and checksum, or the copy's manifest, have been checked);
 * the LR scheduler, the engine's step counters, the RNG states and the step.
 
 Partitioned tensors carry the rank in their key because a disk checkpoint (DCP) keeps one copy
@@ -32,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +149,7 @@ class DeepSpeedState:
         prefix = f"optim.rank{self.rank}" if self.stage > 0 else "optim"
         tree = _split(self.engine.optimizer.state_dict(), prefix, tensors)
         scheduler = self.engine.lr_scheduler
-        meta = {"step": step, "config_hash": config_hash, "zero_stage": self.stage, "optim_tree": tree,
+        meta = {"step": step, "config_hash": config_hash, "zero_stage": self.stage, "optim_tree": pickle.dumps(tree),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "engine": {k: getattr(self.engine, k) for k in _COUNTERS if hasattr(self.engine, k)},
                 "rng": capture_rng()}
@@ -162,7 +165,7 @@ class DeepSpeedState:
             raise ValueError(f"the snapshot was taken under ZeRO stage {meta.get('zero_stage')}, this engine runs "
                              f"stage {self.stage}; restore it with the DeepSpeed config it was taken with")
         engine = self.engine
-        sd = _join(meta["optim_tree"], tensors)
+        sd = _join(pickle.loads(meta["optim_tree"]), tensors)  # DeepSpeed's own objects (see the module doc)
         if self.stage == 0:
             engine.optimizer.load_state_dict(sd)
         else:

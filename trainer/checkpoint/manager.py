@@ -1,6 +1,6 @@
 """How the training loop uses checkpointing: four calls, in this order.
 
-    ckpt = start_checkpointing(cfg.checkpoint, parts, rt, run_dir, config_hash=run_config_hash(cfg))
+    ckpt = start_checkpointing(cfg.checkpoint, parts, rt, persist_dir, config_hash=..., run_id=...)
     start = ckpt.restore()              # newest complete snapshot: memory, peers, disk (or 0)
     ... each step, after scheduler.step(): ckpt.after_step(step + 1)
     ckpt.finish(steps)                  # final snapshot, persist, drain; ckpt.abort() on error
@@ -45,6 +45,29 @@ def run_config_hash(cfg: Any) -> str:
     """A hash of what determines the training state (model, data, optimizer, trainer sections)."""
     parts = {k: asdict(getattr(cfg, k)) for k in ("model", "data", "optimizer", "trainer")}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def run_identity(cfg: Any, world_size: int) -> str:
+    """Who a run is, for its snapshots and persisted copies (Note [run identity]).
+
+    Note [run identity]: snapshots were keyed by the config hash alone, so a second run with the
+    same training config in another run root resumed from the first one's snapshots (and the
+    first one's finish freed the second's), and a 1-rank run freed a 2-rank run's. The identity
+    adds where the run lives (``logging.run_root``, ``logging.run_name``) and its world size, and
+    leaves out the timestamp of a default run directory, so the same command (a torchrun restart,
+    a rerun after a reboot) is the same run, and any other is not.
+    """
+    parts = {k: asdict(getattr(cfg, k)) for k in ("model", "data", "optimizer", "trainer")}
+    parts["where"] = [str(Path(cfg.logging.run_root).expanduser().resolve()), cfg.logging.run_name or "", world_size]
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def default_persist_dir(cfg: Any, run_id: str) -> Path:
+    """Where a run's persisted copies go without ``checkpoint.dir``: one place per run identity,
+    ``<run_root>/checkpoints/<run>``, so a rerun of the same command finds them whatever its own
+    (timestamped) run directory is."""
+    name = cfg.logging.run_name or run_id[:16]
+    return Path(cfg.logging.run_root).expanduser().resolve() / "checkpoints" / name
 
 
 def resolve_node_id(value: str, rank: int, local_rank: int) -> str:
@@ -225,8 +248,8 @@ class NoCheckpointing:
         return {}
 
 
-def start_checkpointing(cfg: CheckpointConfig, parts: Any, rt: Any, run_dir: Path, *,
-                        config_hash: str) -> Union[Checkpointer, NoCheckpointing]:
+def start_checkpointing(cfg: CheckpointConfig, parts: Any, rt: Any, persist_dir: Path, *,
+                        config_hash: str, run_id: str) -> Union[Checkpointer, NoCheckpointing]:
     """Connect to (or start) this node's store and set up snapshots; a :class:`NoCheckpointing` when disabled.
 
     Collective: every rank calls it at the same point (it creates the checkpoint's gloo group).
@@ -236,20 +259,21 @@ def start_checkpointing(cfg: CheckpointConfig, parts: Any, rt: Any, run_dir: Pat
     """
     if not cfg.enabled:
         return NoCheckpointing()
-    persist_dir = Path(cfg.dir).expanduser() if cfg.dir else Path(run_dir) / "checkpoints"
+    persist_dir = Path(cfg.dir).expanduser() if cfg.dir else Path(persist_dir)
     return open_checkpointer(cfg, ModuleState(parts.model, parts.optimizer, parts.scheduler), rt, persist_dir,
-                             config_hash=config_hash)
+                             config_hash=config_hash, run_key=run_id[:12])
 
 
 def open_checkpointer(cfg: CheckpointConfig, state: StateSource, rt: Any, persist_dir: Path, *,
-                      config_hash: str) -> Checkpointer:
+                      config_hash: str, run_key: Optional[str] = None) -> Checkpointer:
     """Snapshots of any :class:`StateSource` (the trainer's model, a DeepSpeed engine, ...).
 
     Args:
         rt: the runtime: ``rank``, ``local_rank``, ``world_size``, ``distributed``, ``is_main``,
             ``device`` and the object collectives ``gather``/``broadcast`` (see ``trainer.dist``).
         persist_dir: where disk checkpoints go.
-        config_hash: names this run's snapshots (its first 12 characters) and is recorded in them.
+        config_hash: recorded in every snapshot; names this run's snapshots (its first 12
+            characters) unless ``run_key`` does (Note [run identity]).
 
     Raises:
         ConfigError: too few distinct nodes for ``data_shards + parity_shards``, or no store.
@@ -275,7 +299,7 @@ def open_checkpointer(cfg: CheckpointConfig, state: StateSource, rt: Any, persis
                             idle_timeout_s=cfg.idle_timeout_s)
     except StoreError as exc:
         raise ConfigError(str(exc)) from None
-    snap = Snapshotter(state=state, store=store, rank=rt.rank, world_size=rt.world_size, run_key=config_hash[:12],
+    snap = Snapshotter(state=state, store=store, rank=rt.rank, world_size=rt.world_size, run_key=run_key or config_hash[:12],
                        config_hash=config_hash, holders=holders, k=k, m=m, group=group, persist_dir=Path(persist_dir),
                        keep=cfg.keep)
     return Checkpointer(cfg, snap, rt, nodes)
