@@ -56,3 +56,28 @@ def test_another_run_with_the_same_config_neither_adopts_nor_frees_the_first_one
     assert second.losses == first.losses
     assert before <= set(store.names())  # and its finish freed only its own
     store.close()
+
+
+def test_a_segment_others_can_write_or_own_is_never_used(tmp_path, snapshot_store_dir):
+    """Issue 15 item 8: a leftover segment made writable by others (or given to another user) is
+    refused with a message naming it, not restored from or written into."""
+    import os
+
+    import pytest
+
+    from tierflow.trainer.checkpoint import StoreError
+
+    train(_cfg(tmp_path, snapshot_store_dir, "checkpoint.free_on_finish=false", "checkpoint.persist_on_finish=false"))
+    store = StoreClient(snapshot_store_dir, "n")
+    name = sorted(store.names())[0]
+    path = os.path.join("/dev/shm", name)
+    os.chmod(path, 0o666)
+    with pytest.raises(StoreError, match="mode 666"):
+        store.open_existing(name)
+    if os.geteuid() == 0:
+        os.chmod(path, 0o600)
+        os.chown(path, 12345, 12345)
+        with pytest.raises(StoreError, match="belongs to uid 12345"):
+            store.open_existing(name)
+        os.chown(path, 0, 0)
+    store.close()

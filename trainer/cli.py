@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from tierflow.offload import BudgetExceededError, TierError, TierIOError
 from tierflow.trainer.checkpoint.persist import CheckpointCorruptError
+from tierflow.trainer.checkpoint.store import StoreError
 from tierflow.trainer.config import ConfigError
 
 __all__ = ["SUBCOMMANDS", "main"]
@@ -55,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as exc:
         print(f"tierflow: error: {exc}", file=sys.stderr)
         return 2
-    except (TierError, BudgetExceededError, CheckpointCorruptError) as exc:
+    except (TierError, BudgetExceededError, CheckpointCorruptError, StoreError) as exc:
         # A tier that is full or failed, a budget the run cannot keep: one paragraph that says what
         # to change, not a traceback through the runtime (TIERFLOW_TRACEBACK=1 shows it).
         if os.environ.get("TIERFLOW_TRACEBACK"):

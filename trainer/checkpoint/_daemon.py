@@ -54,7 +54,8 @@ class _Store:
             st = os.fstat(fd)
             if st.st_uid != os.getuid():
                 raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to this store's owner")
-            os.fchmod(fd, 0o600)
+            if st.st_mode & 0o077:  # others could have written it: its bytes are not ours to trust
+                raise PermissionError(f"{path} has mode {st.st_mode & 0o777:o}; segments are 600. Remove it")
             if st.st_size < size:
                 os.ftruncate(fd, int(size))  # growing keeps the bytes already there
         finally:

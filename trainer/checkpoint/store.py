@@ -99,7 +99,14 @@ class Segment:
 def _map(path: str) -> mmap.mmap:
     fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
     try:
-        return mmap.mmap(fd, os.fstat(fd).st_size)
+        st = os.fstat(fd)
+        # A segment someone else owns, or that others may write, is never read or written
+        # (its bytes could be anyone's): refused, as ssh refuses loose key files.
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise StoreError(f"the snapshot segment {path} belongs to uid {st.st_uid} with mode "
+                             f"{st.st_mode & 0o777:o}; only segments you own with mode 600 are used. Remove it "
+                             f"(rm {path}) if it is not yours to keep")
+        return mmap.mmap(fd, st.st_size)
     finally:
         os.close(fd)
 
