@@ -115,9 +115,10 @@ def test_every_policy_is_bit_identical_and_moves_bytes(policy, model, references
     summary = rt.summary()
     assert summary["steps"].get("planned", 0) + summary["steps"].get("fallback", 0) == STEPS - 3
     assert sum(summary["bytes_out"].values()) > 0 and summary["plan_hits"] > 0
-    # Everything that left came back (a copy out still running at its deadline is cancelled: never left).
+    # What left came back. A parameter read back keeps its tier copy while unchanged (Note [clean
+    # copies]), so its next eviction writes nothing: reads may exceed writes.
     assert set(summary["bytes_in"]) == set(summary["bytes_out"])
-    assert all(0 < summary["bytes_in"][t] <= summary["bytes_out"][t] for t in summary["bytes_out"])
+    assert all(summary["bytes_in"][t] > 0 for t in summary["bytes_out"])
     assert summary["divergent_iterations"] == 0
     # Every planned offload found its tensor (Note [saved tensors held weakly], Note [late offload])
     # and the budget holds on every planned step.
@@ -321,5 +322,9 @@ def test_cuda_exact_and_allocator_peak_within_budget(policy):
 def test_budget_settings_that_do_nothing_warn():
     with pytest.warns(UserWarning, match="above the traced peak"):
         OffloadConfig(policy="lifetime", device_budget_fraction=1.5)
-    with pytest.warns(UserWarning, match="device_budget_fraction=0.5 is ignored"):
-        OffloadConfig(policy="lifetime", device_budget_fraction=0.5, device_budget_bytes=1 << 20)
+    # Bytes beside a preset's fraction is how a byte budget is given (every preset sets a
+    # fraction): documented as winning, not warned about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = OffloadConfig(policy="lifetime", device_budget_fraction=0.5, device_budget_bytes=1 << 20)
+    assert config.budgets().device_bytes == 1 << 20

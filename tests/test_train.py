@@ -3,6 +3,7 @@
 import json
 import math
 import stat
+import time
 
 import numpy as np
 import pytest
@@ -132,10 +133,13 @@ def test_a_run_resumed_after_its_last_step_finishes_cleanly_and_keeps_its_state(
                          "checkpoint.every_steps=2", "checkpoint.persist_on_finish=false",
                          "checkpoint.free_on_finish=false", "checkpoint.parity_shards=0",
                          f"checkpoint.store_dir={snapshot_store_dir}"]
-    first = train(load_config(overrides + ["logging.run_name=first"])[0])
-    again = train(load_config(overrides + ["logging.run_name=again"])[0])
+    # The same command: the same run identity (Note [run identity]); each gets its own timestamped directory.
+    first = train(load_config(overrides)[0])
+    time.sleep(1.1)
+    again = train(load_config(overrides)[0])
     assert again.losses == [] and again.summary["resumed_from_step"] == 4 and again.summary["steps_run"] == 0
     assert again.summary["param_digests"] == first.summary["param_digests"]
     assert again.summary["final_val_loss"] == first.summary["final_val_loss"]
-    third = train(load_config(overrides + ["logging.run_name=third"])[0])  # the state is still there
+    time.sleep(1.1)
+    third = train(load_config(overrides)[0])  # the state is still there
     assert third.summary["resumed_from_step"] == 4 and third.summary["param_digests"] == first.summary["param_digests"]
