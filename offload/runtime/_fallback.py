@@ -96,17 +96,16 @@ class _FaultIn(TorchDispatchMode):
             fb.bring(away, frozenset(inputs), f"operation {func}")
         out = func(*args, **kwargs)
         if not func.is_view:  # a view, or an in-place op's result, is no new memory
-            outputs = set()
+            outputs, made = set(), 0
             for t in flat_tensors(out, []):
                 st = storage_of(t)
                 known = fb.allocated.get(id(st)) if st is not None else None
                 # A dead storage's id may be recycled by this new one (StorageMap): compare identity.
                 if st is not None and id(st) not in inputs and (known is None or known() is not st):
                     fb.allocated[id(st)] = weakref.ref(st)
-                    fb.level += st.nbytes()
+                    made += st.nbytes()
                     outputs.add(id(st))
-            made = sum(st.nbytes() for st in (ref() for sid, ref in fb.allocated.items() if sid in outputs)
-                       if st is not None)
+            fb.level += made
             fb.state.largest_op_bytes = max(fb.state.largest_op_bytes, made)
             if fb.level > fb.state.budget_bytes - fb.state.largest_op_bytes:
                 # Act now, in the middle of an interval, sparing this op's tensors: room for the
