@@ -296,30 +296,30 @@ class OffloadRuntime:
             return
         if self._out_of_core and self._online is not None:
             self._first_planned = True
-            stats, self.residency.stats = self.residency.stats, TransferStats()
-            try:
-                with self._online.iteration(None):
-                    yield
-            finally:
-                for name in ("bytes_in", "bytes_out"):
-                    for tier, b in getattr(self.residency.stats, name).items():
-                        self.totals[name][tier] = self.totals[name].get(tier, 0) + b
-                self.residency.stats = stats
+            with self._between_steps(), self._online.iteration(None):
+                yield
             return
         if self.residency.entries:
             self._counting_bytes_in(self.residency.arrive_all)
             self._first_planned = True  # the next iteration evicts what the plan keeps away at its start
         yield
 
-    def _counting_bytes_in(self, bring_back) -> None:
-        """Run ``bring_back`` between steps, adding what it reads back to the run's totals."""
+    @contextmanager
+    def _between_steps(self) -> Iterator[None]:
+        """Count what moves between steps (evaluation, a digest, close) into the run's totals."""
         stats, self.residency.stats = self.residency.stats, TransferStats()
         try:
-            bring_back()
-            for tier, b in self.residency.stats.bytes_in.items():
-                self.totals["bytes_in"][tier] = self.totals["bytes_in"].get(tier, 0) + b
+            yield
         finally:
+            for name in ("bytes_in", "bytes_out"):
+                for tier, b in getattr(self.residency.stats, name).items():
+                    self.totals[name][tier] = self.totals[name].get(tier, 0) + b
             self.residency.stats = stats
+
+    def _counting_bytes_in(self, bring_back) -> None:
+        """Run ``bring_back`` between steps, adding what it moves to the run's totals."""
+        with self._between_steps():
+            bring_back()
 
     def _make_plan(self, trace) -> None:
         self.trace = trace
