@@ -42,6 +42,10 @@ def test_the_same_command_after_a_reboot_resumes_from_its_persisted_copy(tmp_pat
     assert again.run_dir != first.run_dir
     assert again.summary["resumed_from_step"] == 4 and again.summary["resumed_from"] == "disk"
     assert again.summary["param_digests"] == first.summary["param_digests"]
+    # metrics.jsonl goes on from the step it resumed from, with that step's loss
+    import json
+    lines = [json.loads(line) for line in (again.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0] == {"step": 4, "loss": first.losses[-1], "resumed_from": "disk"}
 
 
 def test_another_run_with_the_same_config_neither_adopts_nor_frees_the_first_ones_snapshots(

@@ -140,6 +140,7 @@ def test_a_run_resumed_after_its_last_step_finishes_cleanly_and_keeps_its_state(
     assert again.losses == [] and again.summary["resumed_from_step"] == 4 and again.summary["steps_run"] == 0
     assert again.summary["param_digests"] == first.summary["param_digests"]
     assert again.summary["final_val_loss"] == first.summary["final_val_loss"]
+    assert again.records == [{"step": 4, "loss": first.losses[-1], "resumed_from": "memory"}]
     time.sleep(1.1)
     third = train(load_config(overrides)[0])  # the state is still there
     assert third.summary["resumed_from_step"] == 4 and third.summary["param_digests"] == first.summary["param_digests"]

@@ -82,6 +82,7 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
     records: List[Dict[str, Any]] = []
     step_times: List[float] = []
     tokens_per_step = tc.global_batch * cfg.data.seq_len
+    _log_resumed_step(ckpt, sink, records)
     reset_peak_memory(rt.device)
     start = time.perf_counter()
     try:
@@ -93,14 +94,14 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
             with window.step(step, batches), offload.step(batches):
                 loss = train_step(parts.wrapped, parts.optimizer, batches, parts.amp_dtype, tc.grad_clip, parts.step)
             parts.scheduler.step()
-            ckpt.after_step(step + 1)  # snapshot: copied in the background during the next step
             loss_value = rt.mean(loss).item()  # also the step's device sync
+            if not math.isfinite(loss_value):  # before the snapshot: a restart must not resume into it
+                raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; "
+                                         "lower optimizer.lr or set trainer.grad_clip")
+            ckpt.after_step(step + 1, note={"loss": loss_value})  # snapshot: copied during the next step
             dt = time.perf_counter() - t0
             step_times.append(dt)
             losses.append(loss_value)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; "
-                                         "lower optimizer.lr or set trainer.grad_clip")
             # 5. Log, and evaluate every eval_every steps and at the end.
             record: Dict[str, Any] = {"loss": loss_value, "lr": lr, "step_time_s": dt,
                                       "tokens_per_s": tokens_per_step / dt,
@@ -144,6 +145,17 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
                         summary["data_loss_floor"])
         print(format_summary(summary), flush=True)
     return TrainResult(losses, val_losses, summary, parts.model, run_dir, records)
+
+
+def _log_resumed_step(ckpt, sink, records: List[Dict[str, Any]]) -> None:
+    """A resumed run's metrics.jsonl starts with the step it resumed from and that step's loss, so
+    the curve continues where the run left off (the loss is kept with every snapshot)."""
+    res = ckpt.restored
+    if res is None or "loss" not in res.note:
+        return
+    record = {"loss": float(res.note["loss"]), "resumed_from": res.source}
+    records.append({"step": res.step, **record})
+    sink.log(res.step, record)
 
 
 def _add_offload_and_profile(cfg: TrainConfig, rt: Runtime, summary: Dict[str, Any], offload, window,

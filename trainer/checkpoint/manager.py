@@ -113,6 +113,7 @@ class Checkpointer:
         self._flags = 0
         self._last_step: Optional[int] = None
         self._last_persisted: Optional[int] = None
+        self._note: Dict[str, Any] = {}  # of the step after_step was last called for
         # The only place training can stall: right before an optimizer mutates captured state.
         self._hooks = [opt.register_step_pre_hook(lambda *_: snap.wait_safe())
                        for opt in snap.state.mutating_optimizers()]
@@ -137,13 +138,19 @@ class Checkpointer:
         if res is None:
             return 0
         self._last_step = res.step
+        self._note = dict(res.note)  # kept by a snapshot of the same step (a resume with nothing left to train)
         self._last_persisted = res.step if res.source == "disk" else None
         if self.rt.is_main:
             print(f"tierflow: resumed from step {res.step} in {res.seconds:.2f} s: " + "; ".join(details), flush=True)
         return res.step
 
-    def after_step(self, step: int) -> None:
-        """Call after ``scheduler.step()`` of every step (``step`` steps are done)."""
+    def after_step(self, step: int, note: Optional[Dict[str, Any]] = None) -> None:
+        """Call after ``scheduler.step()`` of every step (``step`` steps are done).
+
+        ``note``: small JSON values to keep with this step's snapshot (the trainer's loss); a
+        run resumed from it finds them in ``restored.note``.
+        """
+        self._note = dict(note or {})
         flags = self._flags
         if self.rt.distributed:  # Note [agreed signals]
             t = torch.tensor([flags], dtype=torch.int64, device=self.rt.device)
@@ -163,7 +170,7 @@ class Checkpointer:
             raise SystemExit(128 + signal.SIGTERM)
 
     def _snapshot(self, step: int, persist: bool) -> None:
-        self.snap.snapshot(step, persist=persist)
+        self.snap.snapshot(step, persist=persist, note=self._note)
         self._last_step = step
         if persist:
             self._last_persisted = step
@@ -235,7 +242,7 @@ class NoCheckpointing:
     def restore(self) -> int:
         return 0
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, note: Optional[Dict[str, Any]] = None) -> None:
         pass
 
     def finish(self, step: int) -> None:

@@ -51,6 +51,7 @@ class RestoreResult:
     source: str
     seconds: float
     detail: str
+    note: Dict[str, Any] = field(default_factory=dict)  # what ``snapshot(note=...)`` kept (the last loss)
 
 
 def choose_restore(holdings: Sequence[Holding], world_size: int, disk: Sequence[Tuple[int, str]] = ()) -> RestorePlan:
@@ -124,7 +125,8 @@ def restore_latest(snap: Snapshotter, *, gather: Any, broadcast: Any, persist_di
             if torn:
                 raise AssertionError(f"rank {snap.rank}: the snapshot rebuilt from peers fails its checksum, "
                                      "but every shard sent passed its own")
-            return RestoreResult(step, "memory", time.perf_counter() - t0, _detail(plan, snap.rank, nodes))
+            return RestoreResult(step, "memory", time.perf_counter() - t0, _detail(plan, snap.rank, nodes),
+                                 dict(snap.restored_note))
         for h in bad:
             snap.discard(h)  # never chosen again, by this start or the next
         holdings = [h for h in holdings if h not in all_bad]
@@ -139,7 +141,8 @@ def restore_latest(snap: Snapshotter, *, gather: Any, broadcast: Any, persist_di
         warnings.warn(f"the checkpoint {plan.disk_path} was written with another configuration; restoring it "
                       "anyway (model and optimizer shapes must match)", stacklevel=2)
     step = snap.state.apply(tensors, meta, rng=meta["rng"])
-    return RestoreResult(step, "disk", time.perf_counter() - t0, f"from disk {plan.disk_path}")
+    return RestoreResult(step, "disk", time.perf_counter() - t0, f"from disk {plan.disk_path}",
+                         dict(meta.get("note") or {}))
 
 
 def _from_memory(snap: Snapshotter, plan: RestorePlan, holdings: Sequence[Holding]):
@@ -189,7 +192,9 @@ def _apply_body(snap: Snapshotter, body: memoryview, payload_len: int, meta_len:
     meta = meta_from_bytes(body[payload_len:payload_len + meta_len])
     tensors = views_from_payload(meta["layout"], torch.frombuffer(body, dtype=torch.uint8)[:payload_len]
                                  if payload_len else torch.empty(0, dtype=torch.uint8))
-    return snap.state.apply(tensors, meta, rng=meta["rng"])
+    step = snap.state.apply(tensors, meta, rng=meta["rng"])
+    snap.restored_note = dict(meta.get("note") or {})
+    return step
 
 
 def _detail(plan: RestorePlan, rank: int, nodes: Sequence[str]) -> str:

@@ -25,7 +25,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -148,6 +148,7 @@ class Snapshotter:
         self.stall_s = 0.0  # training-visible: time spent inside snapshot() and waiting for `safe`
         self.copy_s = 0.0
         self.last_persisted: Optional[Path] = None
+        self.restored_note: Dict[str, Any] = {}  # the note of the snapshot recovery applied last
         self._thread = threading.Thread(target=self._worker, name="tierflow-snapshot", daemon=True)
         self._thread.start()
 
@@ -169,11 +170,16 @@ class Snapshotter:
         return self.store.segment(names[best[1]], size)
 
     # --- taking snapshots -------------------------------------------------------------------
-    def snapshot(self, step: int, *, persist: bool = False) -> SnapshotHandle:
-        """Start a snapshot of the state after ``step`` optimizer steps; returns at once."""
+    def snapshot(self, step: int, *, persist: bool = False, note: Optional[Dict[str, Any]] = None) -> SnapshotHandle:
+        """Start a snapshot of the state after ``step`` optimizer steps; returns at once.
+
+        ``note``: small JSON values kept beside the state (the trainer's last loss) and handed
+        back by the restore that uses this snapshot (``RestoreResult.note``).
+        """
         t0 = time.perf_counter()
         self.drain()  # Note [one snapshot in flight]
         cap = reference_tier_state(self.state.capture(step, self.config_hash))
+        cap.meta["note"] = dict(note or {})
         entries, payload_len = layout(cap.tensors)
         meta_bytes = meta_to_bytes(cap.meta, entries)
         body_len = payload_len + len(meta_bytes)
