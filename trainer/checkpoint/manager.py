@@ -31,7 +31,7 @@ from tierflow.trainer.checkpoint._erasure import shard_holders
 from tierflow.trainer.checkpoint._state import ModuleState, StateSource
 from tierflow.trainer.checkpoint.recovery import RestoreResult, restore_latest
 from tierflow.trainer.checkpoint.snapshotter import Snapshotter
-from tierflow.trainer.checkpoint.store import StoreClient, StoreError, default_store_dir
+from tierflow.trainer.checkpoint.store import StoreClient, StoreError, default_store_dir, store_dir_problem
 from tierflow.trainer.config import CheckpointConfig, ConfigError
 
 __all__ = ["Checkpointer", "NoCheckpointing", "check_checkpoint_config", "check_restart_env", "open_checkpointer",
@@ -78,7 +78,7 @@ def resolve_node_id(value: str, rank: int, local_rank: int) -> str:
 
 
 def check_checkpoint_config(cfg: CheckpointConfig, world_size: int) -> None:
-    """What can be checked before any work: redundancy against the world size, the directory.
+    """What can be checked before any work: redundancy against the world size, the directories.
 
     Raises:
         ConfigError: listing every problem with the setting to change.
@@ -91,6 +91,11 @@ def check_checkpoint_config(cfg: CheckpointConfig, world_size: int) -> None:
         p.append(f"checkpoint.data_shards+checkpoint.parity_shards={cfg.data_shards}+{cfg.parity_shards} is larger "
                  f"than the world size {world_size}; each shard needs its own node: lower them (e.g. "
                  f"checkpoint.data_shards={max(1, world_size - 1)} checkpoint.parity_shards=1)")
+    # The store's socket path must fit: checked before the store directory or anything else is made.
+    node = resolve_node_id(cfg.node_id, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
+    problem = store_dir_problem(Path(cfg.store_dir) if cfg.store_dir else default_store_dir(), node)
+    if problem is not None:
+        p.append(problem)
     if cfg.dir:
         d = Path(cfg.dir).expanduser()
         try:

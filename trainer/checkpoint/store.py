@@ -26,10 +26,11 @@ from typing import Any, Dict, List, Optional
 import torch
 
 __all__ = ["Segment", "StoreClient", "StoreError", "default_store_dir", "list_stores", "prepare_store_dir",
-           "segment_prefix", "stop_store"]
+           "segment_prefix", "stop_store", "store_dir_problem"]
 
 _DAEMON = Path(__file__).with_name("_daemon.py")
 _NODE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SUN_PATH_MAX = 107  # bytes of a Unix socket path: sockaddr_un.sun_path is 108 on Linux, with its NUL
 
 
 class StoreError(RuntimeError):
@@ -42,12 +43,38 @@ def default_store_dir() -> Path:
     return Path(runtime) / "tierflow" if runtime else Path(f"/tmp/tierflow-{os.getuid()}")
 
 
-def prepare_store_dir(path: Path) -> Path:
+def store_dir_problem(path: Path, node: Optional[str] = None) -> Optional[str]:
+    """Why ``path`` cannot hold the socket ``<path>/<node>.sock``, or None; nothing is created.
+
+    Args:
+        path: the store directory (``~`` and symlinks are resolved, as the store does).
+        node: the node id the socket is named after; None checks for the longest one (64 bytes).
+    """
+    path = Path(path).expanduser().resolve()
+    node_bytes = len(node.encode()) if node is not None else 64
+    socket_bytes = len(os.fsencode(str(path))) + 1 + node_bytes + len(".sock")
+    if socket_bytes <= _SUN_PATH_MAX:
+        return None
+    return (f"the snapshot store directory {path} is too long for a Unix socket path: "
+            f"{path}/{node if node is not None else '<node>'}.sock would be {socket_bytes} bytes, the limit is "
+            f"{_SUN_PATH_MAX}; set checkpoint.store_dir to a path of at most "
+            f"{_SUN_PATH_MAX - 1 - node_bytes - len('.sock')} bytes")
+
+
+def prepare_store_dir(path: Path, node: Optional[str] = None) -> Path:
     """Create ``path`` owner-only, or check that an existing one is ours and make it 0700.
 
+    Args:
+        path: the store directory.
+        node: the node whose socket it must hold (None: any, see :func:`store_dir_problem`).
+
     Raises:
-        StoreError: it belongs to another user, or cannot be created.
+        StoreError: it is too long for the socket path (checked before anything is created),
+            belongs to another user, or cannot be created.
     """
+    problem = store_dir_problem(path, node)
+    if problem is not None:
+        raise StoreError(problem)
     path = Path(path).expanduser().resolve()
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -59,9 +86,6 @@ def prepare_store_dir(path: Path) -> Path:
         raise StoreError(f"the snapshot store directory {path} belongs to uid {st.st_uid}; set checkpoint.store_dir "
                          "to a directory of your own")
     os.chmod(path, 0o700)
-    if len(str(path)) + 1 + 64 + 5 > 107:  # <dir>/<node id, up to 64>.sock must fit sun_path
-        raise StoreError(f"the snapshot store directory {path} is too long for a Unix socket path; "
-                         "set checkpoint.store_dir to a shorter path")
     return path
 
 
@@ -131,7 +155,7 @@ class StoreClient:
                  start_timeout_s: float = 20.0) -> None:
         if not _NODE_RE.match(node):
             raise StoreError(f"checkpoint.node_id={node!r} must be 1-64 letters, digits or _.-")
-        self.store_dir, self.node = prepare_store_dir(store_dir), node
+        self.store_dir, self.node = prepare_store_dir(store_dir, node), node
         self.prefix = segment_prefix(self.store_dir, node)
         self.sock_path = self.store_dir / f"{node}.sock"
         self._lock = threading.Lock()
