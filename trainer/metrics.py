@@ -20,6 +20,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
+from tierflow.trainer._scratch import default_tempdir, process_scratch_dir
 from tierflow.trainer.config import LoggingConfig
 
 __all__ = ["MetricsSink", "NoSink", "make_run_dir", "open_sink", "peak_memory_bytes", "plot_losses", "progress_bar",
@@ -70,15 +71,19 @@ class MetricsSink:
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1, opener=_private_opener)
         self._wandb = None
         if cfg.backend == "wandb":
-            # wandb is slow to import: only with logging.backend=wandb.
-            import wandb
+            # wandb is slow to import: only with logging.backend=wandb. Importing it makes two temp
+            # directories (wandb-media, wandb-artifacts) and starting it one more, which only a clean
+            # exit removes: they go into this process's scratch directory, which the next tierflow
+            # process removes if this one is killed (Note [whose scratch directory]).
+            with default_tempdir(process_scratch_dir()):
+                import wandb
 
-            mode = cfg.mode if cfg.mode != "auto" else ("online" if cfg.project else "offline")
-            self._wandb = wandb.init(
-                project=cfg.project or "tierflow", entity=cfg.entity, name=run_dir.name,
-                dir=str(run_dir), mode=mode, config=config,
-                settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False),
-            )
+                mode = cfg.mode if cfg.mode != "auto" else ("online" if cfg.project else "offline")
+                self._wandb = wandb.init(
+                    project=cfg.project or "tierflow", entity=cfg.entity, name=run_dir.name,
+                    dir=str(run_dir), mode=mode, config=config,
+                    settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False),
+                )
 
     def log(self, step: int, values: Dict[str, float]) -> None:
         self._file.write(json.dumps({"step": step, **values}) + "\n")

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
+from tierflow.trainer._scratch import remove_stale_scratch
 from tierflow.trainer.build import build_run, model_name, prepare_run_dir
 from tierflow.trainer.checkpoint import default_persist_dir, run_config_hash, run_identity, start_checkpointing
 from tierflow.trainer.cli import main as cli_main
@@ -53,6 +54,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         ConfigError: a setting is wrong (raised before any device, process-group or disk work).
     """
     source = check_before_work(cfg)  # batch split, token file, model target, checkpoints, host RAM
+    remove_stale_scratch()  # temp dirs of tierflow processes killed with SIGKILL (Note [whose scratch directory])
     rt = init_runtime(cfg.trainer.device)
     try:  # leave the process group even when the run fails
         return _run(cfg, rt, source)
