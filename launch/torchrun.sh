@@ -9,6 +9,8 @@
 #   launch/torchrun.sh --nproc 2 --dry-run model=gpt1b
 # Restart a failed worker group up to 3 times; with checkpoint=memory it resumes from memory:
 #   launch/torchrun.sh --nproc 2 --max-restarts 3 checkpoint=memory
+# An error a restart cannot fix (a wrong setting, a full tier) is not restarted: it is printed once
+# and the launcher exits 2 (launch/_torchrun.py; Note [errors a restart cannot fix] in trainer/cli.py).
 #
 # Flags fall back to the environment: NPROC_PER_NODE, NNODES, RDZV_ENDPOINT (or
 # MASTER_ADDR:MASTER_PORT), RDZV_ID, MAX_RESTARTS. Everything else is passed to the trainer as Hydra
@@ -55,4 +57,4 @@ esac
 # addresses from the attempt before and hang. The trainer warns when this is missing.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 cd "$root"
-exec "$py" -m torch.distributed.run "${topo[@]}" --max-restarts "$max_restarts" -m tierflow.trainer.train "${args[@]}"
+exec "$py" "$root/launch/_torchrun.py" "${topo[@]}" --max-restarts "$max_restarts" -m tierflow.trainer.train "${args[@]}"
