@@ -10,7 +10,8 @@ exactly as a torchrun rank would: the launcher only reserves the workers (one pl
 they start together or not at all), numbers them, gives each node's workers local ranks and points
 them all at rank 0's address. When a worker dies (its process or its node), the whole group is torn
 down and started again, like ``torchrun --max-restarts``: with ``checkpoint=memory`` the new group
-resumes from the in-memory snapshots, otherwise from step 0.
+resumes from the in-memory snapshots, otherwise from step 0. A worker that fails in a way no restart
+can fix (a wrong setting, a full tier) ends the launch instead: its one line is printed, exit code 2.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def rank_environment(rank: int, world_size: int, node_of_rank: Sequence[str], ma
             "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
 
 
+class UnrecoverableError(RuntimeError):
+    """A worker failed in a way no restart can fix (a wrong setting, a full tier); the message is its
+    one-line report. The group is not restarted (Note [errors a restart cannot fix] in trainer/cli.py)."""
+
+
 class _Worker:
     """One rank. A Ray actor: its process lives as long as the group's attempt."""
 
@@ -80,12 +86,20 @@ class _Worker:
         os.environ.update(env)
         if str(REPO) not in sys.path:
             sys.path.insert(0, str(REPO))
+        from tierflow.trainer.cli import failure_of
         from tierflow.trainer.compose import load_config
         from tierflow.trainer.train import train
 
-        cfg, _ = load_config(overrides)
-        result = train(cfg)
-        return {**result.summary, "rank": int(env["RANK"]), "node_ip": env["TIERFLOW_NODE_IP"]}
+        rank = {"rank": int(env["RANK"]), "node_ip": env["TIERFLOW_NODE_IP"]}
+        try:
+            cfg, _ = load_config(overrides)
+            result = train(cfg)
+        except Exception as exc:
+            failure = failure_of(exc)
+            if failure is None or failure.restart_can_fix:
+                raise  # the driver sees a RayTaskError and restarts the group
+            return {**rank, "unrecoverable": failure.message}  # a value, so the driver can tell it apart
+        return {**result.summary, **rank}
 
 
 def _free_port() -> int:
@@ -99,6 +113,7 @@ def launch(cfg: LaunchConfig, overrides: Sequence[str]) -> List[Dict[str, Any]]:
 
     Raises:
         ValueError: a launch setting is wrong, or the config fails to compose (checked before Ray starts).
+        UnrecoverableError: a worker failed in a way no restart can fix; the group was not restarted.
         RuntimeError: the group failed more than ``cfg.max_restarts`` times, or could not be placed.
     """
     problems = cfg.problems()
@@ -151,7 +166,10 @@ def launch(cfg: LaunchConfig, overrides: Sequence[str]) -> List[Dict[str, Any]]:
 
 def _attempts(ray: Any, make_workers: Callable[[], List[Any]], overrides: Sequence[str], *, max_restarts: int,
               kill: Callable[[Any], None]) -> List[Dict[str, Any]]:
-    """Run the group; when a worker dies, tear all down and start again, ``max_restarts`` times."""
+    """Run the group; when a worker dies, tear all down and start again, ``max_restarts`` times.
+
+    An UnrecoverableError from the group passes through at once: running again would fail the same way.
+    """
     for attempt in range(max_restarts + 1):
         workers = make_workers()
         try:
@@ -179,7 +197,9 @@ def _run_group(ray: Any, workers: List[Any], overrides: Sequence[str]) -> List[D
     pending = list(futures)
     while pending:  # fail fast: one dead rank must not leave the others waiting in a collective
         done, pending = ray.wait(pending, num_returns=1)
-        ray.get(done)
+        result = ray.get(done[0])
+        if "unrecoverable" in result:  # the others may wait for it in a collective: they are killed
+            raise UnrecoverableError(result["unrecoverable"])
     return sorted(ray.get(futures), key=lambda s: s["rank"])
 
 
@@ -221,7 +241,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     try:
         summaries = launch(cfg, args.overrides)
-    except (ValueError, RuntimeError) as e:
+    except UnrecoverableError as e:  # printed here only: the worker said nothing
+        print(e, file=sys.stderr)
+        return 2
+    except ValueError as e:  # a launch setting or an override: as wrong on the next try
+        print(f"ray_launch: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
         print(f"ray_launch: error: {e}", file=sys.stderr)
         return 1
     digests = {s["param_digests"][s["rank"]] for s in summaries}
