@@ -24,7 +24,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    with tempfile.TemporaryDirectory(prefix="tierflow-run-") as owner_only:  # mode 0700, removed after
+    from tierflow.trainer.torchrun import agent_temp_files
+
+    # torchrun's log tree (a torchelastic_* tree it never removes) and this directory go into the
+    # agent's scratch directory: removed at exit, or by the next tierflow process if this one is
+    # killed (Note [whose scratch directory] in trainer/_scratch.py).
+    with agent_temp_files(), tempfile.TemporaryDirectory(prefix="tierflow-run-") as owner_only:  # 0700, removed after
         fatal = Path(owner_only) / "error"
         os.environ[FATAL_FILE_ENV] = str(fatal)  # the workers inherit the agent's environment
         try:
