@@ -94,3 +94,15 @@ def test_too_long_store_dir_is_refused_and_not_made(tmp_path, quiet):
     with pytest.raises(ConfigError, match=r"too long for a Unix socket path.*set checkpoint\.store_dir"):
         train(cfg)
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.slow  # one torchrun launch: about 20 s
+def test_torchrun_leaves_no_torchelastic_dir_nor_wandb_dirs(tmp_path, subprocess_env):
+    tmpdir = tmp_path / "tmp"
+    env = _env(subprocess_env, tmpdir)
+    env["PYTHON"] = PYTHON
+    done = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), "--nproc", "1", "trainer.steps=2", *SMALL,
+                           f"logging.run_root={tmp_path / 'runs'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _leftovers(tmpdir) == []
