@@ -198,15 +198,22 @@ def test_keyboard_interrupt_with_transfers_in_flight_leaves_no_thread_and_no_fil
 
 
 _CHILD = textwrap.dedent("""
-    import sys, torch
+    import os, select, signal, sys, torch
     from tierflow.offload import NvmeTier, NvmeTierConfig
+    # Every signal also writes a byte here, so a Ctrl-C that lands just before the wait below still
+    # ends it (a sleep would sleep through it and the parent would time out).
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
     tier = NvmeTier(NvmeTierConfig(enabled=True, dirs=[sys.argv[1]], chunk_bytes=1 << 18))
     handles = [tier.write(tier.reserve(1 << 22), torch.ones(1 << 20)) for _ in range(64)]
     print("submitted", flush=True)
     if sys.argv[2] == "wait":
         for h in handles:
             h.wait()
-        import time; time.sleep(60)
+        while True:  # until the parent's Ctrl-C raises KeyboardInterrupt (on the jump back at the latest)
+            select.select([wake_r], [], [])
+            os.read(wake_r, 1)
     # "exit": leave without close(); the finalizers must stop the workers and remove the files
 """)
 
