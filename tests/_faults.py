@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tierflow.trainer.model import GPT, GPTConfig
+
 
 class KillOnceLM(nn.Module):
     """A bigram LM whose process SIGKILLs itself on forward call ``kill_at_call`` of rank ``kill_rank``.
@@ -31,3 +33,25 @@ class KillOnceLM(nn.Module):
             self.marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
         return self.out(torch.tanh(self.emb(tokens)))
+
+
+class CorruptSwapOnceLM(GPT):
+    """The built-in GPT, except that at forward call ``corrupt_at_call`` it flips every byte of
+    every swap file under ``swap_dir`` (where its parameters wait), once: ``marker`` remembers it."""
+
+    def __init__(self, vocab_size: int, seq_len: int, swap_dir: str, marker: str, corrupt_at_call: int = 6,
+                 n_layer: int = 2, n_head: int = 4, d_model: int = 128) -> None:
+        super().__init__(GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=n_layer, n_head=n_head,
+                                   d_model=d_model))
+        self.swap_dir, self.marker = Path(swap_dir), Path(marker)
+        self.corrupt_at_call = corrupt_at_call
+        self.calls = 0
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.corrupt_at_call and not self.marker.exists():
+            self.marker.touch()
+            for path in self.swap_dir.glob("tierflow-swap-*/swap.bin"):
+                data = bytearray(path.read_bytes())
+                path.write_bytes(bytes(b ^ 0xFF for b in data))
+        return super().forward(tokens)

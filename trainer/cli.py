@@ -115,7 +115,7 @@ def failure_of(exc: BaseException) -> Optional[Failure]:
         # A tier that is full or failed, a budget the run cannot keep: one paragraph that says what
         # to change, not a traceback through the runtime (TIERFLOW_TRACEBACK=1 shows it).
         return Failure(f"tierflow: error: {type(exc).__name__}: {exc}",
-                       1 if isinstance(exc, TierIOError) else 2,  # an I/O error may pass; a full tier will not
+                       1 if _may_pass(exc) else 2,  # an I/O error may pass (a restart resumes); a full tier will not
                        same_on_every_rank=False)
     return None
 
@@ -148,3 +148,12 @@ def _report(failure: Failure) -> int:
     if not failure.same_on_every_rank or int(os.environ.get("LOCAL_RANK", "0")) == 0:
         print(failure.message, file=sys.stderr)
     return failure.exit_code
+
+
+def _may_pass(exc: Optional[BaseException]) -> bool:
+    """An I/O error, or an error caused by one (a tiered step that failed on a read): a restart may cure it."""
+    while exc is not None:
+        if isinstance(exc, TierIOError):
+            return True
+        exc = exc.__cause__
+    return False

@@ -41,7 +41,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from tierflow.offload.core.errors import TierConfigError, TierError
+from tierflow.offload.core.errors import ChecksumError, TierConfigError, TierError
 from tierflow.offload.core.hardware import HardwareModel
 from tierflow.offload.optim._backward import EarlyStep, GradReadiness, changed_grads
 from tierflow.offload.optim._kernel import choose_cpu_kernel
@@ -452,6 +452,8 @@ class TieredOptimizer(torch.optim.Optimizer):
             left = "parameters and optimizer state are unchanged (as after the previous step)"
         else:
             left = "parameters of sub-groups updated before the failure already hold the new step (atomic_step=false)"
+        if isinstance(exc, ChecksumError):  # its message says what to do: the bytes in the tier are lost
+            return TieredStepError(f"tiered optimizer {what} failed: {exc}; {left}")
         return TieredStepError(f"tiered optimizer {what} failed: {exc}; {left}. Fix the cause (free disk space, raise "
                                f"the tier's budget, or change {TieredOptimizerConfig.KEY}.paths) and call step() again")
 

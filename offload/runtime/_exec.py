@@ -39,6 +39,7 @@ point counts as ``missed``: it stayed, and the accounted peak shows it.
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -348,6 +349,9 @@ class Executor:
 
     def _forward_post(self, path: str, output: Any) -> None:
         if not self.active or self._recomputing:
+            return
+        if sys.exc_info()[0] is not None:  # always_call: the forward raised; the iteration is over
+            self.active = False
             return
         call = self.state.calls.exit(path)
         gen = self._checkpoint_gens.pop((path, call), None)

@@ -367,9 +367,24 @@ class Residency:
                 self.waited_total_s += waited
             elif handle is not None:
                 handle.wait()  # raises the transfer's error, if any
+        except BaseException:
+            if entry.state == READING:  # a failed read (a checksum): the storage never holds what it read
+                self._unread(entry)
+            raise
         finally:
             self.transferring -= 1
         entry.handle = None
+        self._inflight.pop(entry.key, None)
+
+    def _unread(self, entry: _Entry) -> None:
+        """Put an entry whose read failed back as it was before the read: away, its storage empty
+        (a tensor in it raises on use instead of computing with bytes that failed their check)."""
+        entry.handle.exception()  # settle the other chunks of the read
+        entry.handle = None
+        entry.storage.resize_(0)
+        entry.ref, entry.storage = weakref.ref(entry.storage), None
+        entry.state = ABSENT
+        self._set_absent(self.absent_bytes + entry.nbytes)
         self._inflight.pop(entry.key, None)
 
     def _make_room(self) -> None:

@@ -30,15 +30,17 @@ with :meth:`OffloadRuntime.adopt`: its parameters stay there until a step needs 
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from tierflow.offload.core.errors import TierError
 from tierflow.offload.core.hardware import HardwareModel
 from tierflow.offload.core.names import TierName, kind_of
 from tierflow.offload.plan.explain import explain_plan, plot_plan
@@ -316,10 +318,10 @@ class OffloadRuntime:
                     self.totals[name][tier] = self.totals[name].get(tier, 0) + b
             self.residency.stats = stats
 
-    def _counting_bytes_in(self, bring_back) -> None:
+    def _counting_bytes_in(self, bring_back: Callable[[], Any]) -> Any:
         """Run ``bring_back`` between steps, adding what it moves to the run's totals."""
         with self._between_steps():
-            bring_back()
+            return bring_back()
 
     def _make_plan(self, trace) -> None:
         self.trace = trace
@@ -450,12 +452,24 @@ class OffloadRuntime:
             for executor in (self._executor, self._online):
                 if executor is not None:
                     executor.remove(restore=False)
-            if restore:
-                self._counting_bytes_in(self.residency.arrive_all)  # what waits across the step boundary comes back
+            failed = self._counting_bytes_in(self._bring_back_all) if restore else None
             self.residency.free_clean()
         finally:
             if self.engine is not None and self._owns_engine:
                 self.engine.close()
+        if failed is not None and sys.exc_info()[0] is None:  # called in a finally of a failure: that one counts
+            raise failed
+
+    def _bring_back_all(self) -> Optional[TierError]:
+        """Every tensor that waits in a tier comes back; one that cannot (its read fails its
+        checksum) stays away, the others still come back, and the first error is returned."""
+        failed = None
+        for key in list(self.residency.entries):
+            try:
+                self.residency.arrive(key)
+            except TierError as exc:
+                failed = failed or exc
+        return failed
 
     def __enter__(self) -> "OffloadRuntime":
         return self
