@@ -10,8 +10,9 @@ policies (the same shape as DCP's ``planner_helpers`` / ``default_planner``).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -23,8 +24,8 @@ from tierflow.profiling.idle import idle_intervals
 from tierflow.profiling.timeline import MemoryTimeline, memory_timeline
 from tierflow.profiling.trace import PointKind, validate_trace
 
-__all__ = ["Budgets", "PlanContext", "block_of", "build_context", "feasible_minimum_bytes", "finish_plan",
-           "recompute_blocks"]
+__all__ = ["Budgets", "PlanContext", "RecomputeRegions", "block_of", "build_context", "feasible_minimum_bytes",
+           "finish_plan", "recompute_blocks"]
 
 #: Tier kinds from cheapest per byte to dearest: a tensor goes to the cheapest tier that hides it.
 _KIND_ORDER = {"nvme": 0, "numa": 1, "host": 2}
@@ -177,14 +178,120 @@ def finish_plan(ctx: PlanContext, policy: str, decisions: Sequence[Decision], no
 def recompute_blocks(trace) -> Dict[Tuple[str, int], float]:
     """``(module path, call index) -> forward compute seconds`` of every module call in the trace."""
     t = np.cumsum([p.compute_s for p in trace.points])
+    return {blk: float(t[b] - t[a]) for blk, (a, b) in forward_spans(trace).items()}
+
+
+def forward_spans(trace) -> Dict[Tuple[str, int], Tuple[int, int]]:
+    """``(module path, call index) -> (forward_pre point, forward_post point)`` of every module call.
+
+    Its forward runs in intervals ``pre .. post - 1``; spans of two calls are nested or disjoint.
+    """
     open_: Dict[Tuple[str, int, int], int] = {}
-    out: Dict[Tuple[str, int], float] = {}
+    out: Dict[Tuple[str, int], Tuple[int, int]] = {}
     for i, p in enumerate(trace.points):
         if p.kind is PointKind.FORWARD_PRE:
             open_[(p.name, p.call_index, p.iteration)] = i
         elif p.kind is PointKind.FORWARD_POST and (p.name, p.call_index, p.iteration) in open_:
-            out[(p.name, p.call_index)] = float(t[i] - t[open_.pop((p.name, p.call_index, p.iteration))])
+            out[(p.name, p.call_index)] = (open_.pop((p.name, p.call_index, p.iteration)), i)
     return out
+
+
+class RecomputeRegions:
+    """Which block may re-create an activation, and the blocks a policy has chosen to recompute.
+
+    Note [recompute regions]: the runtime recomputes block ``B`` by running its forward under
+    activation checkpointing, which keeps ``B``'s inputs and saves nothing else. So:
+
+    * only an activation both created and saved during ``B``'s forward comes back by re-running
+      ``B``; one that existed before (an input of ``B``, saved by an operation inside it) stays on
+      the device, held by the checkpoint. A policy recomputes an activation through the innermost
+      block that created and saved it (not necessarily the module its key names: a Linear saves
+      its input, made by the module before it).
+    * nothing saved inside ``B`` reaches the runtime's saved-tensor hooks, so no swap may name an
+      activation saved there, and no second recomputed block may nest in ``B`` or around it: the
+      runtime does not re-enter a block's hooks while re-running another, so an outer block's
+      re-run would save the inner block's tensors too, and ``torch.utils.checkpoint`` raises
+      ``CheckpointError`` (or, were their shapes to agree, hands back the wrong tensors).
+
+    Once ``B`` is chosen, every decision on an activation saved inside ``B`` recomputes through ``B``
+    (:meth:`chosen_for`: that costs nothing more) or is not made.
+    """
+
+    def __init__(self, trace, enabled: bool = True) -> None:
+        self.trace = trace
+        self.enabled = enabled  # False: no activation may be recomputed
+        self.spans = forward_spans(trace)
+        self.cost_s = recompute_blocks(trace)
+        # The call each call's forward runs inside (spans nest: a stack over them sorted by start).
+        self.parent: Dict[Tuple[str, int], Optional[Tuple[str, int]]] = {}
+        stack: List[Tuple[str, int]] = []
+        for blk in sorted(self.spans, key=lambda k: (self.spans[k][0], -self.spans[k][1])):
+            while stack and self.spans[stack[-1]][1] <= self.spans[blk][0]:
+                stack.pop()
+            self.parent[blk] = stack[-1] if stack else None
+            stack.append(blk)
+        self.chosen: Dict[Tuple[str, int], Tuple[int, int]] = {}
+        # Activations decided on so far, by the point where the module that saved them starts: a
+        # span starting inside another lies inside it. Values: the blocks they recompute through
+        # (None: a swap).
+        self._decided: Dict[int, Set[Optional[Tuple[str, int]]]] = {}
+        self._decided_starts: List[int] = []
+
+    def origin(self, iv) -> Tuple[Optional[Tuple[int, int]], Optional[int]]:
+        """``(span of the module that saved it, point it was created at)`` of an activation interval."""
+        if iv.category.value != "activation":
+            return None, None
+        return self.spans.get(block_of(iv.key)), self.trace.tensors[iv.record].created
+
+    def block_for(self, iv) -> Optional[Tuple[str, int]]:
+        """The innermost block whose forward created and saved ``iv``'s activation, or None."""
+        saver, created = self.origin(iv)
+        blk = block_of(iv.key) if self.enabled and saver is not None and created is not None else None
+        while blk is not None and not self.spans[blk][0] <= created < self.spans[blk][1]:
+            blk = self.parent[blk]
+        return blk
+
+    def saved_inside(self, iv, blocks) -> bool:
+        """Whether ``iv``'s activation was saved during the forward of one of ``blocks``."""
+        saver, _ = self.origin(iv)
+        blk = block_of(iv.key) if saver is not None else None
+        while blk is not None and blk not in blocks:
+            blk = self.parent[blk]
+        return blk is not None
+
+    def chosen_for(self, iv) -> Optional[Tuple[str, int]]:
+        """A chosen block that already re-creates ``iv``'s activation, or None."""
+        saver, created = self.origin(iv)
+        if saver is None or created is None:
+            return None
+        return next((blk for blk, (a, b) in self.chosen.items()
+                     if a <= saver[0] and saver[1] <= b and a <= created < b), None)
+
+    def allows(self, iv, block: Optional[Tuple[str, int]] = None) -> bool:
+        """Whether a decision on ``iv`` (recompute through ``block``; a swap when None) keeps clear
+        of the chosen blocks and of the decisions made so far."""
+        saver, _ = self.origin(iv)
+        if saver is not None and any(blk != block and a <= saver[0] and saver[1] <= b
+                                     for blk, (a, b) in self.chosen.items()):
+            return False  # saved inside a chosen block: the runtime never sees it saved
+        if block is None:
+            return True
+        a, b = self.spans[block]
+        if any(blk != block and (a <= c < b or c <= a < d) for blk, (c, d) in self.chosen.items()):
+            return False  # nested in a chosen block or around one
+        starts = self._decided_starts
+        inside = starts[bisect.bisect_left(starts, a):bisect.bisect_left(starts, b)]
+        return all(self._decided[c] <= {block} for c in inside)
+
+    def add(self, iv, block: Optional[Tuple[str, int]] = None) -> None:
+        """Record a decision on ``iv`` (call after :meth:`allows` said yes)."""
+        saver, _ = self.origin(iv)
+        if block is not None:
+            self.chosen[block] = self.spans[block]
+        if saver is not None:
+            if saver[0] not in self._decided:
+                bisect.insort(self._decided_starts, saver[0])
+            self._decided.setdefault(saver[0], set()).add(block)
 
 
 def block_of(key: str) -> Optional[Tuple[str, int]]:

@@ -8,24 +8,27 @@ Every idle interval ``j`` may stay, or take one option:
   round trip fits the idle window;
 * *exposed swap* to tier ``k``: off the device for the whole window, compute waits for both
   transfers (cost ``out_s + back_s``);
-* *recompute* (activations whose block is known): off for the whole window, costs the block's
-  forward compute.
+* *recompute* (activations created and saved inside a module call's forward): off for the whole
+  window, costs the forward compute of the innermost such call.
 
-Constraints: at most one option per interval; in every over-budget interval the bytes taken off
-the device cover the excess; the hidden swaps' slots fit each link's capacity per interval; each
-tier's occupancy stays within its budget. Objective: minimise the summed cost (a tie-break of
-``1e-15`` s per byte prefers moving less). Solved with ``scipy.optimize.milp`` (HiGHS); meant
-for small traces, to measure how far ``lifetime`` is from this optimum.
+Constraints: at most one option per interval; a recompute excludes every option of another
+interval whose activation was saved inside its block, save a recompute through the same block
+(Note [recompute regions] in :mod:`tierflow.offload.plan.context`); in every over-budget interval
+the bytes taken off the device cover the excess; the hidden swaps' slots fit each link's capacity
+per interval; each tier's occupancy stays within its budget. Objective: minimise the summed cost
+(a tie-break of ``1e-15`` s per byte prefers moving less). Solved with ``scipy.optimize.milp``
+(HiGHS); meant for small traces, to measure how far ``lifetime`` is from this optimum.
 """
 
 from __future__ import annotations
 
+import bisect
 from typing import Dict, List, Tuple
 
 import numpy as np
 
 from tierflow.offload.plan._slots import LinkSlots, slices
-from tierflow.offload.plan.context import PlanContext, block_of, feasible_minimum_bytes, finish_plan, recompute_blocks
+from tierflow.offload.plan.context import PlanContext, RecomputeRegions, feasible_minimum_bytes, finish_plan
 from tierflow.offload.plan.types import Action, Decision, OffloadPlan, PlanningError
 
 __all__ = ["MAX_ILP_OPTIONS", "plan_ilp"]
@@ -49,7 +52,7 @@ def plan_ilp(ctx: PlanContext) -> OffloadPlan:
         raise PlanningError(f"device budget {budget} bytes is below the feasible minimum {minimum} bytes for this "
                             f"trace (bytes in use during interval {where}); raise the device budget to at least "
                             f"{minimum} bytes")
-    blocks = recompute_blocks(ctx.trace)
+    regions = RecomputeRegions(ctx.trace)
     fresh = LinkSlots(ctx)  # walks on idle links: never `take`n, so every option sees full capacity
     # option: (interval j, action, tier, kr, kf, cost, {link: [(q, seconds)]})
     options: List[Tuple[int, Action, str, int, int, float, Dict[str, list]]] = []
@@ -67,9 +70,9 @@ def plan_ilp(ctx: PlanContext) -> OffloadPlan:
                     options.append((j, Action.SWAP, tier, kr, kf, 0.0,
                                     {f"device->{tier}": takes_out, f"{tier}->device": takes_back}))
             options.append((j, Action.SWAP, tier, 0, length, out_s + back_s, {}))
-        blk = block_of(iv.key) if iv.category.value == "activation" and s < b else None
-        if blk in blocks:
-            options.append((j, Action.RECOMPUTE, "", 0, length, blocks[blk], {}))
+        blk = regions.block_for(iv) if s < b else None
+        if blk is not None:
+            options.append((j, Action.RECOMPUTE, "", 0, length, regions.cost_s[blk], {}))
     if len(options) > MAX_ILP_OPTIONS:
         raise PlanningError(f"ilp is for small traces: this one gives {len(options)} options (limit "
                             f"{MAX_ILP_OPTIONS}); use offload.policy=lifetime")
@@ -112,6 +115,7 @@ def plan_ilp(ctx: PlanContext) -> OffloadPlan:
             row(entries, 0.0, float(ctx.tier_budgets[tier]))
     for (link, q), entries in link_use.items():
         row(entries, 0.0, float(ctx.duration_s[q]))
+    _recompute_regions(ctx, regions, options, row)
     cost = np.array([c + 1e-15 * ctx.intervals[j].size_bytes for j, _, _, _, _, c, _ in options])
     a = coo_matrix((vals, (rows, cols)), shape=(len(lb), len(options))).tocsr()
     res = milp(cost, integrality=np.ones(len(options)), bounds=(0, 1),
@@ -126,7 +130,7 @@ def plan_ilp(ctx: PlanContext) -> OffloadPlan:
         s, b = iv.start_point % n, iv.end_point
         length = (b - s) % n if s > b else b - s
         pt = lambda k: b if k >= length else (s + k) % n  # noqa: E731 - position -> point
-        blk = block_of(iv.key)
+        blk = regions.block_for(iv)
         how = ("recompute" if action is Action.RECOMPUTE else "hidden swap" if takes else "exposed swap")
         decisions.append(Decision(key=iv.key, record=iv.record, category=iv.category.value, size_bytes=iv.size_bytes,
                                   action=action, tier=tier, evict_point=s, free_point=pt(kr), prefetch_point=pt(kf),
@@ -136,3 +140,30 @@ def plan_ilp(ctx: PlanContext) -> OffloadPlan:
                                   reason=f"ilp optimum: {how}{' to ' + tier if tier else ''}, idle "
                                          f"{iv.idle_s * 1e3:.3f} ms, cost {c * 1e3:.3f} ms"))
     return finish_plan(ctx, "ilp", decisions, [f"HiGHS: {res.message}"])
+
+
+def _recompute_regions(ctx: PlanContext, regions: RecomputeRegions, options, row) -> None:
+    """Note [recompute regions]: a recompute through block ``B`` and an option of another interval
+    whose activation was saved inside ``B`` (a swap, or a recompute through another block: nested
+    in ``B`` or around it) exclude each other. One row per recompute option and such interval (an
+    interval takes at most one option, so their sum is at most 1 too)."""
+    by_start: Dict[int, List[int]] = {}  # start point of the saving module's span -> options
+    block = {o: regions.block_for(ctx.intervals[j]) for o, (j, action, *_) in enumerate(options)
+             if action is Action.RECOMPUTE}
+    for o, (j, *_) in enumerate(options):
+        saver, _ = regions.origin(ctx.intervals[j])
+        if saver is not None:
+            by_start.setdefault(saver[0], []).append(o)
+    starts = sorted(by_start)
+    for o, blk in block.items():
+        a, b = regions.spans[blk]
+        j = options[o][0]
+        clash: Dict[int, List[int]] = {}
+        # Spans nest or are disjoint: one starting inside B's lies inside it. A recompute through a
+        # block around B names an activation saved outside B; its own row catches the pair.
+        for c in starts[bisect.bisect_left(starts, a):bisect.bisect_left(starts, b)]:
+            for other in by_start[c]:
+                if options[other][0] != j and block.get(other) != blk:
+                    clash.setdefault(options[other][0], []).append(other)
+        for ids in clash.values():
+            row([(o, 1.0)] + [(x, 1.0) for x in ids], 0.0, 1.0)

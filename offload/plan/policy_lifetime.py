@@ -11,7 +11,8 @@
 4. Exposed pass, only if still over budget: the remaining candidates in order of predicted
    cost per byte, each either swapped over the fastest tier (compute waits for the part the
    link cannot hide) or, for an activation, recomputed when re-running its block is cheaper
-   than that wait (Capuchin/POET).
+   than that wait (Capuchin/POET), through the block that created it and never in a block nested
+   in another recomputed one (Note [recompute regions] in :mod:`tierflow.offload.plan.context`).
 
 Note [bandwidth slots]: as in G10, each link can move ``duration_s[p]`` seconds of transfer
 during interval ``p``. A transfer consumes those slots (its latency included) forward from the
@@ -23,13 +24,13 @@ busy link pushes a prefetch earlier (and keeps the tensor on the device longer) 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from tierflow.offload.plan._slots import EPS as _EPS
 from tierflow.offload.plan._slots import LinkSlots, slices
-from tierflow.offload.plan.context import PlanContext, block_of, feasible_minimum_bytes, finish_plan, recompute_blocks
+from tierflow.offload.plan.context import PlanContext, RecomputeRegions, feasible_minimum_bytes, finish_plan
 from tierflow.offload.plan.types import Action, Decision, OffloadPlan, PlanningError
 
 __all__ = ["plan_lifetime"]
@@ -58,7 +59,7 @@ def plan_lifetime(ctx: PlanContext) -> OffloadPlan:
     return plan
 
 
-def _plan_lifetime(ctx: PlanContext) -> OffloadPlan:
+def _plan_lifetime(ctx: PlanContext, recompute: bool = True) -> OffloadPlan:
     n, budget = ctx.num_points, ctx.device_budget
     dev = ctx.interval_peak.copy()
     if dev.max() <= budget:
@@ -77,6 +78,7 @@ def _plan_lifetime(ctx: PlanContext) -> OffloadPlan:
     decisions: List[Decision] = []
     windows: List[Tuple[int, int, int, int]] = []  # per decision: (s, length, kr, kf) in window positions
     taken = set()
+    regions = RecomputeRegions(ctx.trace, enabled=recompute)
 
     def held(iv) -> Tuple[int, int, bool]:
         s = iv.start_point % n
@@ -93,7 +95,7 @@ def _plan_lifetime(ctx: PlanContext) -> OffloadPlan:
         return tier in unbounded or all(int(occupancy[tier][x:y].max(initial=0)) + size <= ctx.tier_budgets[tier] for x, y in slices(s, length, n))
 
     def commit(j: int, iv, s: int, length: int, wraps: bool, kr: int, kf: int, action: Action, tier: str,
-               reason: str, block: str = "", cost: float = 0.0) -> None:
+               reason: str, block: Optional[Tuple[str, int]] = None, cost: float = 0.0) -> None:
         for x, y in slices((s + kr) % n, kf - kr, n):
             dev[x:y] -= iv.size_bytes
         if action is Action.SWAP:
@@ -102,10 +104,12 @@ def _plan_lifetime(ctx: PlanContext) -> OffloadPlan:
         pt = lambda k: iv.end_point if k >= length else (s + k) % n  # noqa: E731 - position -> point
         decisions.append(Decision(key=iv.key, record=iv.record, category=iv.category.value, size_bytes=iv.size_bytes,
                                   action=action, tier=tier, evict_point=s, free_point=pt(kr), prefetch_point=pt(kf),
-                                  deadline_point=iv.end_point, wraps=wraps, recompute_block=block, recompute_s=cost,
+                                  deadline_point=iv.end_point, wraps=wraps,
+                                  recompute_block=f"{block[0]}[{block[1]}]" if block else "", recompute_s=cost,
                                   reason=reason))
         windows.append((s, length, kr, kf))
         taken.add(j)
+        regions.add(iv, block)
 
     no_room: Dict[Tuple[str, int, int], float] = {}
     order = sorted(range(len(ctx.intervals)), key=lambda j: (-ctx.intervals[j].size_bytes * ctx.intervals[j].idle_s, j))
@@ -145,9 +149,13 @@ def _plan_lifetime(ctx: PlanContext) -> OffloadPlan:
                    f"{spill}; off the device for {kf - kr} intervals")
             break
     if dev.max() > budget:
-        _exposed_pass(ctx, dev, budget, taken, held, over, tier_room, slots, commit)
+        _exposed_pass(ctx, dev, budget, taken, held, over, tier_room, slots, commit, regions)
     if dev.max() > budget:
         _widen(ctx, dev, budget, decisions, windows)
+    if dev.max() > budget and recompute:
+        # Note [recompute regions]: a re-run block keeps its inputs, and those saved inside it can
+        # then not leave; swaps alone always reach the feasible minimum.
+        return _plan_lifetime(ctx, recompute=False)
     if dev.max() > budget:  # invariant: the feasible minimum was checked above
         raise AssertionError(f"lifetime left the device at {int(dev.max())} bytes over budget {budget}")
     return finish_plan(ctx, "lifetime", decisions)
@@ -178,10 +186,15 @@ def _widen(ctx: PlanContext, dev, budget: int, decisions: List[Decision], window
         windows[i] = (s, length, new_kr, new_kf)
 
 
-def _exposed_pass(ctx: PlanContext, dev, budget, taken, held, over, tier_room, slots, commit) -> None:
-    """Swaps whose transfers compute must partly wait for, or recomputes, cheapest per byte first."""
+def _exposed_pass(ctx: PlanContext, dev, budget, taken, held, over, tier_room, slots, commit,
+                  regions: RecomputeRegions) -> None:
+    """Swaps whose transfers compute must partly wait for, or recomputes, cheapest per byte first.
+
+    A swap of an activation saved inside a block that could be re-run comes after every recompute:
+    taken first it would rule that block out (Note [recompute regions]), and a small, nearly free
+    swap of a block's input would then cost the exposed swaps of all the block's activations.
+    """
     n = ctx.num_points
-    blocks = recompute_blocks(ctx.trace)
     fastest = sorted(ctx.tiers, key=lambda t: sum(ctx.round_trip(t, 1 << 20)))
     options = []
     for j, iv in enumerate(ctx.intervals):
@@ -190,11 +203,14 @@ def _exposed_pass(ctx: PlanContext, dev, budget, taken, held, over, tier_room, s
             continue
         out_s, back_s = ctx.round_trip(fastest[0], iv.size_bytes)
         swap_cost = max(0.0, out_s + back_s - iv.idle_s) + _EPS
-        blk = block_of(iv.key) if iv.category.value == "activation" else None
-        rc = blocks.get(blk) if blk is not None else None
-        use_recompute = rc is not None and rc < swap_cost and not wraps
-        options.append(((rc if use_recompute else swap_cost) / iv.size_bytes, j, use_recompute, rc))
-    for _, j, use_recompute, rc in sorted(options):
+        blk = regions.block_for(iv) if not wraps else None
+        rc = regions.cost_s[blk] if blk is not None else None
+        use_recompute = rc is not None and rc < swap_cost
+        options.append([(rc if use_recompute else swap_cost) / iv.size_bytes, j, use_recompute, rc])
+    candidates = {regions.block_for(ctx.intervals[o[1]]) for o in options if o[2]}
+    for o in options:
+        o.insert(0, not o[2] and regions.saved_inside(ctx.intervals[o[1]], candidates))
+    for _, _, j, use_recompute, rc in sorted(options):
         if dev.max() <= budget:
             return
         iv = ctx.intervals[j]
@@ -203,12 +219,22 @@ def _exposed_pass(ctx: PlanContext, dev, budget, taken, held, over, tier_room, s
             continue
         # The absent range must cover every over-budget interval of the idle window.
         bad = [k for k in range(length) if dev[(s + k) % n] > budget]
-        if use_recompute:
-            blk = block_of(iv.key)
+        # Note [recompute regions]: a block already re-run re-creates it at no further cost; one
+        # nested in or around a chosen block, or around a swapped activation, cannot be re-run.
+        along = regions.chosen_for(iv) if not wraps else None
+        if along is not None:
+            commit(j, iv, s, length, wraps, 0, length, Action.RECOMPUTE, "",
+                   f"idle {_ms(iv.idle_s)}; created inside {along[0]}[{along[1]}], which is re-run already",
+                   along, regions.cost_s[along])
+            continue
+        blk = regions.block_for(iv) if use_recompute else None
+        if blk is not None and regions.allows(iv, blk):
             commit(j, iv, s, length, wraps, 0, length, Action.RECOMPUTE, "",
                    f"idle {_ms(iv.idle_s)} is too short to hide a swap; re-running {blk[0]}[{blk[1]}] costs "
-                   f"{_ms(rc)}, less than the exposed transfer time", f"{blk[0]}[{blk[1]}]", rc)
+                   f"{_ms(rc)}, less than the exposed transfer time", blk, rc)
             continue
+        if not regions.allows(iv):
+            continue  # saved inside a re-run block, which keeps it (an input of the block) or frees it
         for tier in fastest:
             if not tier_room(tier, s, length, iv.size_bytes):
                 continue
