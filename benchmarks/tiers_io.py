@@ -1,8 +1,10 @@
 """Tier engine I/O against the plain tools, side by side in one run, printed as ratios.
 
-    python benchmarks/tiers_io.py [--dir DIR] [--total-mib 512] [--json out.json]
+    python benchmarks/tiers_io.py [--dir DIR] [--total-mib 512] [--json out.json] [--checksum-only]
 
-1. nvme tier write and read bandwidth for 8-64 MiB tensors against fio (O_DIRECT, libaio, the
+0. What ``tiers.nvme.checksum`` costs: nvme tier bandwidth with ``xxh3`` (the default) and
+   ``crc32`` over bandwidth with ``none``, rounds back to back.
+1. nvme tier write and read bandwidth (default checksum) for 8-64 MiB tensors against fio (O_DIRECT, libaio, the
    same block size as the tier's chunk; each side at its best of the same io depths), as the
    median ratio of rounds that run fio and the tier back to back (a shared disk drifts).
    Aligned tensors are page-aligned (as host pool slots are); unaligned ones come from torch's
@@ -56,7 +58,7 @@ def fio_bandwidth(directory: str, rw: str, bs: int, size: int, depth: int) -> fl
 
 
 def tier_bandwidth(dirs: List[str], tensor_bytes: int, total: int, chunk: int, depth: int, aligned: bool = True,
-                   backend: str = "posix") -> Dict[str, float]:
+                   backend: str = "posix", checksum: str = "xxh3") -> Dict[str, float]:
     """Write ``total`` bytes as tensors of ``tensor_bytes`` (all in flight), then read them back.
 
     One untimed write pass first: swap slots are rewritten in steady state, and fio's timed jobs
@@ -66,7 +68,8 @@ def tier_bandwidth(dirs: List[str], tensor_bytes: int, total: int, chunk: int, d
     make = (lambda: aligned_empty(tensor_bytes)) if aligned else (lambda: torch.empty(tensor_bytes, dtype=torch.uint8))
     srcs = [make().fill_(i % 251) for i in range(count)]
     dsts = [make().fill_(0) for _ in range(count)]
-    cfg = NvmeTierConfig(enabled=True, dirs=dirs, chunk_bytes=chunk, io_depth=depth, backend=backend)
+    cfg = NvmeTierConfig(enabled=True, dirs=dirs, chunk_bytes=chunk, io_depth=depth, backend=backend,
+                         checksum=checksum)
     with TransferScheduler() as sched, NvmeTier(cfg, sched) as tier:
         slots = [tier.reserve(tensor_bytes) for _ in range(count)]
         for h in [tier.write(s, t) for s, t in zip(slots, srcs)]:
@@ -110,6 +113,25 @@ def versus_fio(dirs: List[str], tensor_bytes: int, total: int, chunk: int, round
             tier_bw[rw].append(tier[rw])
     return {"write": statistics.median(tier_bw["write"]), "read": statistics.median(tier_bw["read"]),
             "write_vs_fio": statistics.median(ratios["write"]), "read_vs_fio": statistics.median(ratios["read"])}
+
+
+def checksum_cost(dirs: List[str], total: int, chunk: int, rounds: int) -> Dict[str, Dict[str, float]]:
+    """Bandwidth with each ``tiers.nvme.checksum`` over bandwidth without one, 64 MiB tensors at
+    io depth 4: the median of ``rounds`` back-to-back rounds (the order rotates every round)."""
+    kinds = ["none", "xxh3", "crc32"]
+    bw: Dict[str, Dict[str, List[float]]] = {k: {"write": [], "read": []} for k in kinds}
+    for i in range(rounds):
+        for k in kinds[i % 3:] + kinds[:i % 3]:
+            r = tier_bandwidth(dirs, 64 * MiB, total, chunk, 4, checksum=k)
+            for rw in ("write", "read"):
+                bw[k][rw].append(r[rw])
+    out: Dict[str, Dict[str, float]] = {}
+    for k in kinds:
+        out[k] = {rw: statistics.median(v) for rw, v in bw[k].items()}
+        if k != "none":
+            for rw in ("write", "read"):
+                out[k][f"{rw}_vs_none"] = statistics.median(a / b for a, b in zip(bw[k][rw], bw["none"][rw]))
+    return out
 
 
 def paired(plain: Callable[[], None], others: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
@@ -177,6 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="back-to-back tier/fio rounds per case (median)")
     parser.add_argument("--repeats", type=int, default=31, help="memory-copy rounds (median of paired ratios)")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--checksum-only", action="store_true", help="only the cost of tiers.nvme.checksum")
     args = parser.parse_args(argv)
     if shutil.which("fio") is None:
         print("fio is not installed (apt-get install -y fio)", file=sys.stderr)
@@ -195,6 +218,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     try:
         print(f"nvme: {args.total_mib} MiB per run, block = chunk = {args.chunk_mib} MiB, dir {root}")
+        rounds = max(args.rounds, 5)
+        cost = checksum_cost([dirs[0]], total, chunk, rounds)
+        print(f"  tiers.nvme.checksum, 64 MiB tensors, io depth 4, median of {rounds} rounds "
+              f"(none: write {cost['none']['write'] / 1e9:.2f} GB/s, read {cost['none']['read'] / 1e9:.2f} GB/s):")
+        for k in ("xxh3", "crc32"):
+            print(f"    {k:<6} write {cost[k]['write_vs_none']:.2f}x   read {cost[k]['read_vs_none']:.2f}x of none")
+        results["checksum"] = cost
+        if args.checksum_only:
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+            return 0
         fio_bandwidth(dirs[0], "write", chunk, total, 4)  # lay fio's file out once, untimed
         print(f"  tier / fio, each at its best io depth of {DEPTHS}; median of {args.rounds} back-to-back rounds:")
         rows = []
