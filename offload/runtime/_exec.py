@@ -176,6 +176,7 @@ class Executor:
         self.pending: Dict[str, int] = {}  # planned key -> decision waiting for its tensor (Note [late offload])
         self.late_release: List[str] = []
         self.absent_at: List[int] = []  # per matched interval: the fewest bytes held away during it
+        self.checkpointed: Set[str] = set()  # recomputed blocks whose forward ran checkpointed
         self._thread = threading.get_ident()
         self.active = True
         self.residency.drop_dead()
@@ -254,8 +255,11 @@ class Executor:
 
     @property
     def resident_at(self) -> List[int]:
-        """Per matched interval: the trace's peak in it minus the bytes held away."""
-        return [self.schedule.interval_peak[p] - a for p, a in enumerate(self.absent_at)]
+        """Per matched interval: the trace's peak in it minus the bytes held away and the planned
+        activations that recomputed blocks (those whose forward ran checkpointed) did not keep."""
+        recomputed = [self.schedule.recomputed[b] for b in self.checkpointed if b in self.schedule.recomputed]
+        return [self.schedule.interval_peak[p] - a - sum(r[p] for r in recomputed)
+                for p, a in enumerate(self.absent_at)]
 
     def _act(self, p: int) -> None:
         s, r, decisions = self.schedule, self.residency, self.plan.decisions
@@ -346,6 +350,7 @@ class Executor:
             finally:
                 self._entering_checkpoint = False
             self._checkpoint_gens[(path, call)] = gen
+            self.checkpointed.add(f"{path}[{call}]")
 
     def _forward_post(self, path: str, output: Any) -> None:
         if not self.active or self._recomputing:

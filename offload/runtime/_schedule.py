@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from tierflow.offload.plan.types import Action, OffloadPlan, absent_intervals
@@ -115,6 +115,8 @@ class Schedule:
         index_of: Per point label, its index (where a diverged iteration is, when labels match).
         unobservable: Points that start an empty graph task (Note [unobservable graph tasks] in
             :mod:`tierflow.offload.runtime._exec`).
+        recomputed: Per recomputed block (``module[call]``), per interval the bytes of the plan's
+            recompute decisions through it: what its checkpointed forward did not keep.
     """
 
     labels: Tuple[str, ...]
@@ -130,6 +132,7 @@ class Schedule:
     interval_peak: Tuple[int, ...]
     index_of: Dict[str, int]
     unobservable: FrozenSet[int] = frozenset()
+    recomputed: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def num_points(self) -> int:
@@ -153,13 +156,20 @@ EMPTY_SCHEDULE = Schedule(labels=(), evicts=(), frees=(), prefetches=(), deadlin
 def make_schedule(trace, plan: OffloadPlan, *, timeline: Optional[MemoryTimeline] = None) -> Schedule:
     """Index ``plan``'s swap decisions by point for the one-iteration ``trace`` it was made from.
 
-    Recompute decisions are not scheduled here: their blocks run under activation checkpointing.
+    Recompute decisions are not scheduled here: their blocks run under activation checkpointing;
+    only what each keeps off the device is recorded, for the accounting.
     """
 
     n = len(trace.points)
     tables: Dict[str, List[List[int]]] = {k: [[] for _ in range(n)] for k in ("evict", "free", "prefetch", "deadline")}
     absent_at_start, writing_at_start = [], []
+    recomputed: Dict[str, List[int]] = {}
     for i, d in enumerate(plan.decisions):
+        if d.action is Action.RECOMPUTE:
+            per_interval = recomputed.setdefault(d.recompute_block, [0] * n)
+            for a, b in absent_intervals(d, n):
+                for q in range(a, b):
+                    per_interval[q] += d.size_bytes
         if d.action is not Action.SWAP:
             continue
         tables["evict"][d.evict_point].append(i)
@@ -190,7 +200,8 @@ def make_schedule(trace, plan: OffloadPlan, *, timeline: Optional[MemoryTimeline
                     activations=frozenset(activations),
                     interval_peak=tuple((timeline or memory_timeline(trace)).interval_peak_bytes),
                     index_of={p.label: i for i, p in reversed(list(enumerate(trace.points)))},
-                    unobservable=frozenset(_empty_graph_tasks(trace.points)))
+                    unobservable=frozenset(_empty_graph_tasks(trace.points)),
+                    recomputed={blk: tuple(v) for blk, v in recomputed.items()})
 
 
 def _empty_graph_tasks(points) -> List[int]:

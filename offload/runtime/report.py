@@ -32,8 +32,9 @@ class StepReport:
         step_s: Wall seconds of the step.
         device_peak_bytes: Device peak as the runtime accounts it: on CUDA the allocator's
             high-water mark; on CPU the trace's peak per interval minus the bytes held away during
-            it (and, after a divergence, the bytes the fallback sees at each point once it has
-            evicted: see :mod:`tierflow.offload.runtime._fallback`).
+            it and the planned activations its checkpointed blocks did not keep (and, after a
+            divergence, the bytes the fallback sees at each point once it has evicted: see
+            :mod:`tierflow.offload.runtime._fallback`).
         plan_hits: Plan offloads executed (late ones included: Note [late offload]).
         plan_missed: Planned offloads of saved tensors or gradients still not found at their
             prefetch point; they stayed, and the peak shows it.
