@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tierflow.offload import SubgroupStepper, TierEngine
+from tierflow.offload import SubgroupStepper, TierEngine, TierFullError
 from tierflow.offload.runtime.materialize import TierPlacement
 from tierflow.trainer.config import ConfigError, TrainConfig
 from tierflow.trainer.data import ShardedLoader, TokenSource, build_source
@@ -85,7 +85,9 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
     placed: dict = {}
 
     def place_for(meta_model: nn.Module) -> Optional[TierPlacement]:
-        tier = build_in_tier(cfg, rt.device, training_state_bytes(meta_model, cfg), engine, rt.distributed)
+        state_bytes = training_state_bytes(meta_model, cfg)
+        check_tier_room(cfg, state_bytes, engine)
+        tier = build_in_tier(cfg, rt.device, state_bytes, engine, rt.distributed)
         if tier is None:
             return None
         placed["tier"] = tier
@@ -128,6 +130,28 @@ def training_state_bytes(model: nn.Module, cfg: TrainConfig) -> int:
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return params + grads + grads * (2 if cfg.optimizer.name == "adamw" else 1)
+
+
+def check_tier_room(cfg: TrainConfig, state_bytes: int, engine: Optional[TierEngine]) -> None:
+    """With a budget in bytes, what does not fit it must fit the open tiers: found when the
+    tiers open, before the model is built, not at the step that runs out of room.
+
+    Raises:
+        TierFullError: the training state exceeds the budget plus every open tier's capacity.
+    """
+    budget = cfg.offload.device_budget_bytes
+    if cfg.offload.policy == "none" or budget is None or engine is None or state_bytes <= budget:
+        return
+    room = {name: tier.capacity_bytes for name, tier in engine.tiers.items()}
+    if state_bytes - budget <= sum(room.values()):
+        return
+    gib = 2 ** 30
+    raise TierFullError(
+        f"the training state ({state_bytes / gib:,.2f} GiB of parameters, gradients and optimizer states) does not "
+        f"fit offload.device_budget_bytes ({budget / gib:,.2f} GiB) plus the open tiers ("
+        + ", ".join(f"{n} {b / gib:,.2f} GiB" for n, b in room.items())
+        + f"): {(state_bytes - budget - sum(room.values())) / gib:,.2f} GiB have nowhere to go. Free disk space in "
+        "tiers.nvme.dirs or add a directory, raise a tier's budget_bytes, or raise the device budget")
 
 
 def build_in_tier(cfg: TrainConfig, device: torch.device, state_bytes: int, engine: Optional[TierEngine],

@@ -224,6 +224,33 @@ class StepPipeline:
         self.counters["writes"] += 1
         self.counters["bytes_written"] += layout.nbytes
 
+    def check_room(self, state_bytes: Sequence[Optional[int]]) -> None:
+        """Place every sub-group's predicted state (``None``: unknown, skipped) as the first step
+        will, so a state that cannot fit its paths is refused when the optimizer is built.
+
+        Raises:
+            TierFullError: some sub-group would find no room; the message says what to change.
+        """
+        resident = 0
+        used = {p: self.path_bytes[p] for p in self.path_bytes}
+        for i, nbytes in enumerate(state_bytes):
+            if nbytes is None:
+                continue
+            if resident + nbytes <= self.resident_bytes:
+                resident += nbytes
+                continue
+            path = choose_path(self.paths, used, nbytes)
+            if path is None:
+                total = sum(n for n in state_bytes if n is not None)
+                raise TierFullError(
+                    f"the optimizer state ({total / 2 ** 30:,.2f} GiB in {len(state_bytes)} sub-groups) does not fit "
+                    f"{self.key}.paths: sub-group {i} ({nbytes} B) finds no room after "
+                    + ", ".join(f"{p.name} took {used[p.name]} of {p.capacity_bytes} B" for p in self.paths)
+                    + f" (a path on nvme/numa keeps room for two copies, Note [atomic step]); raise the tiers' "
+                    f"budgets or free disk space, add a path to {self.key}.paths, raise {self.key}.resident_bytes, "
+                    f"or set {self.key}.atomic_step=false")
+            used[path] += nbytes
+
     def _choose(self, run: StepRun, i: int, nbytes: int) -> str:
         """Where a sub-group's first state lives: resident while room is left, else the striped paths."""
         if self.resident_used + run.claimed[RESIDENT] + nbytes <= self.resident_bytes:

@@ -32,7 +32,8 @@ from tierflow.offload.optim.placement import numa_roles
 from tierflow.offload.tiers._memory import MappedMemory, aligned_empty
 from tierflow.offload.tiers.numa import discover_numa_nodes, mbind
 
-__all__ = ["StateEntry", "StateLayout", "StagingBuffer", "is_tiered", "layout_of", "local_binding", "pack", "unpack"]
+__all__ = ["StateEntry", "StateLayout", "StagingBuffer", "is_tiered", "layout_of", "local_binding", "pack",
+           "predict_state_bytes", "unpack"]
 
 _ALIGN = 64
 
@@ -93,6 +94,31 @@ def layout_of(states: Sequence[Mapping[str, Any]]) -> StateLayout:
                 entries.append(entry)
                 offset = align_up(offset + entry.nbytes, _ALIGN)
     return StateLayout(tuple(entries), tuple(tuple(s.keys()) for s in states), align_up(max(offset, 1)))
+
+
+def predict_state_bytes(optimizer: torch.optim.Optimizer, group_params: Sequence[Tuple[int, torch.Tensor]]
+                        ) -> Optional[int]:
+    """The buffer size :func:`layout_of` will give the state of ``group_params`` (``(param_group
+    index, parameter)`` of one sub-group), before any state exists: a fresh optimizer of the same
+    class and hyperparameters takes one step on meta copies of the parameters, which costs no
+    memory. None when that optimizer cannot step on the meta device.
+    """
+    metas, groups = [], []
+    for gi, param in group_params:
+        meta = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        meta.grad = torch.empty_like(meta)
+        settings = {k: v for k, v in optimizer.param_groups[gi].items() if k != "params"}
+        settings.update({k: False for k in ("foreach", "fused", "capturable") if k in settings})
+        if "fused" in settings:
+            settings["fused"] = None
+        metas.append(meta)
+        groups.append({**settings, "params": [meta]})
+    try:
+        probe = type(optimizer)(groups)
+        probe.step()
+    except Exception:  # noqa: BLE001 - an optimizer that needs real values: no prediction
+        return None
+    return layout_of([probe.state[m] for m in metas]).nbytes
 
 
 def unpack(layout: StateLayout, buffer: torch.Tensor, small: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:

@@ -46,7 +46,7 @@ from tierflow.offload.core.hardware import HardwareModel
 from tierflow.offload.optim._backward import EarlyStep, GradReadiness, changed_grads
 from tierflow.offload.optim._kernel import choose_cpu_kernel
 from tierflow.offload.optim._pipeline import IN_PLACE_TIERS, StepPipeline, StepRun
-from tierflow.offload.optim._state import local_binding
+from tierflow.offload.optim._state import local_binding, predict_state_bytes
 from tierflow.offload.optim._update import SubgroupUpdater
 from tierflow.offload.optim.placement import (
     PathSpec,
@@ -229,6 +229,9 @@ class TieredOptimizer(torch.optim.Optimizer):
             self._ready = GradReadiness(self._params, self.subgroups, cfg.backward_passes_per_step, self._start_early)
         if any(len(s) for s in optimizer.state.values()):
             self.load_state_dict(optimizer.state_dict())
+        else:  # a state that cannot fit is refused now, not at the first step
+            self._pipe.check_room([predict_state_bytes(self.inner, [(group_of[i], self._params[i]) for i in g.param_ids])
+                                   for g in self.subgroups])
 
     # --- public API ---------------------------------------------------------------------------
 
