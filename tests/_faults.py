@@ -55,3 +55,22 @@ class CorruptSwapOnceLM(GPT):
                 data = bytearray(path.read_bytes())
                 path.write_bytes(bytes(b ^ 0xFF for b in data))
         return super().forward(tokens)
+
+
+class FullTierOnRankLM(nn.Module):
+    """A bigram LM whose rank ``rank`` raises ``TierFullError`` at forward call ``at_call``, while
+    its peers go on into the step's all-reduce: a failure on one rank after training started."""
+
+    def __init__(self, vocab_size: int, at_call: int = 3, rank: int = 1, hidden: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, hidden)
+        self.out = nn.Linear(hidden, vocab_size)
+        self.at_call, self.rank, self.calls = at_call, rank, 0
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        from tierflow.offload import TierFullError
+
+        self.calls += 1
+        if self.calls == self.at_call and int(os.environ.get("RANK", "0")) == self.rank:
+            raise TierFullError("nvme tier: out of room on this rank only (injected by the test)")
+        return self.out(torch.tanh(self.emb(tokens)))

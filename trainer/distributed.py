@@ -85,7 +85,11 @@ def init_runtime(device: str = "auto") -> Runtime:
     return Runtime(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 
-def shutdown_runtime(rt: Runtime) -> None:
+def shutdown_runtime(rt: Runtime, *, failed: bool = False) -> None:
+    """Leave the process group: after a barrier when the run ended well; at once when it
+    failed, since the peers may be inside a collective this rank will never join (a barrier
+    would hang; leaving makes their collective fail, so the launcher sees every rank stop)."""
     if rt.distributed and dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()

@@ -57,9 +57,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     remove_stale_scratch()  # temp dirs of tierflow processes killed with SIGKILL (Note [whose scratch directory])
     rt = init_runtime(cfg.trainer.device)
     try:  # leave the process group even when the run fails
-        return _run(cfg, rt, source)
-    finally:
-        shutdown_runtime(rt)
+        result = _run(cfg, rt, source)
+    except BaseException:
+        shutdown_runtime(rt, failed=True)
+        raise
+    shutdown_runtime(rt)
+    return result
 
 
 def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:

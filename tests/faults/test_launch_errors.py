@@ -198,3 +198,17 @@ def test_ray_a_worker_raises_an_error_a_restart_may_fix(monkeypatch):
     env = {**ray_launch.rank_environment(0, 1, ["n0"], "127.0.0.1", 29400), "TIERFLOW_NODE_IP": "127.0.0.1"}
     with pytest.raises(TierIOError, match="No space left"):
         _LocalWorker(monkeypatch).train.remote(env, QUIET)()
+
+
+@pytest.mark.slow
+def test_a_tier_error_on_one_rank_mid_training_ends_every_rank(subprocess_env, tmp_path):
+    """Rank 1 fails inside step 3 while rank 0 waits in the step's all-reduce. It used to hang:
+    the failing rank waited in the exit barrier of the process group for a peer that waited for
+    it. It now leaves the group at once, rank 0's collective fails, and the launcher reports the
+    one line with exit 2, without restarting a failure that would happen again."""
+    proc = _torchrun_sh(["model._target_=tests._faults.FullTierOnRankLM", "trainer.steps=6",
+                         "trainer.global_batch=4", f"logging.run_root={tmp_path / 'runs'}"],
+                        subprocess_env, tmp_path, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert out.count("out of room on this rank only") == 1, out[-3000:]
