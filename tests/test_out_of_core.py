@@ -184,3 +184,31 @@ def test_unchanged_parameters_leave_without_being_written_again(tmp_path):
         # Parameters come back in forward, again in backward and for the update, but are written
         # only once, after the update: far less goes out than comes back.
         assert back > out + params // 2, (out, back, params)
+
+
+@pytest.mark.slow
+def test_the_built_in_medium_plans_at_15_percent_and_trains_at_20_exactly(quiet):
+    """Issue 14: GPT-2 small's body (85M parameters). Planned steps at 20% of the unconstrained
+    peak give the losses and weights of training without offloading, and the trace the run
+    wrote plans at 15%."""
+    from tierflow.offload.plan.planner import make_plan
+    from tierflow.offload.runtime._schedule import MOVABLE, one_iteration, pin_unmovable
+    from tierflow.offload.runtime.report import nominal_hardware
+    from tierflow.profiling import load_trace
+    from tierflow.trainer.compose import load_config
+    from tierflow.trainer.train import train
+
+    base = [o for o in quiet if o != "offload=none"] + ["model=medium", "trainer.steps=5", "trainer.global_batch=2"]
+    off = train(load_config(base + ["offload=none", "logging.run_name=plain"])[0])
+    on = train(load_config(base + ["offload.device_budget_fraction=0.2", "logging.run_name=low"])[0])
+    assert torch.equal(torch.tensor(off.losses), torch.tensor(on.losses))
+    assert on.summary["param_digests"] == off.summary["param_digests"]
+    o = on.summary["offload"]
+    assert o["steps"]["planned"] == 2 and not o["steps"].get("fallback")
+    assert o["peak_by_mode"]["planned"] <= o["device_budget_bytes"]
+    # The same planning the runtime does, from the trace the run wrote, at 15%.
+    trace = pin_unmovable(one_iteration(load_trace(on.run_dir / "trace.tftrace"), -1), MOVABLE)
+    with TierEngine(load_config(base)[0].tiers) as engine:  # the run's tiers: nominal links, their capacities
+        hardware = nominal_hardware(engine, torch.device("cpu"))
+    plan = make_plan(trace, hardware, OffloadConfig(device_budget_fraction=0.15).budgets(), "lifetime")
+    assert plan.fits and plan.predicted_device_peak_bytes <= 0.15 * plan.unconstrained_peak_bytes
