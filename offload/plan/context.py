@@ -11,21 +11,22 @@ policies (the same shape as DCP's ``planner_helpers`` / ``default_planner``).
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from tierflow.offload.core.hardware import HardwareModel
 from tierflow.offload.core.names import kind_of
+from tierflow.offload.plan._reruns import block_of, forward_spans, parse_block, with_reruns
 from tierflow.offload.plan.simulate import simulate
 from tierflow.offload.plan.types import Decision, OffloadPlan, PlanningError
 from tierflow.profiling.idle import idle_intervals
 from tierflow.profiling.timeline import MemoryTimeline, memory_timeline
-from tierflow.profiling.trace import PointKind, validate_trace
+from tierflow.profiling.trace import validate_trace
 
 __all__ = ["Budgets", "PlanContext", "RecomputeRegions", "block_of", "build_context", "feasible_minimum_bytes",
-           "finish_plan", "recompute_blocks"]
+           "finish_plan", "plan_with_reruns", "recompute_blocks"]
 
 #: Tier kinds from cheapest per byte to dearest: a tensor goes to the cheapest tier that hides it.
 _KIND_ORDER = {"nvme": 0, "numa": 1, "host": 2}
@@ -175,25 +176,44 @@ def finish_plan(ctx: PlanContext, policy: str, decisions: Sequence[Decision], no
                           "predicted_stall_s": sim.stall_s})
 
 
+def plan_with_reruns(ctx: PlanContext,
+                     policy: Callable[[PlanContext, Optional[FrozenSet[Tuple[str, int]]]], OffloadPlan]) -> OffloadPlan:
+    """Run ``policy`` until the blocks it re-runs are the ones whose re-runs it planned around.
+
+    Note [recompute reads parameters early] (in :mod:`tierflow.offload.plan._reruns`): re-running
+    block ``B`` reads, at its re-run point, what ``B``'s forward read; which blocks re-run is the
+    policy's own choice. So the first pass plans on the trace as recorded; when it re-runs blocks
+    ``C``, the next pass plans on the trace with ``C``'s re-run reads as uses and may re-run only
+    blocks of ``C``. Passes repeat while the chosen blocks shrink (at most ``len(C) + 1`` more; one
+    more in practice), and the last one is exact about what it re-runs.
+
+    Args:
+        ctx: The planning context of the recorded trace.
+        policy: ``policy(ctx, only)``: a plan re-running only blocks of ``only`` (None: any).
+
+    Returns:
+        A plan whose recomputed blocks' reads are on the device where they re-run.
+
+    Raises:
+        PlanningError: from ``policy`` on the recorded trace, or without re-runs.
+    """
+    plan = policy(ctx, None)
+    planned_for: FrozenSet[Tuple[str, int]] = frozenset()
+    while (chosen := frozenset(parse_block(b) for b in plan.recomputed_blocks)) != planned_for:
+        planned_for = chosen
+        trace = with_reruns(ctx.trace, chosen)
+        try:
+            plan = policy(replace(ctx, trace=trace, intervals=[iv for iv in idle_intervals(trace) if iv.size_bytes > 0]),
+                          chosen)
+        except PlanningError:
+            return policy(ctx, frozenset())  # the reads do not fit beside the re-runs: swaps alone
+    return plan
+
+
 def recompute_blocks(trace) -> Dict[Tuple[str, int], float]:
     """``(module path, call index) -> forward compute seconds`` of every module call in the trace."""
     t = np.cumsum([p.compute_s for p in trace.points])
     return {blk: float(t[b] - t[a]) for blk, (a, b) in forward_spans(trace).items()}
-
-
-def forward_spans(trace) -> Dict[Tuple[str, int], Tuple[int, int]]:
-    """``(module path, call index) -> (forward_pre point, forward_post point)`` of every module call.
-
-    Its forward runs in intervals ``pre .. post - 1``; spans of two calls are nested or disjoint.
-    """
-    open_: Dict[Tuple[str, int, int], int] = {}
-    out: Dict[Tuple[str, int], Tuple[int, int]] = {}
-    for i, p in enumerate(trace.points):
-        if p.kind is PointKind.FORWARD_PRE:
-            open_[(p.name, p.call_index, p.iteration)] = i
-        elif p.kind is PointKind.FORWARD_POST and (p.name, p.call_index, p.iteration) in open_:
-            out[(p.name, p.call_index)] = (open_.pop((p.name, p.call_index, p.iteration)), i)
-    return out
 
 
 class RecomputeRegions:
@@ -217,9 +237,10 @@ class RecomputeRegions:
     (:meth:`chosen_for`: that costs nothing more) or is not made.
     """
 
-    def __init__(self, trace, enabled: bool = True) -> None:
+    def __init__(self, trace, enabled: bool = True, only: Optional[FrozenSet[Tuple[str, int]]] = None) -> None:
         self.trace = trace
         self.enabled = enabled  # False: no activation may be recomputed
+        self.only = only  # the blocks that may be re-run (None: any)
         self.spans = forward_spans(trace)
         self.cost_s = recompute_blocks(trace)
         # The call each call's forward runs inside (spans nest: a stack over them sorted by start).
@@ -249,7 +270,7 @@ class RecomputeRegions:
         blk = block_of(iv.key) if self.enabled and saver is not None and created is not None else None
         while blk is not None and not self.spans[blk][0] <= created < self.spans[blk][1]:
             blk = self.parent[blk]
-        return blk
+        return blk if self.only is None or blk in self.only else None
 
     def saved_inside(self, iv, blocks) -> bool:
         """Whether ``iv``'s activation was saved during the forward of one of ``blocks``."""
@@ -292,12 +313,3 @@ class RecomputeRegions:
             if saver[0] not in self._decided:
                 bisect.insort(self._decided_starts, saver[0])
             self._decided.setdefault(saver[0], set()).add(block)
-
-
-def block_of(key: str) -> Optional[Tuple[str, int]]:
-    """``module[call]:saved<i>`` -> ``(module, call)``; None for other keys."""
-    head, sep, _ = key.rpartition(":saved")
-    if not sep or not head.endswith("]") or "[" not in head:
-        return None
-    name, _, call = head[:-1].rpartition("[")
-    return (name, int(call)) if call.isdigit() else None

@@ -10,7 +10,10 @@ the aggregate one). Compute waits (a *stall*, charged to the point where it wait
 * at a decision's ``free_point`` until its offload has finished (the plan promised the memory
   would be free from there on, so the predicted peak is the plan's own memory timeline);
 * at a decision's ``deadline_point`` until its prefetch has arrived;
-* at a recompute's ``deadline_point`` for the block's compute (once per block).
+* where a recomputed block re-runs, for the block's compute (once per block): at the first
+  unpack of anything saved inside it in backward, or its first recompute deadline if earlier
+  (Note [recompute reads parameters early] in :mod:`tierflow.offload.plan._reruns`; what the
+  re-run reads is then a use in the plan, so the plan's memory timeline already holds it).
 
 Steady state (Note [steady state]): transfers still running when compute ends overlap the next
 iteration, so the iteration is simulated twice with the links carried over and the second one is
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Tuple
 
 from tierflow.offload.core.hardware import HardwareModel, LinkModel
+from tierflow.offload.plan._reruns import parse_block, rerun_points
 from tierflow.offload.plan.types import Action, Decision, OffloadPlan, PlanningError, plan_memory
 from tierflow.profiling.timeline import MemoryTimeline, memory_timeline
 
@@ -130,10 +134,13 @@ def simulate(trace, plan: OffloadPlan, hardware: Optional[HardwareModel] = None,
     deadlines: Dict[int, List[int]] = defaultdict(list)
     block_due: Dict[str, Tuple[int, float]] = {}
     decisions: List[Decision] = list(plan.decisions)
+    # A block re-runs once, at the first unpack of anything saved inside it (Note [recompute reads
+    # parameters early]); where the trace shows none, before the first of its tensors is needed.
+    rerun_at = {f"{path}[{call}]": p for (path, call), p in
+                rerun_points(trace, [parse_block(b) for b in plan.recomputed_blocks]).items()}
     for i, d in enumerate(decisions):
         if d.action is Action.RECOMPUTE:
-            # A block re-runs once, before the first of its tensors is needed (Capuchin/POET).
-            due, cost = block_due.get(d.recompute_block, (n, 0.0))
+            due, cost = block_due.get(d.recompute_block, (rerun_at.get(d.recompute_block, n), 0.0))
             block_due[d.recompute_block] = (min(due, d.deadline_point), max(cost, d.recompute_s))
             continue
         evicts[d.evict_point].append(i)

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
+from tierflow.offload.plan._reruns import parse_block, with_reruns
 from tierflow.profiling.timeline import memory_timeline
 
 __all__ = ["Action", "Decision", "OffloadPlan", "PlanError", "PlanFileError", "PlanningError", "absent_intervals",
@@ -316,14 +317,17 @@ def validate_plan(plan: OffloadPlan, trace: Any, hardware: Any = None, *, timeli
         timeline: The trace's memory timeline, when the caller has it (one per planning pass).
 
     Returns:
-        One line per problem (empty when the plan is valid): use before arrival, a budget exceeded
-        (at the worst interval of each tier), an offloaded tensor not back before its next use,
-        overlapping decisions, unknown tiers or links.
+        One line per problem (empty when the plan is valid): use before arrival (a recomputed
+        block's re-run counts as a use of what its forward read), a budget exceeded (at the worst
+        interval of each tier), an offloaded tensor not back before its next use, overlapping
+        decisions, unknown tiers or links.
     """
     p: List[str] = []
     n = len(trace.points)
     if plan.num_points != n:
         return [f"plan is for a trace of {plan.num_points} points; this trace has {n}: re-plan from this trace"]
+    # Note [recompute reads parameters early]: a re-run block reads what its forward read.
+    trace = with_reruns(trace, [parse_block(b) for b in plan.recomputed_blocks])
     held_by: Dict[int, List[Tuple[int, int, int]]] = {}
     for i, d in enumerate(plan.decisions):
         before = len(p)
