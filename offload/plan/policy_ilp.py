@@ -23,12 +23,18 @@ per interval; each tier's occupancy stays within its budget. Objective: minimise
 from __future__ import annotations
 
 import bisect
-from typing import Dict, List, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import numpy as np
 
 from tierflow.offload.plan._slots import LinkSlots, slices
-from tierflow.offload.plan.context import PlanContext, RecomputeRegions, feasible_minimum_bytes, finish_plan
+from tierflow.offload.plan.context import (
+    PlanContext,
+    RecomputeRegions,
+    feasible_minimum_bytes,
+    finish_plan,
+    plan_with_reruns,
+)
 from tierflow.offload.plan.types import Action, Decision, OffloadPlan, PlanningError
 
 __all__ = ["MAX_ILP_OPTIONS", "plan_ilp"]
@@ -39,7 +45,18 @@ _TIME_LIMIT_S = 60.0
 
 
 def plan_ilp(ctx: PlanContext) -> OffloadPlan:
-    """The optimum over the options above. Raises PlanningError when too big or infeasible."""
+    """The optimum over the options above. Raises PlanningError when too big or infeasible.
+
+    Re-run blocks read what their forwards read where they re-run (Note [recompute reads
+    parameters early] in :mod:`tierflow.offload.plan._reruns`): when the optimum re-runs blocks,
+    the program is solved again with those reads as uses, re-running only those blocks
+    (:func:`~tierflow.offload.plan.context.plan_with_reruns`); the result is the optimum for the
+    blocks it re-runs.
+    """
+    return plan_with_reruns(ctx, _plan_ilp)
+
+
+def _plan_ilp(ctx: PlanContext, only: Optional[FrozenSet[Tuple[str, int]]]) -> OffloadPlan:
     # scipy is imported only when the ilp policy is asked for: the other policies do not need it.
     from scipy.optimize import LinearConstraint, milp
     from scipy.sparse import coo_matrix
@@ -52,7 +69,7 @@ def plan_ilp(ctx: PlanContext) -> OffloadPlan:
         raise PlanningError(f"device budget {budget} bytes is below the feasible minimum {minimum} bytes for this "
                             f"trace (bytes in use during interval {where}); raise the device budget to at least "
                             f"{minimum} bytes")
-    regions = RecomputeRegions(ctx.trace)
+    regions = RecomputeRegions(ctx.trace, only=only)
     fresh = LinkSlots(ctx)  # walks on idle links: never `take`n, so every option sees full capacity
     # option: (interval j, action, tier, kr, kf, cost, {link: [(q, seconds)]})
     options: List[Tuple[int, Action, str, int, int, float, Dict[str, list]]] = []

@@ -13,6 +13,9 @@
    link cannot hide) or, for an activation, recomputed when re-running its block is cheaper
    than that wait (Capuchin/POET), through the block that created it and never in a block nested
    in another recomputed one (Note [recompute regions] in :mod:`tierflow.offload.plan.context`).
+5. If blocks were re-run, the passes run again on the trace with those re-runs as uses of what
+   the blocks' forwards read, re-running only those blocks (Note [recompute reads parameters
+   early] in :mod:`tierflow.offload.plan._reruns`; :func:`~tierflow.offload.plan.context.plan_with_reruns`).
 
 Note [bandwidth slots]: as in G10, each link can move ``duration_s[p]`` seconds of transfer
 during interval ``p``. A transfer consumes those slots (its latency included) forward from the
@@ -24,13 +27,19 @@ busy link pushes a prefetch earlier (and keeps the tensor on the device longer) 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import numpy as np
 
 from tierflow.offload.plan._slots import EPS as _EPS
 from tierflow.offload.plan._slots import LinkSlots, slices
-from tierflow.offload.plan.context import PlanContext, RecomputeRegions, feasible_minimum_bytes, finish_plan
+from tierflow.offload.plan.context import (
+    PlanContext,
+    RecomputeRegions,
+    feasible_minimum_bytes,
+    finish_plan,
+    plan_with_reruns,
+)
 from tierflow.offload.plan.types import Action, Decision, OffloadPlan, PlanningError
 
 __all__ = ["plan_lifetime"]
@@ -48,18 +57,23 @@ def plan_lifetime(ctx: PlanContext) -> OffloadPlan:
     the same passes run again with the fastest tier first and the plan predicted faster is kept:
     under pressure, bandwidth matters more than where the bytes are cheapest.
     """
-    plan = _plan_lifetime(ctx)
+    return plan_with_reruns(ctx, _plan_tier_orders)
+
+
+def _plan_tier_orders(ctx: PlanContext, only: Optional[FrozenSet[Tuple[str, int]]]) -> OffloadPlan:
+    """Cheapest tier first, then fastest first if compute waits; re-running only blocks of ``only``."""
+    plan = _plan_lifetime(ctx, only)
     if plan.predicted_step_s <= plan.unconstrained_step_s or len(ctx.tiers) < 2:
         return plan
     fastest = sorted(ctx.tiers, key=lambda t: (sum(ctx.round_trip(t, 1 << 20)), t))
-    other = _plan_lifetime(replace(ctx, tiers=fastest))
+    other = _plan_lifetime(replace(ctx, tiers=fastest), only)
     if other.predicted_step_s < plan.predicted_step_s:
         return replace(other, notes=other.notes + ("fastest tier first: predicted faster than cheapest first "
                                                    "under this budget",))
     return plan
 
 
-def _plan_lifetime(ctx: PlanContext, recompute: bool = True) -> OffloadPlan:
+def _plan_lifetime(ctx: PlanContext, only: Optional[FrozenSet[Tuple[str, int]]] = None) -> OffloadPlan:
     n, budget = ctx.num_points, ctx.device_budget
     dev = ctx.interval_peak.copy()
     if dev.max() <= budget:
@@ -78,7 +92,8 @@ def _plan_lifetime(ctx: PlanContext, recompute: bool = True) -> OffloadPlan:
     decisions: List[Decision] = []
     windows: List[Tuple[int, int, int, int]] = []  # per decision: (s, length, kr, kf) in window positions
     taken = set()
-    regions = RecomputeRegions(ctx.trace, enabled=recompute)
+    recompute = only is None or bool(only)
+    regions = RecomputeRegions(ctx.trace, enabled=recompute, only=only)
 
     def held(iv) -> Tuple[int, int, bool]:
         s = iv.start_point % n
@@ -155,7 +170,7 @@ def _plan_lifetime(ctx: PlanContext, recompute: bool = True) -> OffloadPlan:
     if dev.max() > budget and recompute:
         # Note [recompute regions]: a re-run block keeps its inputs, and those saved inside it can
         # then not leave; swaps alone always reach the feasible minimum.
-        return _plan_lifetime(ctx, recompute=False)
+        return _plan_lifetime(ctx, frozenset())
     if dev.max() > budget:  # invariant: the feasible minimum was checked above
         raise AssertionError(f"lifetime left the device at {int(dev.max())} bytes over budget {budget}")
     return finish_plan(ctx, "lifetime", decisions)
