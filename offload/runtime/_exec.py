@@ -372,7 +372,8 @@ class Executor:
     def _recompute_context(self, path: str) -> Iterator[None]:
         # Note [recompute reads parameters early]: the block re-runs at its first unpack in
         # backward, before the points where the trace (made without checkpointing) used its
-        # parameters; the plan may still hold them away or be copying them back. Bring them back.
+        # parameters. Plans keep them on the device there (the planner's side of the note is in
+        # tierflow.offload.plan._reruns); a plan from elsewhere may not. Bring them back.
         prefix = path + "."
         for module_path, names in self.module_params.items():
             if module_path == path or module_path.startswith(prefix):
