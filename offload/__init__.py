@@ -34,6 +34,7 @@ from tierflow.offload.optim import (
     UpdateCosts,
     UpdatePlacement,
     place_updates,
+    with_master_weights,
 )
 from tierflow.offload.plan import (
     POLICIES,
@@ -132,6 +133,7 @@ __all__ = [
     "nominal_hardware",
     "numa_placement",
     "place_updates",
+    "with_master_weights",
     "plot_plan",
     "simulate",
     "validate_plan",

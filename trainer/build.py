@@ -98,7 +98,7 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
         # Built on the meta device, then materialised tensor by tensor onto the device
         # (bit-identical to eager), or, when the state does not fit, into a tier.
         model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len, device=rt.device,
-                            place_for=place_for)
+                            place_for=place_for, dtype=model_dtype(tc.precision))
     except BaseException:
         if engine is not None:
             engine.close()
@@ -107,7 +107,7 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
         if rt.distributed else model
     try:
         optimizer, scheduler = build_optimizer(model, cfg.optimizer, tc.steps, tiers=cfg.tiers, engine=engine,
-                                               grad_accum=tc.grad_accum)
+                                               grad_accum=tc.grad_accum, master_weights=tc.precision == "bf16_master")
     except BaseException:
         if engine is not None:
             engine.close()
@@ -198,6 +198,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # every CUDA device too
+
+
+def model_dtype(precision: str) -> Optional[torch.dtype]:
+    """bf16 parameters for ``precision=bf16_master`` (fp32 masters in the optimizer state,
+    :func:`~tierflow.offload.optim.master.with_master_weights`); None keeps the model's own."""
+    return torch.bfloat16 if precision == "bf16_master" else None
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:

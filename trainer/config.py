@@ -205,7 +205,7 @@ class TrainerConfig:
             p.append(f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         if self.eval_every < 0:
             p.append(f"trainer.eval_every={self.eval_every} must be >= 0 (0 evaluates only at the end)")
-        one_of(p, "trainer.precision", self.precision, ["auto", "fp32", "bf16"])
+        one_of(p, "trainer.precision", self.precision, ["auto", "fp32", "bf16", "bf16_master"])
         if self.device not in ("auto", "cpu", "cuda"):
             p.append(f"trainer.device={self.device!r} is not valid; choose one of: auto, cpu, cuda")
         if self.global_batch > 0 and self.grad_accum > 0 and self.global_batch % self.grad_accum:

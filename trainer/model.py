@@ -129,7 +129,8 @@ def count_parameters(model: nn.Module) -> int:
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int,
                 device: Optional[torch.device] = None,
-                place_for: Optional[Callable[[nn.Module], Optional[Callable]]] = None) -> nn.Module:
+                place_for: Optional[Callable[[nn.Module], Optional[Callable]]] = None,
+                dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Build the module ``cfg._target_`` names.
 
     The built-in GPT gets every size key. A user's module gets ``cfg.kwargs`` plus each of
@@ -146,7 +147,8 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int,
     ``device`` the module is constructed eagerly where the caller's device context says.
     ``place_for(meta_model)`` may return a ``place`` for ``materialize`` (a ``TierPlacement``:
     the parameters then go straight into a tier); it sees the model on the meta device first,
-    so it can size the training state before any memory is used.
+    so it can size the training state before any memory is used. ``dtype`` casts floating-point
+    parameters and buffers as ``model.to(dtype)`` would, one tensor at a time.
 
     Raises:
         ConfigError: the target cannot be imported, is not an ``nn.Module``, or rejects its
@@ -154,7 +156,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int,
     """
     build = _constructor(cfg, vocab_size=vocab_size, seq_len=seq_len)
     if device is None:
-        return build()
+        return build() if dtype is None else build().to(dtype)
     try:
         source = weight_source(cfg)
     except MaterializeError as exc:
@@ -169,10 +171,10 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int,
         model = build()
         if source is not None:
             _load_eagerly(model, source)
-        return model.to(device)
+        return model.to(device) if dtype is None else model.to(device=device, dtype=dtype)
     place = place_for(model) if place_for is not None else None
     try:
-        materialize(model, program, device=device, source=source, place=place)
+        materialize(model, program, device=device, source=source, place=place, dtype=dtype)
     except MaterializeError as exc:
         raise ConfigError(f"{cfg._target_}: {exc}") from None
     return model

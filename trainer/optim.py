@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from tierflow.offload import TieredOptimizer, TierEngine, TiersConfig
+from tierflow.offload import TieredOptimizer, TierEngine, TiersConfig, with_master_weights
 from tierflow.trainer.config import ConfigError, OptimizerConfig
 
 __all__ = ["build_optimizer", "lr_factor"]
@@ -33,7 +33,8 @@ def lr_factor(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int, tiers: Optional[TiersConfig] = None,
-                    grad_accum: int = 1, engine: Optional[TierEngine] = None) -> Tuple[torch.optim.Optimizer, LambdaLR]:
+                    grad_accum: int = 1, engine: Optional[TierEngine] = None,
+                    master_weights: bool = False) -> Tuple[torch.optim.Optimizer, LambdaLR]:
     """AdamW or SGD with weight decay on matrices and embeddings only (not norms or biases).
 
     Args:
@@ -55,10 +56,13 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int, ti
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    adamw, sgd = torch.optim.AdamW, torch.optim.SGD
+    if master_weights:
+        adamw, sgd = with_master_weights(adamw), with_master_weights(sgd)
     if cfg.name == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        opt: torch.optim.Optimizer = adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     else:
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        opt = sgd(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.tiered.enabled:
         missing = [p for p in cfg.tiered.paths if tiers is None or not getattr(tiers, p).enabled]
         if missing:

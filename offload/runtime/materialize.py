@@ -176,7 +176,8 @@ def _final_tensors(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str, str
 
 def materialize(model: nn.Module, program: InitProgram, *, device: torch.device = torch.device("cpu"),
                 source: Optional[WeightSource] = None,
-                place: Optional[Callable[[str, torch.Tensor], Optional[torch.Tensor]]] = None) -> Dict[str, int]:
+                place: Optional[Callable[[str, torch.Tensor], Optional[torch.Tensor]]] = None,
+                dtype: Optional[torch.dtype] = None) -> Dict[str, int]:
     """Give every meta parameter and buffer of ``model`` its real value, one tensor at a time.
 
     Tensors ``source`` names are read from it; every other one is computed by replaying
@@ -194,6 +195,9 @@ def materialize(model: nn.Module, program: InitProgram, *, device: torch.device 
             returns the tensor the model should hold (e.g. an empty storage whose bytes now wait
             in a tier), or None to keep ``tensor`` moved to ``device``. A ``place`` whose
             ``parameters_only`` attribute is True is called for parameters only.
+        dtype: Floating-point tensors are cast to it once computed or loaded, before ``place``
+            (``model.to(dtype)`` after eager construction gives the same values; a buffer computed
+            from a *loaded* weight sees the cast weight).
 
     Returns:
         ``{"computed": n, "loaded": n, "scratch_draws": n, "peak_live_bytes": n}``.
@@ -247,6 +251,8 @@ def materialize(model: nn.Module, program: InitProgram, *, device: torch.device 
 
     def finish(tok: int, tensor: torch.Tensor) -> None:
         where = final[tok]
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
         kept = place(where[0][2], tensor) if place is not None and (where[0][3] or not params_only) else None
         if kept is None:
             kept = tensor.to(device)
@@ -275,10 +281,10 @@ def materialize(model: nn.Module, program: InitProgram, *, device: torch.device 
                 if tok not in env:
                     env[tok] = _loaded_value(tok, done[tok], final[tok][0][2], place)
             if op.mutates is not None and op.overwrites:
-                nbytes, dtype = program.storages[op.mutates]
+                nbytes, storage_dtype = program.storages[op.mutates]
                 if op.mutates in env:
                     live -= env.pop(op.mutates).untyped_storage().nbytes()
-                env[op.mutates] = torch.empty(nbytes // dtype.itemsize, dtype=dtype, device=cpu)
+                env[op.mutates] = torch.empty(nbytes // storage_dtype.itemsize, dtype=storage_dtype, device=cpu)
                 live += nbytes
                 draws += int(last_define.get(op.mutates) != i or op.mutates not in final)
             args = tree_map(lambda a: _view(env, a) if isinstance(a, _Ref) else a, op.args)
