@@ -43,8 +43,8 @@ def test_the_step_is_the_hand_written_recipe_with_hooks_run_once(cls, kwargs):
     assert len(opt.state) == 4  # no master left behind as a key
 
 
-def _run(quiet, *extra):
-    base = [o for o in quiet if o != "offload=none"] + ["trainer.steps=6", "trainer.global_batch=8",
+def _run(quiet, *extra, batch=8):
+    base = [o for o in quiet if o != "offload=none"] + ["trainer.steps=6", f"trainer.global_batch={batch}",
                                                          "trainer.precision=bf16_master"]
     return train(load_config(base + list(extra))[0])
 
@@ -66,3 +66,18 @@ def test_offloaded_masters_train_bit_identically_to_the_recipe_in_memory(quiet, 
 def test_the_tiered_optimizer_is_refused_before_work(quiet):
     with pytest.raises(ConfigError, match="bf16_master keeps fp32 master weights"):
         _run(quiet, "optimizer.tiered.enabled=true", "optimizer.tiered.paths=[host]")
+
+
+def test_a_state_built_into_nvme_trains_within_a_third_of_it(quiet, tmp_path):
+    """Out of core: bf16 parameters materialised straight into the NVMe tier, their fp32 masters
+    and moments born there at the first step; every step within a byte budget of a third of
+    the training state, bit-identical to the recipe in memory."""
+    plain = _run(quiet, "offload=none", "logging.run_name=plain", batch=2)
+    state = 16 * sum(p.numel() for p in plain.model.parameters())  # bf16 w + g, fp32 master + 2 moments
+    paged = _run(quiet, f"offload.device_budget_bytes={state // 3}", "tiers.nvme.enabled=true",
+                 f"tiers.nvme.dirs=[{tmp_path}]", "tiers.host.enabled=false", "logging.run_name=ooc", batch=2)
+    assert torch.equal(torch.tensor(plain.losses), torch.tensor(paged.losses))
+    assert paged.summary["param_digests"] == plain.summary["param_digests"]
+    o = paged.summary["offload"]
+    assert o["out_of_core"] and set(o["bytes_out"]) == {"nvme:0"}
+    assert all(0 < peak <= state // 3 for peak in o["peak_by_mode"].values()), o["peak_by_mode"]
