@@ -41,7 +41,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from tierflow.offload.core.errors import TierFullError
+from tierflow.offload.core.errors import TierError, TierFullError
 from tierflow.offload.tiers.base import Slot, Tier, TransferHandle
 
 __all__ = ["Residency", "TransferStats"]
@@ -322,6 +322,17 @@ class Residency:
         """Bring back every entry for which ``keep(key)`` is False."""
         for key in [k for k in self.entries if not keep(k)]:
             self.arrive(key)
+
+    def arrive_what_can(self) -> Optional[TierError]:
+        """Bring back every entry; one whose read fails (its checksum) stays away while the others
+        still come back. Returns the first such error (None when all came back)."""
+        failed = None
+        for key in list(self.entries):
+            try:
+                self.arrive(key)
+            except TierError as exc:
+                failed = failed or exc
+        return failed
 
     @_ours
     def discard(self, key: str) -> None:

@@ -40,7 +40,6 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from tierflow.offload.core.errors import TierError
 from tierflow.offload.core.hardware import HardwareModel
 from tierflow.offload.core.names import TierName, kind_of
 from tierflow.offload.plan.explain import explain_plan, plot_plan
@@ -452,24 +451,13 @@ class OffloadRuntime:
             for executor in (self._executor, self._online):
                 if executor is not None:
                     executor.remove(restore=False)
-            failed = self._counting_bytes_in(self._bring_back_all) if restore else None
+            failed = self._counting_bytes_in(self.residency.arrive_what_can) if restore else None
             self.residency.free_clean()
         finally:
             if self.engine is not None and self._owns_engine:
                 self.engine.close()
         if failed is not None and sys.exc_info()[0] is None:  # called in a finally of a failure: that one counts
             raise failed
-
-    def _bring_back_all(self) -> Optional[TierError]:
-        """Every tensor that waits in a tier comes back; one that cannot (its read fails its
-        checksum) stays away, the others still come back, and the first error is returned."""
-        failed = None
-        for key in list(self.residency.entries):
-            try:
-                self.residency.arrive(key)
-            except TierError as exc:
-                failed = failed or exc
-        return failed
 
     def __enter__(self) -> "OffloadRuntime":
         return self
