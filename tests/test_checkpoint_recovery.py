@@ -185,7 +185,9 @@ def test_disk_checkpoint_reloads_at_world_size_1_and_2(tmp_path, snapshot_store_
         assert proc.returncode == 0, err[-3000:]
         assert f"resumed from step {STEPS} " in out and f"from disk {ckdir / f'step-{STEPS:08d}'}" in out, out
         losses[nproc] = _losses(tmp_path / f"ws{nproc}")
-    assert sorted(losses[1]) == sorted(losses[2]) == [STEPS + 1, STEPS + 2, STEPS + 3]
+    # Each metrics.jsonl starts with the step it resumed from, and that step's loss from the copy.
+    assert sorted(losses[1]) == sorted(losses[2]) == [STEPS, STEPS + 1, STEPS + 2, STEPS + 3]
+    assert losses[1][STEPS] == losses[2][STEPS] == _losses(tmp_path / "write")[STEPS]
     np.testing.assert_allclose([losses[1][s] for s in sorted(losses[1])], [losses[2][s] for s in sorted(losses[2])],
                                rtol=1e-4)
 
