@@ -25,7 +25,14 @@ LEFTOVERS = ("*wandb-media", "*wandb-artifacts", "torchelastic_*", "tierflow-tmp
 
 
 def _leftovers(tmpdir: Path):
-    return sorted(str(p.relative_to(tmpdir)) for pattern in LEFTOVERS for p in tmpdir.rglob(pattern))
+    """Our kinds of temp directory under ``tmpdir``. wandb's service makes and removes its own
+    ``wandb-*`` directories there while we look: a walk that loses one looks again."""
+    for _ in range(20):
+        try:
+            return sorted(str(p.relative_to(tmpdir)) for pattern in LEFTOVERS for p in tmpdir.rglob(pattern))
+        except FileNotFoundError:
+            time.sleep(0.05)
+    raise AssertionError(f"{tmpdir} kept changing under 20 walks")
 
 
 def _env(subprocess_env, tmpdir: Path):
