@@ -59,7 +59,8 @@ cmd=${1:-shell}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   train) exec "$venv/bin/tierflow" train "$@" ;;
-  test)  exec "$py" -m pytest "$@" ;;
+  # Two workers, each taking whole files (module fixtures stay shared); TIERFLOW_TEST_WORKERS=0 runs in one process.
+  test)  exec "$py" -m pytest -n "${TIERFLOW_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
   shell) say "ready: source $venv/bin/activate" ;;
   *) say "unknown command '$cmd'; use train, test or shell"; exit 2 ;;
 esac
