@@ -279,7 +279,7 @@ def test_divergent_iteration_over_budget_raises_naming_budget_and_need():
 
 def test_recompute_decisions_run_under_checkpointing_exactly(monkeypatch):
     """Force every module call of the plan's choosing to recompute: the results must not change."""
-    import tierflow.offload.runtime.offload_runtime as runtime_module
+    import tierflow.offload.runtime._planning as runtime_module
 
     real = runtime_module.make_plan
 

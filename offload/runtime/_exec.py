@@ -98,6 +98,9 @@ class Executor:
         decisions = plan.decisions if plan is not None else ()
         self.tier = tier or next((d.tier for d in decisions if d.tier), "host")
         self.strict = strict
+        # What the plan leaves unused under the budget at its peak: saved tensors larger than
+        # their reservation may use it without leaving the plan (Note [size reservations]).
+        self.slack_bytes = max(plan.device_budget_bytes - plan.predicted_device_peak_bytes, 0) if plan else 0
         self.recompute, self.skipped = recompute, skipped
         # What the fallback shares with this executor (Note [divergence]); reset by every iteration.
         self.state = IterationState(budget_bytes)
@@ -123,6 +126,7 @@ class Executor:
         self._checkpoint_gens: Dict[Tuple[str, int], Any] = {}
         self._recomputing = 0
         self._entering_checkpoint = False
+        self._in_pack = False
         self._install()
 
     # ---- hooks -----------------------------------------------------------------------------
@@ -177,6 +181,11 @@ class Executor:
         self.late_release: List[str] = []
         self.absent_at: List[int] = []  # per matched interval: the fewest bytes held away during it
         self.checkpointed: Set[str] = set()  # recomputed blocks whose forward ran checkpointed
+        # Note [size reservations]: saved tensors smaller than the plan reserved (key -> bytes
+        # short), and tensors larger than it (key -> bytes seen): the runtime plans again for them.
+        self.shortfall: Dict[str, int] = {}
+        self.outgrown: Dict[str, int] = {}
+        self.excess: Dict[str, int] = {}  # outgrown, yet within the slack the plan left under the budget
         self._thread = threading.get_ident()
         self.active = True
         self.residency.drop_dead()
@@ -255,11 +264,31 @@ class Executor:
 
     @property
     def resident_at(self) -> List[int]:
-        """Per matched interval: the trace's peak in it minus the bytes held away and the planned
-        activations that recomputed blocks (those whose forward ran checkpointed) did not keep."""
+        """Per matched interval: the trace's peak in it minus the bytes held away, the planned
+        activations that recomputed blocks (those whose forward ran checkpointed) did not keep,
+        and what saved tensors smaller than their reservation left unused in intervals they
+        spanned whole, plus what larger ones took in every interval they touched (Note [size
+        reservations])."""
         recomputed = [self.schedule.recomputed[b] for b in self.checkpointed if b in self.schedule.recomputed]
-        return [self.schedule.interval_peak[p] - a - sum(r[p] for r in recomputed)
-                for p, a in enumerate(self.absent_at)]
+        n = len(self.absent_at)
+        unused = [0] * (n + 1)
+        spans = self.schedule.spans
+        for key, short in self.shortfall.items():  # in the intervals it spans whole
+            first, last = spans.get(key, (1, 0))
+            if first <= min(last, n - 1):
+                unused[first] += short
+                unused[min(last, n - 1) + 1] -= short
+        for key, extra in self.excess.items():  # in every interval it touches
+            first, last = spans.get(key, (1, 0))
+            first, last = max(first - 1, 0), min(last + 1, n - 1)
+            if first <= last:
+                unused[first] -= extra
+                unused[last + 1] += extra
+        out, running = [], 0
+        for p, a in enumerate(self.absent_at):
+            running += unused[p]
+            out.append(self.schedule.interval_peak[p] - a - sum(r[p] for r in recomputed) - running)
+        return out
 
     def _act(self, p: int) -> None:
         s, r, decisions = self.schedule, self.residency, self.plan.decisions
@@ -279,8 +308,9 @@ class Executor:
             if storage is None:
                 self._diverge(f"planned tensor {d.key!r} does not exist at point {p}")
                 return
-            if storage.nbytes() != d.size_bytes:
-                self._diverge(f"planned tensor {d.key!r} has {storage.nbytes()} bytes, the trace {d.size_bytes}")
+            if storage.nbytes() > d.size_bytes + self.excess.get(d.key, 0):  # Note [size reservations]
+                self.outgrown[d.key] = storage.nbytes()
+                self._diverge(f"planned tensor {d.key!r} has {storage.nbytes()} bytes, the plan reserved {d.size_bytes}")
                 return
             self.hits += r.offload(d.key, storage, d.tier)
         for i in s.frees[p]:
@@ -299,7 +329,7 @@ class Executor:
             return
         d = self.plan.decisions[i]
         storage = self._storage(d.key, d.category)
-        if storage is None or storage.nbytes() != d.size_bytes:
+        if storage is None or storage.nbytes() > d.size_bytes + self.excess.get(d.key, 0):
             self.missed += 1
             return
         if self.residency.offload(d.key, storage, d.tier):
@@ -450,13 +480,26 @@ class Executor:
             return t, known[1]
         key = calls.next_saved_key()
         seen[sid] = (weakref.ref(st), key)
+        self._in_pack = True
+        try:
+            return self._pack_saved(t, st, key)
+        finally:
+            self._in_pack = False
+
+    def _pack_saved(self, t: torch.Tensor, st: torch.UntypedStorage, key: str) -> Any:
+        size, nbytes = self.schedule.sizes.get(key), st.nbytes()
+        if size is not None and nbytes > size:
+            self.outgrown[key] = max(nbytes, self.outgrown.get(key, 0))
         if self.diverged:
             return t, key  # the fallback may evict it (Note [divergence])
-        size = self.schedule.sizes.get(key)
-        if size is None or key not in self.schedule.activations or size != st.nbytes():
-            self._diverge(f"saved tensor {key!r} of {st.nbytes()} bytes is not in the trace"
-                          + (f" (traced with {size} bytes)" if size is not None else ""))
+        if size is not None and size < nbytes <= size + self.slack_bytes - sum(self.excess.values()):
+            self.excess[key] = nbytes - size  # Note [size reservations]: the budget's slack takes it
+        elif size is None or key not in self.schedule.activations or nbytes > size:
+            self._diverge(f"saved tensor {key!r} of {nbytes} bytes is not in the trace"
+                          + (f" (the plan reserved {size} bytes)" if size is not None else ""))
             return t, key
+        elif nbytes < size:  # Note [size reservations]: the plan holds for it; account what it is
+            self.shortfall[key] = size - nbytes
         if key in self.planned_keys:
             self.saved[key] = weakref.ref(st)
             if key in self.pending:
@@ -503,6 +546,14 @@ class Executor:
                                  thread=self._thread, strict=self.strict)
         if not self.online:
             self.on_divergence(reason)
+        # Note [divergence]: a changed forward may read saved tensors that are away. From here the
+        # fault-in mode brings back whatever an operation reads; in backward every read of one is
+        # an unpack, which brings it back with room made. Only where neither holds (another
+        # thread) do they all come back at once. Found inside an operation (a saved tensor of
+        # another size), the mode starts there but evicts only from the next point on: the
+        # operation under way may read anything the policy would pick (Note [evict at points]).
+        if self.fallback.start(evict_now=not self._in_pack) or torch_compat.current_graph_task_id() != -1:
+            return
         for key in list(self.residency.entries):
             if key in self.saved or ":saved" in key:
-                self.residency.arrive(key)  # Note [divergence]: a changed forward may read them
+                self.residency.arrive(key)

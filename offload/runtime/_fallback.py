@@ -20,6 +20,10 @@ policy runs at every point instead:
   bring that under the budget it raises :class:`BudgetExceededError` with the budget and the
   bytes needed; it never exceeds a budget silently. (Not ``strict``: it evicts what it can and
   goes on; the reported peak shows what it could not.)
+* **Evict at points** (Note [evict at points]): an iteration that leaves the plan inside an
+  operation (a saved tensor of another size is found while the operation saves its inputs, before
+  it computes) starts the mode there, so whatever is away faults in, but evicts nothing until the
+  next point: the operation under way may read any candidate, and nothing spares its arguments.
 * **Nothing all at once**: it never brings back more than the next operation needs. The
   optimizer step fetches the parameters, gradients and states of the parameter groups it is
   about to step (a sub-group, with :class:`~tierflow.offload.optim.SubgroupStepper`), and
@@ -146,12 +150,19 @@ class Fallback:
         self.evicted_bytes: Dict[str, int] = {}  # per category, bytes this fallback evicted
         self.level = 0  # tracked bytes at the last count plus what operations allocated since (an upper bound)
         self.settled_peak = 0  # the most tracked bytes left after the fallback acted
+        self.evicting = True  # Note [evict at points]
         self._mode: Optional[_FaultIn] = None
 
     # ---- the mode ---------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Enter the fault-in mode (at a point: never inside another mode's dispatch)."""
+    def start(self, evict_now: bool = True) -> bool:
+        """Enter the fault-in mode (never inside another mode's dispatch); True when it is active.
+
+        Args:
+            evict_now: False when called inside an operation: faults are served at once, evictions
+                wait for the next point (Note [evict at points]).
+        """
+        self.evicting = self.evicting and evict_now
         # Note [no mode from backward]: the autograd engine sets its captured thread-local state
         # (the dispatch-mode stack included) around every node it runs, so a mode entered in a
         # backward hook is dropped again by the engine. A divergence found in backward is handled
@@ -160,6 +171,7 @@ class Fallback:
         if self._mode is None and threading.get_ident() == self.thread and not in_backward:
             self._mode = _FaultIn(self)
             self._mode.__enter__()
+        return self._mode is not None
 
     def stop(self) -> None:
         """Leave the mode (the iteration ended).
@@ -185,6 +197,7 @@ class Fallback:
         """Act at a point of the diverged iteration: make room for what is needed now, bring it
         back, and keep the rest under the budget."""
         iteration = self.state
+        self.evicting = True
         self.start()
         needed: List[Tuple[str, torch.Tensor]] = []
         if kind is PointKind.FORWARD_PRE:  # about to run: fetch now rather than fault in op by op
@@ -302,6 +315,8 @@ class Fallback:
         iteration = self.state
         used = self.level = self.tracked_bytes()
         iteration.tracked_peak = max(iteration.tracked_peak, used)
+        if not self.evicting:  # Note [evict at points]: an operation under way may read any candidate
+            return
         # Note [headroom]: an operation's output appears before anyone can evict for it, so the
         # policy keeps room for the largest output seen so far (learnt from the first iteration).
         target = max(iteration.budget_bytes - iteration.largest_op_bytes - incoming, 0)

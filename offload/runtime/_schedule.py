@@ -109,7 +109,8 @@ class Schedule:
         writing_at_start: Wrapped swap decisions whose copy out is under way when an iteration
             starts (issued late in the previous one): the first planned iteration starts it.
         uses: Per key, the sorted points it is used at (next-use hints for the fallback).
-        sizes: Per key, its bytes in the trace.
+        sizes: Per key, its bytes in the trace (the reservation, for a key whose size varies:
+            Note [size reservations] in :mod:`tierflow.profiling.shapes`).
         activations: Keys of the activations the trace saw.
         interval_peak: The trace's unplanned device peak per interval.
         index_of: Per point label, its index (where a diverged iteration is, when labels match).
@@ -117,6 +118,9 @@ class Schedule:
             :mod:`tierflow.offload.runtime._exec`).
         recomputed: Per recomputed block (``module[call]``), per interval the bytes of the plan's
             recompute decisions through it: what its checkpointed forward did not keep.
+        spans: Per activation key, the first and last interval it is alive through from start to
+            end (``first > last`` when none): where a smaller tensor than the trace's leaves its
+            reservation unused at the interval's peak, whenever that peak falls.
     """
 
     labels: Tuple[str, ...]
@@ -133,6 +137,7 @@ class Schedule:
     index_of: Dict[str, int]
     unobservable: FrozenSet[int] = frozenset()
     recomputed: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    spans: Dict[str, Tuple[int, int]] = field(default_factory=dict)
 
     @property
     def num_points(self) -> int:
@@ -187,12 +192,14 @@ def make_schedule(trace, plan: OffloadPlan, *, timeline: Optional[MemoryTimeline
     uses: Dict[str, Tuple[int, ...]] = {}
     sizes: Dict[str, int] = {}
     activations = set()
+    spans: Dict[str, Tuple[int, int]] = {}
     for r in trace.tensors:
         if r.category.value in MOVABLE:
             uses[r.key] = tuple(r.uses)
             sizes[r.key] = r.size_bytes
             if r.category.value == "activation":
                 activations.add(r.key)
+                spans[r.key] = (0 if r.created is None else r.created + 1, n - 1 if r.freed is None else r.freed - 1)
     frozen = {k: tuple(tuple(ids) for ids in v) for k, v in tables.items()}
     return Schedule(labels=tuple(p.label for p in trace.points), evicts=frozen["evict"], frees=frozen["free"],
                     prefetches=frozen["prefetch"], deadlines=frozen["deadline"],
@@ -201,7 +208,7 @@ def make_schedule(trace, plan: OffloadPlan, *, timeline: Optional[MemoryTimeline
                     interval_peak=tuple((timeline or memory_timeline(trace)).interval_peak_bytes),
                     index_of={p.label: i for i, p in reversed(list(enumerate(trace.points)))},
                     unobservable=frozenset(_empty_graph_tasks(trace.points)),
-                    recomputed={blk: tuple(v) for blk, v in recomputed.items()})
+                    recomputed={blk: tuple(v) for blk, v in recomputed.items()}, spans=spans)
 
 
 def _empty_graph_tasks(points) -> List[int]:

@@ -35,7 +35,13 @@ class OffloadConfig:
         profile_iterations: Steps traced (unconstrained) to make the plan from; the last one is
             planned, 2 or more also checks that iterations repeat.
         reprofile_after: After this many iterations that diverged from the trace since the plan
-            was made, profile and plan again (0: never).
+            was made, profile and plan again (0: never). It doubles after every re-profile, so a
+            model that is simply dynamic is not profiled every few steps.
+        shape_headroom: For tensors whose size varied among the profiled iterations (a mixture
+            of experts routing tokens, variable sequence lengths), the fraction above the largest
+            size seen that the plan reserves (Note [size reservations] in
+            :mod:`tierflow.profiling.shapes`). Memory vs staying on the plan: a larger tensor
+            leaves the plan for the rest of its step, after which the runtime plans for it.
         optimizer_subgroup_bytes: Parameter bytes the trainer steps together (0: one parameter at
             a time), through :class:`~tierflow.offload.optim.SubgroupStepper`: each sub-group is
             its own pair of trace points, so the plan pages parameters, gradients and states
@@ -60,6 +66,7 @@ class OffloadConfig:
     profile_warmup: int = 1
     profile_iterations: int = 2
     reprofile_after: int = 3
+    shape_headroom: float = 0.25
     max_inflight_transfers: int = 0
     optimizer_subgroup_bytes: int = 0
     build_in_tier: str = "auto"
@@ -77,6 +84,9 @@ class OffloadConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 p.append(f"offload.{key}={value!r} must be a whole number >= {minimum}")
+        if isinstance(self.shape_headroom, bool) or not isinstance(self.shape_headroom, (int, float)) or \
+                not 0 <= self.shape_headroom <= 4:
+            p.append(f"offload.shape_headroom={self.shape_headroom!r} must be a fraction between 0 and 4, e.g. 0.25")
         if self.build_in_tier not in ("auto", "always", "never"):
             p.append(f"offload.build_in_tier={self.build_in_tier!r} is not valid; choose auto, always or never")
         for tier, b in self.tier_budget_bytes.items():

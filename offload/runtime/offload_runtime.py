@@ -43,11 +43,11 @@ from torch import nn
 from tierflow.offload.core.hardware import HardwareModel
 from tierflow.offload.core.names import TierName, kind_of
 from tierflow.offload.plan.explain import explain_plan, plot_plan
-from tierflow.offload.plan.planner import make_plan
-from tierflow.offload.plan.types import Action, OffloadPlan, PlanError, PlanningError, validate_plan
+from tierflow.offload.plan.types import Action, OffloadPlan, PlanningError
 from tierflow.offload.runtime._exec import BudgetExceededError, Executor
+from tierflow.offload.runtime._planning import plan_trace
 from tierflow.offload.runtime._residency import Residency, TransferStats
-from tierflow.offload.runtime._schedule import MOVABLE, make_schedule, one_iteration, pin_unmovable
+from tierflow.offload.runtime._schedule import MOVABLE
 from tierflow.offload.runtime.config import OffloadConfig
 from tierflow.offload.runtime.materialize import TierPlacement
 from tierflow.offload.runtime.report import StepReport, nominal_hardware
@@ -55,8 +55,8 @@ from tierflow.offload.tiers._memory import map_large_allocations
 from tierflow.offload.tiers.base import Tier
 from tierflow.offload.tiers.config import HostTierConfig, TiersConfig
 from tierflow.offload.tiers.engine import TierEngine
-from tierflow.profiling import TraceWindow, check_stability, memory_timeline, save_trace
-from tierflow.profiling.trace import PointKind
+from tierflow.profiling import TraceWindow, save_trace
+from tierflow.profiling.shapes import SizeRange, merge_sizes, observed_sizes
 
 __all__ = ["BudgetExceededError", "OffloadRuntime", "StepReport", "nominal_hardware"]
 
@@ -125,11 +125,13 @@ class OffloadRuntime:
         self._warmup_left = config.profile_warmup
         self._first_planned = True
         self._divergent_since_plan = 0
+        self._reprofile_after = config.reprofile_after
+        self._sizes: Dict[str, SizeRange] = {}  # every size each key was seen with (Note [size reservations])
         self._warned = False
         self.step_index = 0
         self.last_report: Optional[StepReport] = None
         self.totals: Dict[str, Any] = {"steps": {}, "bytes_out": {}, "bytes_in": {}, "stall_s": 0.0, "plan_hits": 0,
-                                       "fallbacks": 0, "divergent_iterations": 0, "reprofiles": 0,
+                                       "fallbacks": 0, "divergent_iterations": 0, "reprofiles": 0, "replans": 0,
                                        "device_peak_bytes": 0, "peak_by_mode": {}}
         params = dict(model.named_parameters())
 
@@ -244,8 +246,14 @@ class OffloadRuntime:
                 self._first_planned = True  # everything came back: the next iteration re-enters the plan
         self.last_report = self._report(mode, executor, time.perf_counter() - start)
         self.step_index += 1
-        if mode == "fallback" and self.config.reprofile_after and \
-                self._divergent_since_plan >= self.config.reprofile_after:
+        if mode in ("planned", "fallback") and executor.outgrown:
+            self._sizes = merge_sizes(self._sizes, {k: (b, b) for k, b in executor.outgrown.items()})
+        if mode == "fallback" and executor.outgrown:
+            # A tensor larger than its reservation and the plan's slack: plan again for the sizes
+            # seen (Note [size reservations]); no new profile is needed.
+            self.totals["replans"] += 1
+            self._plan_for_sizes()
+        elif mode == "fallback" and self._reprofile_after and self._divergent_since_plan >= self._reprofile_after:
             self._reprofile()
 
     def _first_step_makes_state(self) -> bool:
@@ -324,29 +332,21 @@ class OffloadRuntime:
 
     def _make_plan(self, trace) -> None:
         self.trace = trace
-        stability = check_stability(trace)
-        if not stability.static:
-            warnings.warn(f"tierflow offload: the profiled iterations differ ({stability.describe()}); planning the "
-                          "last one, iterations that diverge from it fall back", stacklevel=4)
-        one = pin_unmovable(one_iteration(trace, -1), self._movable)
-        timeline = memory_timeline(one)  # one timeline for planning, validation and the schedule
-        plan = make_plan(one, self.hardware, self.config.budgets(), self.config.policy, timeline=timeline)
-        if not plan.fits:
-            raise PlanningError(
-                f"policy {plan.policy!r} cannot keep the device under its budget: device budget "
-                f"{plan.device_budget_bytes} bytes, the plan's peak {plan.predicted_device_peak_bytes} bytes "
-                f"(unconstrained peak {plan.unconstrained_peak_bytes} bytes); raise offload.device_budget_bytes/"
-                f"device_budget_fraction or use offload.policy=lifetime")
-        problems = validate_plan(plan, one, self.hardware, timeline=timeline)
-        if problems:
-            raise PlanError(f"the {plan.policy} plan is invalid ({len(problems)} problems): " + "; ".join(problems[:5]))
-        for tier in sorted({d.tier for d in plan.decisions if d.action is Action.SWAP}):
+        self._sizes = merge_sizes(self._sizes, observed_sizes(trace))
+        self._plan_for_sizes()
+
+    def _plan_for_sizes(self) -> None:
+        """Plan the profiled trace for every size seen so far (Note [size reservations])."""
+        planned = plan_trace(self.trace, self._sizes, self.config, self.hardware, self._movable)
+        for tier in sorted({d.tier for d in planned.plan.decisions if d.action is Action.SWAP}):
             self._tier_for(tier)  # every tier the plan uses is open, or fail now
-        recompute = {_block(b) for b in plan.recomputed_blocks}
-        self.plan, self.planning_trace = plan, one
-        self._executor = Executor(self.model, self.optimizer, self.residency, plan, make_schedule(one, plan, timeline=timeline),
-                                  recompute=recompute, skipped=_inside_recomputed(one, plan, recompute),
-                                  budget_bytes=plan.device_budget_bytes, on_divergence=self._on_divergence,
+        if self._executor is not None:
+            self._executor.remove(restore=False)  # the new plan's first step settles what it left
+        self.plan, self.planning_trace = planned.plan, planned.trace
+        self.totals["reserved_keys"] = planned.num_reserved
+        self._executor = Executor(self.model, self.optimizer, self.residency, planned.plan, planned.schedule,
+                                  recompute=planned.recompute, skipped=planned.skipped,
+                                  budget_bytes=planned.plan.device_budget_bytes, on_divergence=self._on_divergence,
                                   movable=self._movable)
         self._first_planned, self._divergent_since_plan = True, 0
 
@@ -357,7 +357,7 @@ class OffloadRuntime:
             self._warned = True
             warnings.warn(f"tierflow offload: step {self.step_index} diverged from the profiled trace ({reason}); "
                           f"the rest of such iterations runs on the fallback policy"
-                          + (f", re-profiling after {self.config.reprofile_after} of them"
+                          + (f", re-profiling after {self._reprofile_after} of them"
                              if self.config.reprofile_after else ""), stacklevel=2)
 
     def _reprofile(self) -> None:
@@ -365,6 +365,7 @@ class OffloadRuntime:
         self._executor = None
         self._warmup_left = 0
         self.totals["reprofiles"] += 1
+        self._reprofile_after *= 2  # back off: a model that is simply dynamic is not profiled every few steps
 
     def _tier_for(self, name: str) -> Tier:
         kind = kind_of(name)
@@ -465,28 +466,3 @@ class OffloadRuntime:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-def _block(name: str) -> Tuple[str, int]:
-    path, _, call = name[:-1].rpartition("[")
-    return path, int(call)
-
-
-def _inside_recomputed(trace, plan: OffloadPlan, blocks) -> set:
-    """Swap decisions of activations saved inside a recomputed block's forward (checkpointing
-    keeps those from ever being saved, so there is nothing to move)."""
-
-    spans = []
-    open_ = {}
-    for i, p in enumerate(trace.points):
-        if (p.name, p.call_index) in blocks:
-            if p.kind is PointKind.FORWARD_PRE:
-                open_[(p.name, p.call_index)] = i
-            elif p.kind is PointKind.FORWARD_POST and (p.name, p.call_index) in open_:
-                spans.append((open_.pop((p.name, p.call_index)), i))
-    out = set()
-    for i, d in enumerate(plan.decisions):
-        r = trace.tensors[d.record]
-        if d.action is Action.SWAP and d.category == "activation" and r.created is not None and \
-                any(a <= r.created < b for a, b in spans):
-            out.add(i)
-    return out

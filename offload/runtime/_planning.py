@@ -1,0 +1,118 @@
+"""From a profiled trace to what the executor needs: the plan, the one iteration it was made for,
+its schedule, and the blocks it re-runs.
+
+Kept apart from :mod:`tierflow.offload.runtime.offload_runtime`'s control flow (when to profile,
+plan, fall back): this changes when planning inputs do (size reservations, pinned categories).
+
+Note [size reservations] (in :mod:`tierflow.profiling.shapes`) is applied here: a key whose size
+varied among every iteration profiled so far, or whose family's did, is planned at its
+reservation, so later iterations with other routings or lengths still follow the plan.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from typing import FrozenSet, Mapping, Set, Tuple
+
+from tierflow.offload.core.hardware import HardwareModel
+from tierflow.offload.plan.planner import make_plan
+from tierflow.offload.plan.types import Action, OffloadPlan, PlanError, PlanningError, validate_plan
+from tierflow.offload.runtime._schedule import Schedule, make_schedule, one_iteration, pin_unmovable
+from tierflow.offload.runtime.config import OffloadConfig
+from tierflow.profiling import check_stability, memory_timeline
+from tierflow.profiling.shapes import SizeRange, reserve_sizes, reserved_sizes
+from tierflow.profiling.trace import LifetimeTrace, PointKind
+
+__all__ = ["Planned", "plan_trace"]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A plan and what executing it takes.
+
+    Attributes:
+        plan: The validated plan.
+        trace: The one iteration it was made for, at reserved sizes.
+        schedule: The plan's decisions indexed by point.
+        recompute: ``(module path, call)`` of the blocks it re-runs.
+        skipped: Decisions inside recomputed blocks (nothing to move there).
+        num_reserved: Keys planned at a reservation rather than their traced size.
+    """
+
+    plan: OffloadPlan
+    trace: LifetimeTrace
+    schedule: Schedule
+    recompute: Set[Tuple[str, int]]
+    skipped: Set[int]
+    num_reserved: int
+
+
+def plan_trace(trace: LifetimeTrace, sizes: Mapping[str, SizeRange], config: OffloadConfig,
+               hardware: HardwareModel, movable: FrozenSet[str]) -> Planned:
+    """Plan the last iteration of ``trace`` with every varying key at its reservation.
+
+    Args:
+        trace: The profiled iterations.
+        sizes: Per key, the sizes seen so far (this trace's, earlier profiles', and any seen
+            larger on a planned step).
+        config: The ``offload`` config (policy, budgets, ``shape_headroom``).
+        hardware: What the planner plans for.
+        movable: Categories the runtime may move; the rest are pinned.
+
+    Raises:
+        PlanningError: no plan of ``config.policy`` keeps the device under its budget.
+        PlanError: the plan made is invalid for the trace (a bug in a policy).
+    """
+    reserved = reserved_sizes(sizes, config.shape_headroom)
+    stability = check_stability(reserve_sizes(trace, {k: hi for k, (lo, hi) in sizes.items() if lo != hi}))
+    if not stability.static:
+        warnings.warn(f"tierflow offload: the profiled iterations differ ({stability.describe()}); planning the "
+                      "last one, iterations that diverge from it fall back", stacklevel=5)
+    traced = pin_unmovable(one_iteration(trace, -1), movable)
+    budgets = config.budgets()
+    if reserved and budgets.device_bytes is None and budgets.device_fraction is not None:
+        # A fraction is of the peak the profile measured, not of one inflated by reservations.
+        budgets = replace(budgets, device_bytes=int(budgets.device_fraction * memory_timeline(traced).peak.total_bytes))
+    one = reserve_sizes(traced, reserved)
+    timeline = memory_timeline(one)  # one timeline for planning, validation and the schedule
+    plan = make_plan(one, hardware, budgets, config.policy, timeline=timeline)
+    if not plan.fits:
+        raise PlanningError(
+            f"policy {plan.policy!r} cannot keep the device under its budget: device budget "
+            f"{plan.device_budget_bytes} bytes, the plan's peak {plan.predicted_device_peak_bytes} bytes "
+            f"(unconstrained peak {plan.unconstrained_peak_bytes} bytes); raise offload.device_budget_bytes/"
+            f"device_budget_fraction or use offload.policy=lifetime")
+    problems = validate_plan(plan, one, hardware, timeline=timeline)
+    if problems:
+        raise PlanError(f"the {plan.policy} plan is invalid ({len(problems)} problems): " + "; ".join(problems[:5]))
+    recompute = {_block(b) for b in plan.recomputed_blocks}
+    return Planned(plan=plan, trace=one, schedule=make_schedule(one, plan, timeline=timeline), recompute=recompute,
+                   skipped=_inside_recomputed(one, plan, recompute),
+                   num_reserved=sum(1 for r in one.tensors if r.key in reserved))
+
+
+def _block(name: str) -> Tuple[str, int]:
+    path, _, call = name[:-1].rpartition("[")
+    return path, int(call)
+
+
+def _inside_recomputed(trace: LifetimeTrace, plan: OffloadPlan, blocks: Set[Tuple[str, int]]) -> Set[int]:
+    """Swap decisions of activations saved inside a recomputed block's forward (checkpointing
+    keeps those from ever being saved, so there is nothing to move)."""
+
+    spans = []
+    open_ = {}
+    for i, p in enumerate(trace.points):
+        if (p.name, p.call_index) in blocks:
+            if p.kind is PointKind.FORWARD_PRE:
+                open_[(p.name, p.call_index)] = i
+            elif p.kind is PointKind.FORWARD_POST and (p.name, p.call_index) in open_:
+                spans.append((open_.pop((p.name, p.call_index)), i))
+    out = set()
+    for i, d in enumerate(plan.decisions):
+        r = trace.tensors[d.record]
+        if d.action is Action.SWAP and d.category == "activation" and r.created is not None and \
+                any(a <= r.created < b for a, b in spans):
+            out.add(i)
+    return out
