@@ -292,3 +292,22 @@ def test_a_planned_step_of_varying_size_is_never_accounted_below_what_the_tracer
     assert all(a >= m for a, m in zip(accounted, measured)), [(i, a, m) for i, (a, m) in
                                                               enumerate(zip(accounted, measured)) if a < m][:5]
     assert max(measured) <= report.device_peak_bytes <= budget
+
+
+# ---- the online policy asks an operation's output size before it runs ---------------------------
+
+
+def test_an_operations_output_is_sized_before_it_runs_without_drawing_random_numbers():
+    # Note [room before the operation] in tierflow.offload.runtime._fallback.
+    from tierflow.offload.runtime._fallback import _output_bytes
+
+    aten = torch.ops.aten
+    a, b = torch.randn(64, 32), torch.randn(32, 128)
+    assert _output_bytes(aten.mm.default, (a, b), {}) == 64 * 128 * 4
+    assert _output_bytes(aten.add_.Tensor, (a, a), {}) == 0  # in place: no new storage
+    mask = torch.rand(64, 32) > 0.5
+    assert _output_bytes(aten.nonzero.default, (mask,), {}) == 0  # data-dependent: cannot tell
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    assert _output_bytes(aten.bernoulli.p, (a, 0.5), {}) == a.nbytes
+    assert torch.equal(torch.get_rng_state(), before)  # the real dropout mask stays the same

@@ -50,8 +50,10 @@ from torch import nn
 from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
 
 from tierflow.offload.plan.types import OffloadPlan
+from tierflow.offload.runtime._account import SizeAccount
 from tierflow.offload.runtime._fallback import BudgetExceededError, Fallback
 from tierflow.offload.runtime._iteration import IterationState
+from tierflow.offload.runtime._recompute import Reruns
 from tierflow.offload.runtime._residency import Residency
 from tierflow.offload.runtime._schedule import EMPTY_SCHEDULE, MOVABLE, Schedule
 from tierflow.profiling import flat_tensors, torch_compat
@@ -98,10 +100,7 @@ class Executor:
         decisions = plan.decisions if plan is not None else ()
         self.tier = tier or next((d.tier for d in decisions if d.tier), "host")
         self.strict = strict
-        # What the plan leaves unused under the budget at its peak: saved tensors larger than
-        # their reservation may use it without leaving the plan (Note [size reservations]).
-        self.slack_bytes = max(plan.device_budget_bytes - plan.predicted_device_peak_bytes, 0) if plan else 0
-        self.recompute, self.skipped = recompute, skipped
+        self.skipped = skipped
         # What the fallback shares with this executor (Note [divergence]); reset by every iteration.
         self.state = IterationState(budget_bytes)
         self.on_divergence = on_divergence
@@ -110,6 +109,10 @@ class Executor:
         # What the plan keeps away when an iteration starts (everything else is resident then).
         self.away_at_start: Set[str] = {decisions[i].key for i in
                                         self.schedule.absent_at_start + self.schedule.writing_at_start}
+        # What the plan leaves unused under the budget at its peak: saved tensors larger than
+        # their reservation may use it without leaving the plan (Note [size reservations]).
+        self.account = SizeAccount(self.schedule, max(plan.device_budget_bytes - plan.predicted_device_peak_bytes, 0)
+                                   if plan is not None else 0)
         self.params: Dict[str, nn.Parameter] = dict(model.named_parameters())
         self.name_of = {id(p): n for n, p in self.params.items()}
         self.module_params = {(path or ROOT_PATH): [self.name_of[id(p)] for p in m._parameters.values()
@@ -123,9 +126,7 @@ class Executor:
                                          + [(p.untyped_storage(), n) for n, p in self.params.items()])
         self._handles: List[Any] = []
         self.active = False
-        self._checkpoint_gens: Dict[Tuple[str, int], Any] = {}
-        self._recomputing = 0
-        self._entering_checkpoint = False
+        self.reruns = Reruns(recompute, self.module_params, residency.arrive)
         self._in_pack = False
         self._install()
 
@@ -179,13 +180,7 @@ class Executor:
         self.fallback: Optional[Fallback] = None
         self.pending: Dict[str, int] = {}  # planned key -> decision waiting for its tensor (Note [late offload])
         self.late_release: List[str] = []
-        self.absent_at: List[int] = []  # per matched interval: the fewest bytes held away during it
-        self.checkpointed: Set[str] = set()  # recomputed blocks whose forward ran checkpointed
-        # Note [size reservations]: saved tensors smaller than the plan reserved (key -> bytes
-        # short), and tensors larger than it (key -> bytes seen): the runtime plans again for them.
-        self.shortfall: Dict[str, int] = {}
-        self.outgrown: Dict[str, int] = {}
-        self.excess: Dict[str, int] = {}  # outgrown, yet within the slack the plan left under the budget
+        self.account.begin()
         self._thread = threading.get_ident()
         self.active = True
         self.residency.drop_dead()
@@ -220,7 +215,7 @@ class Executor:
             # iteration starts with ``first`` and settles it (never all at once: it may not fit).
             self.state.end()
             self.saved.clear()
-            self._checkpoint_gens.clear()
+            self.reruns.clear()
 
     # ---- points ----------------------------------------------------------------------------
 
@@ -258,37 +253,9 @@ class Executor:
         return call
 
     def _close_interval(self) -> None:
-        """Account the interval that ends now: the trace's peak in it minus the bytes held away."""
-        if self.pos and not self.diverged and self.pos - 1 == len(self.absent_at):
-            self.absent_at.append(self.residency.absent_min)
-
-    @property
-    def resident_at(self) -> List[int]:
-        """Per matched interval: the trace's peak in it minus the bytes held away, the planned
-        activations that recomputed blocks (those whose forward ran checkpointed) did not keep,
-        and what saved tensors smaller than their reservation left unused in intervals they
-        spanned whole, plus what larger ones took in every interval they touched (Note [size
-        reservations])."""
-        recomputed = [self.schedule.recomputed[b] for b in self.checkpointed if b in self.schedule.recomputed]
-        n = len(self.absent_at)
-        unused = [0] * (n + 1)
-        spans = self.schedule.spans
-        for key, short in self.shortfall.items():  # in the intervals it spans whole
-            first, last = spans.get(key, (1, 0))
-            if first <= min(last, n - 1):
-                unused[first] += short
-                unused[min(last, n - 1) + 1] -= short
-        for key, extra in self.excess.items():  # in every interval it touches
-            first, last = spans.get(key, (1, 0))
-            first, last = max(first - 1, 0), min(last + 1, n - 1)
-            if first <= last:
-                unused[first] -= extra
-                unused[last + 1] += extra
-        out, running = [], 0
-        for p, a in enumerate(self.absent_at):
-            running += unused[p]
-            out.append(self.schedule.interval_peak[p] - a - sum(r[p] for r in recomputed) - running)
-        return out
+        """Account the interval that ends now: the fewest bytes held away during it."""
+        if self.pos and not self.diverged and self.pos - 1 == len(self.account.absent_at):
+            self.account.absent_at.append(self.residency.absent_min)
 
     def _act(self, p: int) -> None:
         s, r, decisions = self.schedule, self.residency, self.plan.decisions
@@ -308,8 +275,7 @@ class Executor:
             if storage is None:
                 self._diverge(f"planned tensor {d.key!r} does not exist at point {p}")
                 return
-            if storage.nbytes() > d.size_bytes + self.excess.get(d.key, 0):  # Note [size reservations]
-                self.outgrown[d.key] = storage.nbytes()
+            if not self.account.fits(d.key, storage.nbytes(), d.size_bytes):  # Note [size reservations]
                 self._diverge(f"planned tensor {d.key!r} has {storage.nbytes()} bytes, the plan reserved {d.size_bytes}")
                 return
             self.hits += r.offload(d.key, storage, d.tier)
@@ -329,7 +295,7 @@ class Executor:
             return
         d = self.plan.decisions[i]
         storage = self._storage(d.key, d.category)
-        if storage is None or storage.nbytes() > d.size_bytes + self.excess.get(d.key, 0):
+        if storage is None or not self.account.fits(d.key, storage.nbytes(), d.size_bytes):
             self.missed += 1
             return
         if self.residency.offload(d.key, storage, d.tier):
@@ -356,7 +322,7 @@ class Executor:
     # ---- module, grad and optimizer hooks ----------------------------------------------------
 
     def _forward_pre(self, module: nn.Module, path: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        if not self.active or self._recomputing:
+        if not self.active or self.reruns.running:
             return
         self._check_backward_start()
         calls = self.state.calls
@@ -372,48 +338,22 @@ class Executor:
             register_multi_grad_hook(needing_grad, lambda *_: self._backward_hook(PointKind.BACKWARD_POST, path, call),
                                      mode="all")
         self._point(PointKind.FORWARD_PRE, path, call)
-        if (path, call) in self.recompute and torch.is_grad_enabled():
-            gen = torch_compat.checkpoint_generator(module, lambda: self._recompute_context(path), args, kwargs)
-            self._entering_checkpoint = True  # it saves the block's inputs itself: not activations
-            try:
-                next(gen)
-            finally:
-                self._entering_checkpoint = False
-            self._checkpoint_gens[(path, call)] = gen
-            self.checkpointed.add(f"{path}[{call}]")
+        if torch.is_grad_enabled() and self.reruns.enter(module, path, call, args, kwargs):
+            self.account.checkpointed.add(f"{path}[{call}]")
 
     def _forward_post(self, path: str, output: Any) -> None:
-        if not self.active or self._recomputing:
+        if not self.active or self.reruns.running:
             return
         if sys.exc_info()[0] is not None:  # always_call: the forward raised; the iteration is over
             self.active = False
             return
         call = self.state.calls.exit(path)
-        gen = self._checkpoint_gens.pop((path, call), None)
-        if gen is not None:
-            next(gen, None)
+        self.reruns.exit(path, call)
         needing_grad = [t for t in flat_tensors(output, []) if t.requires_grad]
         if needing_grad and torch.is_grad_enabled():
             register_multi_grad_hook(needing_grad, lambda *_: self._backward_hook(PointKind.BACKWARD_PRE, path, call),
                                      mode="any")
         self._point(PointKind.FORWARD_POST, path, call)
-
-    @contextmanager
-    def _recompute_context(self, path: str) -> Iterator[None]:
-        # Note [recompute reads parameters early]: the block re-runs at its first unpack in
-        # backward, before the points where the trace (made without checkpointing) used its
-        # parameters. Plans keep them on the device there (the planner's side of the note is in
-        # tierflow.offload.plan._reruns); a plan from elsewhere may not. Bring them back.
-        prefix = path + "."
-        for module_path, names in self.module_params.items():
-            if module_path == path or module_path.startswith(prefix):
-                for name in names:
-                    self.residency.arrive(name)
-        self._recomputing += 1  # a checkpointed block re-runs inside backward: not a traced point
-        try:
-            yield
-        finally:
-            self._recomputing -= 1
 
     def _backward_hook(self, kind: PointKind, path: str, call: int) -> None:
         if self.active:
@@ -463,7 +403,7 @@ class Executor:
 
     def pack(self, t: torch.Tensor) -> Any:
         """The executor's saved-tensor pack hook (keys the tensor; see :meth:`iteration`)."""
-        if not self.active or t.device.type == "meta" or self._entering_checkpoint:
+        if not self.active or t.device.type == "meta" or self.reruns.entering:
             return t, None
         st = t.untyped_storage()
         sid = id(st)
@@ -487,19 +427,12 @@ class Executor:
             self._in_pack = False
 
     def _pack_saved(self, t: torch.Tensor, st: torch.UntypedStorage, key: str) -> Any:
-        size, nbytes = self.schedule.sizes.get(key), st.nbytes()
-        if size is not None and nbytes > size:
-            self.outgrown[key] = max(nbytes, self.outgrown.get(key, 0))
+        reason = self.account.saved(key, st.nbytes(), following=not self.diverged)
         if self.diverged:
             return t, key  # the fallback may evict it (Note [divergence])
-        if size is not None and size < nbytes <= size + self.slack_bytes - sum(self.excess.values()):
-            self.excess[key] = nbytes - size  # Note [size reservations]: the budget's slack takes it
-        elif size is None or key not in self.schedule.activations or nbytes > size:
-            self._diverge(f"saved tensor {key!r} of {nbytes} bytes is not in the trace"
-                          + (f" (the plan reserved {size} bytes)" if size is not None else ""))
+        if reason is not None:
+            self._diverge(reason)
             return t, key
-        elif nbytes < size:  # Note [size reservations]: the plan holds for it; account what it is
-            self.shortfall[key] = size - nbytes
         if key in self.planned_keys:
             self.saved[key] = weakref.ref(st)
             if key in self.pending:

@@ -43,6 +43,7 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tupl
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
 
 from tierflow.offload.core.errors import TierFullError
 from tierflow.offload.runtime._iteration import IterationState
@@ -98,6 +99,11 @@ class _FaultIn(TorchDispatchMode):
         if away:
             fb.faults += len(away)
             fb.bring(away, frozenset(inputs), f"operation {func}")
+        if not func.is_view and fb.level + fb.state.largest_op_bytes >= fb.state.budget_bytes // 2:
+            # Note [room before the operation]: near the budget, make room for what it will make.
+            coming = _output_bytes(func, args, kwargs)
+            if coming > fb.state.largest_op_bytes and fb.level + coming > fb.state.budget_bytes:
+                fb.evict(f"operation {func}", spare=frozenset(inputs), incoming=coming)
         out = func(*args, **kwargs)
         if not func.is_view:  # a view, or an in-place op's result, is no new memory
             outputs, made = set(), 0
@@ -116,6 +122,27 @@ class _FaultIn(TorchDispatchMode):
                 # next operation's output too (Note [headroom]).
                 fb.evict(f"operation {func}", spare=inputs | outputs)
         return out
+
+
+def _output_bytes(func: Any, args: Any, kwargs: Any) -> int:
+    """Bytes of new storage ``func`` will allocate for its outputs, found by running it on meta
+    copies of its arguments (shapes only, no data, no random numbers drawn); 0 when that cannot
+    tell (an operation whose output size depends on the data, or no meta kernel).
+
+    Note [room before the operation]: an online policy otherwise learns an operation's output
+    size only once it exists, so the first operation larger than any before (the logits, say)
+    put the first step over its budget by that much. Asked before the operation runs, it makes
+    room first. Only operations that may need it are asked (near the budget, an output larger
+    than any seen): running one on meta costs about as much as dispatching it twice.
+    """
+    if func._schema.is_mutable:
+        return 0  # in place or out=: writes storage that exists
+    try:
+        meta_args, meta_kwargs = tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        out = func(*meta_args, **meta_kwargs)
+    except Exception:  # noqa: BLE001 (data-dependent shapes, ops without a meta kernel: not predictable)
+        return 0
+    return sum(t.untyped_storage().nbytes() for t in flat_tensors(out, []))
 
 
 class Fallback:

@@ -246,9 +246,10 @@ class OffloadRuntime:
                 self._first_planned = True  # everything came back: the next iteration re-enters the plan
         self.last_report = self._report(mode, executor, time.perf_counter() - start)
         self.step_index += 1
-        if mode in ("planned", "fallback") and executor.outgrown:
-            self._sizes = merge_sizes(self._sizes, {k: (b, b) for k, b in executor.outgrown.items()})
-        if mode == "fallback" and executor.outgrown:
+        outgrown = executor.account.outgrown if mode in ("planned", "fallback") else {}
+        if outgrown:
+            self._sizes = merge_sizes(self._sizes, {k: (b, b) for k, b in outgrown.items()})
+        if mode == "fallback" and outgrown:
             # A tensor larger than its reservation and the plan's slack: plan again for the sizes
             # seen (Note [size reservations]); no new profile is needed.
             self.totals["replans"] += 1
@@ -381,7 +382,7 @@ class OffloadRuntime:
         fb = executor.fallback if executor is not None else None
         peak, hits, fallbacks, reason, resident, absent = 0, 0, stats.on_demand, "", (), ()
         if executor is not None:
-            resident, absent = tuple(executor.resident_at), tuple(executor.absent_at)
+            resident, absent = tuple(executor.account.resident_at()), tuple(executor.account.absent_at)
             peak = max(max(resident, default=0), executor.tracked_peak)
             hits, fallbacks, reason = executor.hits, fallbacks + executor.fallback_evictions, executor.reason
             if self.device.type == "cuda":
