@@ -74,3 +74,21 @@ class FullTierOnRankLM(nn.Module):
         if self.calls == self.at_call and int(os.environ.get("RANK", "0")) == self.rank:
             raise TierFullError("nvme tier: out of room on this rank only (injected by the test)")
         return self.out(torch.tanh(self.emb(tokens)))
+
+
+class KillOnceGPT(GPT):
+    """The built-in GPT, except that its process SIGKILLs itself on forward call ``kill_at_call``,
+    once: ``marker`` remembers it, and the same command run again trains normally."""
+
+    def __init__(self, vocab_size: int, seq_len: int, marker: str, kill_at_call: int = 6, n_layer: int = 2,
+                 n_head: int = 4, d_model: int = 128) -> None:
+        super().__init__(GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=n_layer, n_head=n_head,
+                                   d_model=d_model))
+        self.marker, self.kill_at_call, self.calls = Path(marker), kill_at_call, 0
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.kill_at_call and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(tokens)

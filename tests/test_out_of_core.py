@@ -44,20 +44,25 @@ def test_a_state_four_times_the_budget_trains_in_rss_under_the_budget_and_bit_id
     """The built-in ``small`` GPT (10.75M parameters: 172 MB of fp32 weights, gradients and AdamW
     moments) under a 40 MB budget: the trainer builds it straight into the NVMe tier, every step
     (warm-up and profiling included) keeps the budget, the process's peak RSS grows by at most the
-    budget plus the trainer's fixed cost plus the runtime's overhead, and losses and weights are
+    budget plus the trainer's fixed cost plus the runtime's overhead (two checkpoints streamed to
+    disk included), and losses and weights are
     bit-identical to training it in memory, which needs far more."""
     budget = 40_000_000
     nvme = tmp_path / "nvme"
     nvme.mkdir()
     fixed = _train(tmp_path, subprocess_env, "fixed", "model=tiny", "trainer.steps=3", "offload=none")["growth"]
     plain = _train(tmp_path, subprocess_env, "plain", "model=small", "trainer.steps=10", "offload=none")
+    # Checkpoints streamed to disk at steps 5 and 10, inside the measured run: never the whole state in RAM.
     tiered = _train(tmp_path, subprocess_env, "tiered", "model=small", "trainer.steps=10", "offload=lifetime",
                     f"offload.device_budget_bytes={budget}", "tiers.nvme.enabled=true", f"tiers.nvme.dirs=[{nvme}]",
-                    "tiers.host.enabled=false")
+                    "tiers.host.enabled=false", "checkpoint=memory", "checkpoint.every_steps=5",
+                    "checkpoint.parity_shards=0", f"checkpoint.dir={tmp_path / 'ckpt'}")
     o = tiered["summary"]["offload"]
     state = 16 * tiered["summary"]["parameters"]
     assert state >= 4 * budget
     assert o["out_of_core"], "the trainer should have built the model into the tier"
+    assert tiered["summary"]["checkpoint_streamed"] and tiered["summary"]["checkpoints_persisted"] == 2
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000005", "step-00000010"]
     assert tiered["losses"] == plain["losses"]
     assert tiered["summary"]["param_digests"] == plain["summary"]["param_digests"]
     # The budget from the first step: warm-up and profiled steps ran under it too.
@@ -82,7 +87,6 @@ def test_a_state_that_must_go_to_a_tier_with_none_open_is_refused_before_work(tm
 
 
 @pytest.mark.parametrize("extra, says", [
-    (["checkpoint=memory"], "checkpoint=none"),
     (["optimizer.tiered.enabled=true"], "optimizer.tiered.enabled=false"),
 ])
 def test_out_of_core_refuses_what_needs_the_whole_state_in_memory(tmp_path, subprocess_env, extra, says):

@@ -162,7 +162,7 @@ def build_in_tier(cfg: TrainConfig, device: torch.device, state_bytes: int, engi
 
     Raises:
         ConfigError: the state must go to a tier but cannot (no tier below the device is open,
-            several ranks, in-memory snapshots, the tiered optimizer).
+            several ranks, the tiered optimizer).
     """
     o = cfg.offload
     if o.policy == "none" or o.build_in_tier == "never":
@@ -179,9 +179,6 @@ def build_in_tier(cfg: TrainConfig, device: torch.device, state_bytes: int, engi
     if distributed:
         raise ConfigError(f"{why}, and building a model into a tier is single-process for now; train it on one "
                           "rank, or raise the budget so each rank holds it")
-    if cfg.checkpoint.enabled:
-        raise ConfigError(f"{why}, and checkpoint=memory keeps a copy of the whole state in RAM; use "
-                          "checkpoint=none for a state this size")
     if cfg.optimizer.tiered.enabled:
         raise ConfigError(f"{why}; with optimizer.tiered.enabled=true the parameters stay on the device: set "
                           "optimizer.tiered.enabled=false and let offloading page the whole state")

@@ -57,7 +57,11 @@ def format_summary(s: Dict[str, Any]) -> str:
         *([f"  snapshots   {s['snapshots']} ({s['snapshot_stall_s'] * 1e3:.1f} ms training stall in all), "
            f"{s['checkpoints_persisted']} persisted"
            + (f"; resumed from step {s['resumed_from_step']} ({s['resumed_from']})" if 'resumed_from' in s else "")]
-          if "snapshots" in s else []),
+          if "snapshot_stall_s" in s else []),
+        *([f"  checkpoints {s['checkpoints_persisted']} streamed to disk ({s['checkpoint_persist_s']:.1f} s in all; "
+           "the state lives in the tiers, no in-memory snapshots)"
+           + (f"; resumed from step {s['resumed_from_step']}" if 'resumed_from_step' in s else "")]
+          if s.get("checkpoint_streamed") else []),
     ])
 
 

@@ -74,10 +74,13 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
     run_id = run_identity(cfg, rt.world_size)  # Note [run identity]: whose snapshots and copies are whose
     ckpt = start_checkpointing(cfg.checkpoint, parts, rt, default_persist_dir(cfg, run_id),
                                config_hash=run_config_hash(cfg), run_id=run_id)
-    start_step = ckpt.restore()
+    streamed = getattr(ckpt, "streamed", False)  # a state in the tiers is restored through the runtime, below
+    start_step = 0 if streamed else ckpt.restore()
     # 3. Offloading profiles its first steps, plans, then runs every later step under the plan;
     #    without it, trainer.profile_iterations traces a window of steps.
-    offload = start_offload(cfg, parts, checkpointing=cfg.checkpoint.enabled)
+    offload = start_offload(cfg, parts, checkpointing=cfg.checkpoint.enabled and not streamed)
+    if streamed:
+        start_step = ckpt.restore(offload)
     window = step_window(cfg, parts, record=rt.is_main, offloading=cfg.offload.policy != "none")
     sink = open_sink(cfg.logging, run_dir, asdict(cfg), is_main=rt.is_main)
     bar = progress_bar(tc.steps, "train", enabled=rt.is_main and cfg.logging.progress)

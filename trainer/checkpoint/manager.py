@@ -272,6 +272,10 @@ def start_checkpointing(cfg: CheckpointConfig, parts: Any, rt: Any, persist_dir:
     if not cfg.enabled:
         return NoCheckpointing()
     persist_dir = Path(cfg.dir).expanduser() if cfg.dir else Path(persist_dir)
+    if getattr(parts, "placement", None) is not None:  # the state lives in a tier: it does not fit in memory
+        from tierflow.trainer.checkpoint.streamed import StreamedCheckpointer
+
+        return StreamedCheckpointer(cfg, parts, persist_dir, config_hash=config_hash)
     return open_checkpointer(cfg, ModuleState(parts.model, parts.optimizer, parts.scheduler), rt, persist_dir,
                              config_hash=config_hash, run_key=run_id[:12])
 

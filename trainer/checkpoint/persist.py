@@ -73,7 +73,8 @@ def find_checkpoints(root: Path) -> List[Tuple[int, Path]]:
 
 
 def save_checkpoint(root: Path, step: int, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any], *, rank: int,
-                    world_size: int, group: Optional[dist.ProcessGroup] = None, keep: int = 2) -> Path:
+                    world_size: int, group: Optional[dist.ProcessGroup] = None, keep: int = 2,
+                    planner: Any = None, file_per_tensor: bool = False) -> Path:
     """Write one DCP checkpoint of ``step`` (collective over ``group`` when ``world_size > 1``).
 
     Args:
@@ -81,6 +82,10 @@ def save_checkpoint(root: Path, step: int, tensors: Dict[str, torch.Tensor], met
         tensors: this rank's named tensors (views of a host snapshot are fine: DCP copies them).
         meta: the snapshot meta; its ``rng`` is stored under this rank's key, the rest once.
         keep: complete checkpoints to keep; older ones are removed after this one is complete.
+        planner: DCP's ``SavePlanner`` (default: DCP's own); the streamed checkpointer's fetches each
+            tensor from its tier as it is written.
+        file_per_tensor: One file per tensor rather than one per rank: DCP's writer holds every
+            tensor of a file until the file is done, so only this keeps one tensor in memory.
 
     Returns:
         The final directory ``root/step-N``.
@@ -106,8 +111,9 @@ def save_checkpoint(root: Path, step: int, tensors: Dict[str, torch.Tensor], met
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
-        save(state, storage_writer=FileSystemWriter(str(tmp), sync_files=True), process_group=group,
-             no_dist=not distributed)
+        writer = FileSystemWriter(str(tmp), sync_files=True, single_file_per_rank=not file_per_tensor)
+        save(state, storage_writer=writer, process_group=group,
+             no_dist=not distributed, planner=planner)
     if distributed:
         dist.barrier(group=group)
     if rank == 0:
