@@ -26,9 +26,10 @@ import re
 from dataclasses import replace
 from typing import Dict, FrozenSet, Mapping, Tuple
 
-from tierflow.profiling.trace import LifetimeTrace
+from tierflow.profiling.trace import Category, LifetimeTrace
 
-__all__ = ["SizeRange", "family_of", "observed_sizes", "merge_sizes", "reserved_sizes", "reserve_sizes"]
+__all__ = ["SizeRange", "family_of", "observed_sizes", "merge_sizes", "plan_reservations", "reserved_sizes",
+           "reserve_sizes"]
 
 #: (smallest, largest) size in bytes a key was seen with.
 SizeRange = Tuple[int, int]
@@ -93,6 +94,35 @@ def reserved_sizes(sizes: Mapping[str, SizeRange], headroom: float) -> Dict[str,
     if not headroom >= 0:
         raise ValueError(f"headroom={headroom!r} must be a fraction >= 0, e.g. 0.25")
     return {k: int(math.ceil(sizes[k][1] * (1 + headroom))) for k in sorted(_varying(sizes))}
+
+
+def _module_family(key: str) -> str:
+    """``blocks.#.experts.#`` for ``blocks.0.experts.2[0]:saved1`` and for a temporary's key
+    (``forward_post blocks.0.experts.2[0]:tmp3``: the label of the point it follows)."""
+    return family_of(key.rpartition(" ")[2].partition("[")[0])
+
+
+def plan_reservations(trace: LifetimeTrace, sizes: Mapping[str, SizeRange], headroom: float) -> Dict[str, int]:
+    """The reservations a plan of ``trace`` makes (Note [size reservations]), by category.
+
+    Saved activations are what the runtime finds by key and checks the size of: they are reserved
+    when they vary. A temporary's key names the n-th allocation after a point, which may be another
+    tensor in another iteration (ZeRO-3's gathers), so its sizes may "vary" without meaning; it is
+    reserved only inside a module whose saved activations vary (an expert, its parent), where its
+    size follows theirs. Everything else is planned at the last iteration's size.
+    """
+    categories = {r.key: r.category for r in trace.tensors}
+    saved = {k: v for k, v in sizes.items() if categories.get(k) is Category.ACTIVATION}
+    out = reserved_sizes(saved, headroom)
+    modules = {_module_family(k) for k in out}
+    if modules:
+        def inside(key: str) -> bool:
+            fam = _module_family(key)
+            return any(fam == m or fam.startswith(m + ".") for m in modules)
+
+        temporaries = {k: v for k, v in sizes.items() if categories.get(k) is Category.TEMPORARY and inside(k)}
+        out.update(reserved_sizes(temporaries, headroom))
+    return out
 
 
 def reserve_sizes(trace: LifetimeTrace, reserved: Mapping[str, int]) -> LifetimeTrace:

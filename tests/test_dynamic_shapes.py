@@ -15,9 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers import DataDependentLM
+from tests.test_plan_fixtures import make_trace, tensor
 from tierflow.offload import HostTierConfig, OffloadConfig, OffloadRuntime, TiersConfig
 from tierflow.profiling import Category, LifetimeTracer, TracerConfig, memory_timeline
-from tierflow.profiling.shapes import family_of, merge_sizes, observed_sizes, reserve_sizes, reserved_sizes
+from tierflow.profiling.shapes import (
+                                       family_of,
+                                       merge_sizes,
+                                       observed_sizes,
+                                       plan_reservations,
+                                       reserve_sizes,
+                                       reserved_sizes,
+)
 from tierflow.trainer.model import GPT, GPTConfig
 
 FAST_TRACER = TracerConfig(subtract_dispatch_cost=False)
@@ -45,6 +53,21 @@ def test_family_of_replaces_every_list_index_in_the_module_path_only():
     assert family_of("h.0.attn.c_attn.weight:exp_avg_sq") == "h.#.attn.c_attn.weight:exp_avg_sq"
     assert family_of("forward_pre blocks.2[0]:tmp7") == "forward_pre blocks.#[0]:tmp7"
     assert family_of("input0") == "input0"
+
+
+def test_temporaries_are_reserved_only_inside_modules_whose_saved_tensors_vary():
+    # A temporary's key is the n-th allocation after a point: under ZeRO-3 that may be another
+    # tensor each iteration, so its size "varies" without meaning (head's here); inside an expert
+    # whose activations vary it follows them.
+    temp = Category.TEMPORARY
+    trace = make_trace([0, 1, 1, 0], [
+        tensor("m.e.0[0]:saved0", 100, (1, 2), created=1, freed=2),
+        tensor("forward_post m.e.0[0]:tmp0", 50, (1,), created=1, freed=1, category=temp),
+        tensor("forward_post head[0]:tmp0", 50, (2,), created=2, freed=2, category=temp)])
+    sizes = {"m.e.0[0]:saved0": (80, 100), "forward_post m.e.0[0]:tmp0": (40, 50), "forward_post head[0]:tmp0": (10, 50)}
+    assert plan_reservations(trace, sizes, 0.25) == {"m.e.0[0]:saved0": 125, "forward_post m.e.0[0]:tmp0": 63}
+    static = {**sizes, "m.e.0[0]:saved0": (100, 100)}
+    assert plan_reservations(trace, static, 0.25) == {}  # no saved tensor varies: nothing is reserved
 
 
 def test_headroom_must_be_a_fraction():
@@ -311,3 +334,49 @@ def test_an_operations_output_is_sized_before_it_runs_without_drawing_random_num
     before = torch.get_rng_state()
     assert _output_bytes(aten.bernoulli.p, (a, 0.5), {}) == a.nbytes
     assert torch.equal(torch.get_rng_state(), before)  # the real dropout mask stays the same
+
+
+# ---- recompute keeps the keys of everything after it ---------------------------------------------
+
+
+def test_a_re_run_block_does_not_renumber_the_tensors_of_later_blocks(monkeypatch):
+    # Note [inputs of a re-run block]: Llama's rotary cos/sin are made once and saved first by
+    # layer 0's attention; checkpointed, layer 0 saves nothing the runtime sees, and layer 1 used to
+    # give them a number the trace never had: every planned step left the plan.
+    transformers = pytest.importorskip("transformers")
+    import tierflow.offload.runtime._planning as planning
+
+    real = planning.make_plan
+    monkeypatch.setattr(planning, "make_plan", lambda *a, **k: replace(
+        real(*a, **k), recomputed_blocks=("model.layers.0.self_attn[0]",)))
+
+    def llama():
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+        return transformers.LlamaForCausalLM(cfg)
+
+    def lm_step(model, opt, x):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def run(config):
+        torch.manual_seed(0)
+        model = llama()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        rt = OffloadRuntime(model, opt, config, tiers=host(), tracer_config=FAST_TRACER) if config else None
+        losses, modes = [], []
+        for x in tokens([32] * 6, batch=2):
+            with rt.step(x) if rt is not None else torch.enable_grad():
+                losses.append(lm_step(model, opt, x))
+            modes.append(rt.last_report.mode if rt is not None else None)
+        if rt is not None:
+            assert rt.plan.recomputed_blocks == ("model.layers.0.self_attn[0]",)
+            rt.close()
+        return torch.stack(losses), [p.detach().clone() for p in model.parameters()], modes
+
+    ref, got = run(None), run(OffloadConfig(policy="lifetime", device_budget_fraction=0.9))
+    assert_identical(ref, got)
+    assert got[2][3:] == ["planned"] * 3, got[2]

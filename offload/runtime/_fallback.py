@@ -327,7 +327,7 @@ class Fallback:
         fixed = self.fixed_storages
         for ref, key in iteration.seen.values():
             st = ref()
-            if st is not None and st not in fixed and st not in iteration.inputs:
+            if key is not None and st is not None and st not in fixed and st not in iteration.inputs:
                 add(key, st, "activation")
         return out
 

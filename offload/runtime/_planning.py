@@ -21,7 +21,7 @@ from tierflow.offload.plan.types import Action, OffloadPlan, PlanError, Planning
 from tierflow.offload.runtime._schedule import Schedule, make_schedule, one_iteration, pin_unmovable
 from tierflow.offload.runtime.config import OffloadConfig
 from tierflow.profiling import check_stability, memory_timeline
-from tierflow.profiling.shapes import SizeRange, reserve_sizes, reserved_sizes
+from tierflow.profiling.shapes import SizeRange, plan_reservations, reserve_sizes
 from tierflow.profiling.trace import LifetimeTrace, PointKind
 
 __all__ = ["Planned", "plan_trace"]
@@ -64,7 +64,7 @@ def plan_trace(trace: LifetimeTrace, sizes: Mapping[str, SizeRange], config: Off
         PlanningError: no plan of ``config.policy`` keeps the device under its budget.
         PlanError: the plan made is invalid for the trace (a bug in a policy).
     """
-    reserved = reserved_sizes(sizes, config.shape_headroom)
+    reserved = plan_reservations(trace, sizes, config.shape_headroom)
     stability = check_stability(reserve_sizes(trace, {k: hi for k, (lo, hi) in sizes.items() if lo != hi}))
     if not stability.static:
         warnings.warn(f"tierflow offload: the profiled iterations differ ({stability.describe()}); planning the "

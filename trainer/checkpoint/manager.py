@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from tierflow.trainer.checkpoint._erasure import shard_holders
+from tierflow.trainer.checkpoint._signals import PERSIST, STOP, SignalFlags
 from tierflow.trainer.checkpoint._state import ModuleState, StateSource
 from tierflow.trainer.checkpoint.recovery import RestoreResult, restore_latest
 from tierflow.trainer.checkpoint.snapshotter import Snapshotter
@@ -38,7 +39,6 @@ __all__ = ["Checkpointer", "NoCheckpointing", "check_checkpoint_config", "check_
            "resolve_node_id",
            "run_config_hash", "start_checkpointing"]
 
-_STOP, _PERSIST = 1, 2
 
 
 def run_config_hash(cfg: Any) -> str:
@@ -115,24 +115,13 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, snap: Snapshotter, rt: Any, nodes: List[str]) -> None:
         self.cfg, self.snap, self.rt, self.nodes = cfg, snap, rt, nodes
         self.restored: Optional[RestoreResult] = None
-        self._flags = 0
+        self._signals = SignalFlags()
         self._last_step: Optional[int] = None
         self._last_persisted: Optional[int] = None
         self._note: Dict[str, Any] = {}  # of the step after_step was last called for
         # The only place training can stall: right before an optimizer mutates captured state.
         self._hooks = [opt.register_step_pre_hook(lambda *_: snap.wait_safe())
                        for opt in snap.state.mutating_optimizers()]
-        self._old_handlers: Dict[int, Any] = {}
-        for sig, bit in ((signal.SIGTERM, _STOP), (signal.SIGUSR1, _PERSIST)):
-            try:
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal(bit))
-            except ValueError:  # not the main thread: signals stay as they are
-                pass
-
-    def _on_signal(self, bit: int):
-        def handler(signum, frame) -> None:
-            self._flags |= bit
-        return handler
 
     def restore(self) -> int:
         """Restore the newest complete snapshot (collective); returns the step to start from."""
@@ -156,18 +145,18 @@ class Checkpointer:
         run resumed from it finds them in ``restored.note``.
         """
         self._note = dict(note or {})
-        flags = self._flags
+        flags = self._signals.bits
         if self.rt.distributed:  # Note [agreed signals]
             t = torch.tensor([flags], dtype=torch.int64, device=self.rt.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flags = int(t.item())
-        self._flags &= ~flags
+        self._signals.bits &= ~flags
         cadence = step % self.cfg.every_steps == 0
-        persist = bool(flags & (_STOP | _PERSIST)) or (
+        persist = bool(flags & (STOP | PERSIST)) or (
             cadence and self.cfg.persist_every > 0 and (step // self.cfg.every_steps) % self.cfg.persist_every == 0)
         if cadence or persist:
             self._snapshot(step, persist)
-        if flags & _STOP:
+        if flags & STOP:
             self.snap.drain()
             if self.rt.is_main:
                 print(f"tierflow: SIGTERM: step {step} persisted to {self.snap.last_persisted}; stopping", flush=True)
@@ -202,9 +191,7 @@ class Checkpointer:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        for sig, old in self._old_handlers.items():
-            signal.signal(sig, old)
-        self._old_handlers.clear()
+        self._signals.restore()
         self.snap.store.close()
 
     def summary(self) -> Dict[str, Any]:

@@ -29,6 +29,7 @@ import torch
 
 from tierflow.offload.runtime.weights import DcpSource
 from tierflow.trainer.checkpoint._codec import decode
+from tierflow.trainer.checkpoint._signals import STOP, SignalFlags
 from tierflow.trainer.checkpoint._state import capture, optimizer_param_names, restore_rng
 from tierflow.trainer.checkpoint.persist import META_KEY, _rng_key, newest_verified, save_checkpoint
 from tierflow.trainer.checkpoint.recovery import RestoreResult
@@ -36,7 +37,6 @@ from tierflow.trainer.config import CheckpointConfig
 
 __all__ = ["StreamedCheckpointer", "load_streamed", "save_streamed"]
 
-_STOP, _PERSIST = 1, 2
 
 
 def _fetching_planner():
@@ -131,21 +131,10 @@ class StreamedCheckpointer:
                           "peers", stacklevel=3)
         self.restored: Optional[RestoreResult] = None
         self._resident: Callable[[], ContextManager[Any]] = _no_runtime
-        self._flags = 0
+        self._signals = SignalFlags()
         self._last_persisted: Optional[int] = None
         self._note: Dict[str, Any] = {}  # of the step after_step was last called for (the loss)
         self._persisted: List[Tuple[int, float]] = []  # (step, seconds)
-        self._old_handlers: Dict[int, Any] = {}
-        for sig, bit in ((signal.SIGTERM, _STOP), (signal.SIGUSR1, _PERSIST)):
-            try:
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal(bit))
-            except ValueError:  # not the main thread: signals stay as they are
-                pass
-
-    def _on_signal(self, bit: int):
-        def handler(signum, frame) -> None:
-            self._flags |= bit
-        return handler
 
     def restore(self, offload: Any = None) -> int:
         """Resume from the newest persisted copy that verifies; returns the step to start from.
@@ -174,10 +163,10 @@ class StreamedCheckpointer:
     def after_step(self, step: int, note: Optional[Dict[str, Any]] = None) -> None:
         """Call after ``scheduler.step()`` of every step (``step`` steps are done)."""
         self._note = dict(note or {})
-        flags, self._flags = self._flags, 0
+        flags, self._signals.bits = self._signals.bits, 0
         if step % self.cfg.every_steps == 0 or flags:
             self._persist(step)
-        if flags & _STOP:
+        if flags & STOP:
             print(f"tierflow: SIGTERM: step {step} persisted to {self.dir}; stopping", flush=True)
             self.abort()
             raise SystemExit(128 + signal.SIGTERM)
@@ -197,9 +186,7 @@ class StreamedCheckpointer:
         self.abort()
 
     def abort(self) -> None:
-        for sig, old in self._old_handlers.items():
-            signal.signal(sig, old)
-        self._old_handlers.clear()
+        self._signals.restore()
 
     def summary(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"snapshots": 0, "checkpoints_persisted": len(self._persisted),
