@@ -13,6 +13,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -61,6 +62,9 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 # and exit 0 at once. The launcher prints the line once and exits 2. Under plain torchrun only
 # local rank 0 prints a configuration error.
 FATAL_FILE_ENV = "TIERFLOW_FATAL_FILE"
+#: Seconds a rank other than local rank 0 waits before leaving on an error every rank sees
+#: (Note [rank 0 speaks first]).
+QUIET_RANK_DELAY_S = 5.0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -147,6 +151,11 @@ def _report(failure: Failure) -> int:
         return 0 if failure.same_on_every_rank else failure.exit_code
     if not failure.same_on_every_rank or int(os.environ.get("LOCAL_RANK", "0")) == 0:
         print(failure.message, file=sys.stderr)
+    else:
+        # Note [rank 0 speaks first]: under plain torchrun the agent stops every worker as soon as
+        # one exits with an error; a quiet rank leaving first could kill local rank 0 before it
+        # printed the one line (seen in CI). It leaves a few seconds after, on this failure only.
+        time.sleep(QUIET_RANK_DELAY_S)
     return failure.exit_code
 
 
