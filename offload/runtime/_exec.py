@@ -340,15 +340,14 @@ class Executor:
         self._point(PointKind.FORWARD_PRE, path, call)
         if torch.is_grad_enabled() and self.reruns.enter(module, path, call, args, kwargs):
             self.account.checkpointed.add(f"{path}[{call}]")
-            # Note [inputs of a re-run block]: in the trace the block saved its inputs first, so a
-            # later module saving one again gave it no number. Checkpointed, the block saves
-            # nothing our hook sees; its inputs count as seen (with no key: the plan never moves
-            # them, the checkpoint holds them) so later modules number their tensors as traced.
-            seen = self.state.seen
+            # Note [inputs of a re-run block]: traced, the block saved its inputs first and a later
+            # module saving one again gave it no number; checkpointed, it saves nothing our hook
+            # sees. Its inputs count as seen (no key: the checkpoint holds them, the plan never
+            # moves them), so later modules number their tensors as traced.
             for t in flat_tensors(kwargs, list(tensors)):
                 st = t.untyped_storage()
-                if id(st) not in seen and st not in self.fixed_storages:
-                    seen[id(st)] = (weakref.ref(st), None)
+                if id(st) not in self.state.seen and st not in self.fixed_storages:
+                    self.state.seen[id(st)] = (weakref.ref(st), None)
 
     def _forward_post(self, path: str, output: Any) -> None:
         if not self.active or self.reruns.running:
