@@ -9,7 +9,7 @@ module sits below both so that neither has to know the other: the fallback never
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -34,12 +34,15 @@ class IterationState:
         tracked_peak: The most device bytes the fallback counted in this iteration.
         reason: Why this iteration diverged from the trace, empty while it follows it.
         last_used: Key -> ``clock`` of its last use, recorded once the iteration diverged.
-        seen: ``id(storage) -> (weakref to it, key)`` of every saved tensor keyed this iteration.
+        seen: ``id(storage) -> (weakref to it, key)`` of every saved tensor keyed this iteration
+            (key None: an input of a re-run block, Note [inputs of a re-run block] in ``_exec``).
         input_tensors: The iteration's input tensors (they count against the budget on CPU).
         inputs: Storages of the inputs (and of the root module's arguments): never evicted.
         calls: The module-call stack and saved-tensor numbering of this iteration.
         largest_op_bytes: The most bytes one operation allocated, over every iteration so far
             (the fallback's headroom: Note [headroom] in ``_fallback``).
+        sized_ops: Output bytes of operations sized before they ran, by operation and argument
+            shapes, over every iteration so far (Note [room before the operation] in ``_fallback``).
     """
 
     budget_bytes: int
@@ -49,11 +52,12 @@ class IterationState:
     tracked_peak: int = 0
     reason: str = ""
     last_used: Dict[str, int] = field(default_factory=dict)
-    seen: Dict[int, Tuple[Any, str]] = field(default_factory=dict)
+    seen: Dict[int, Tuple[Any, Optional[str]]] = field(default_factory=dict)
     input_tensors: List[torch.Tensor] = field(default_factory=list)
     inputs: StorageMap = field(default_factory=StorageMap)
     calls: ModuleCalls = field(default_factory=ModuleCalls)
     largest_op_bytes: int = 0
+    sized_ops: Dict[Any, int] = field(default_factory=dict)
 
     def begin(self, inputs: Any) -> None:
         """Start a new iteration: forget the last one and record its inputs.
