@@ -7,6 +7,7 @@ stalls and per-tier peaks of any plan; :func:`explain_plan` and :func:`plot_plan
 Nothing here needs a device, a tier or a file other than the one a caller names.
 """
 
+from tierflow.offload.plan._reruns import forward_spans, parse_block
 from tierflow.offload.plan.context import Budgets, PlanContext, feasible_minimum_bytes, finish_plan
 from tierflow.offload.plan.explain import explain_plan, plot_plan
 from tierflow.offload.plan.planner import POLICIES, make_plan
@@ -39,8 +40,10 @@ __all__ = [
     "explain_plan",
     "feasible_minimum_bytes",
     "finish_plan",
+    "forward_spans",
     "interval_range",
     "make_plan",
+    "parse_block",
     "plan_memory",
     "plot_plan",
     "simulate",

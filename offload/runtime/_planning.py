@@ -16,13 +16,21 @@ from dataclasses import dataclass, replace
 from typing import FrozenSet, Mapping, Set, Tuple
 
 from tierflow.offload.core.hardware import HardwareModel
-from tierflow.offload.plan.planner import make_plan
-from tierflow.offload.plan.types import Action, OffloadPlan, PlanError, PlanningError, validate_plan
+from tierflow.offload.plan import (
+                                   Action,
+                                   OffloadPlan,
+                                   PlanError,
+                                   PlanningError,
+                                   forward_spans,
+                                   make_plan,
+                                   parse_block,
+                                   validate_plan,
+)
 from tierflow.offload.runtime._schedule import Schedule, make_schedule, one_iteration, pin_unmovable
 from tierflow.offload.runtime.config import OffloadConfig
 from tierflow.profiling import check_stability, memory_timeline
 from tierflow.profiling.shapes import SizeRange, plan_reservations, reserve_sizes
-from tierflow.profiling.trace import LifetimeTrace, PointKind
+from tierflow.profiling.trace import LifetimeTrace
 
 __all__ = ["Planned", "plan_trace"]
 
@@ -86,33 +94,16 @@ def plan_trace(trace: LifetimeTrace, sizes: Mapping[str, SizeRange], config: Off
     problems = validate_plan(plan, one, hardware, timeline=timeline)
     if problems:
         raise PlanError(f"the {plan.policy} plan is invalid ({len(problems)} problems): " + "; ".join(problems[:5]))
-    recompute = {_block(b) for b in plan.recomputed_blocks}
+    recompute = {parse_block(b) for b in plan.recomputed_blocks}
     return Planned(plan=plan, trace=one, schedule=make_schedule(one, plan, timeline=timeline), recompute=recompute,
                    skipped=_inside_recomputed(one, plan, recompute),
                    num_reserved=sum(1 for r in one.tensors if r.key in reserved))
 
 
-def _block(name: str) -> Tuple[str, int]:
-    path, _, call = name[:-1].rpartition("[")
-    return path, int(call)
-
-
 def _inside_recomputed(trace: LifetimeTrace, plan: OffloadPlan, blocks: Set[Tuple[str, int]]) -> Set[int]:
     """Swap decisions of activations saved inside a recomputed block's forward (checkpointing
     keeps those from ever being saved, so there is nothing to move)."""
-
-    spans = []
-    open_ = {}
-    for i, p in enumerate(trace.points):
-        if (p.name, p.call_index) in blocks:
-            if p.kind is PointKind.FORWARD_PRE:
-                open_[(p.name, p.call_index)] = i
-            elif p.kind is PointKind.FORWARD_POST and (p.name, p.call_index) in open_:
-                spans.append((open_.pop((p.name, p.call_index)), i))
-    out = set()
-    for i, d in enumerate(plan.decisions):
-        r = trace.tensors[d.record]
-        if d.action is Action.SWAP and d.category == "activation" and r.created is not None and \
-                any(a <= r.created < b for a, b in spans):
-            out.add(i)
-    return out
+    spans = [span for block, span in forward_spans(trace).items() if block in blocks]
+    return {i for i, d in enumerate(plan.decisions)
+            if d.action is Action.SWAP and d.category == "activation" and trace.tensors[d.record].created is not None
+            and any(a <= trace.tensors[d.record].created < b for a, b in spans)}
