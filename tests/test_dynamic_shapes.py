@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.faults.test_planner_recompute import Expert
 from tests.helpers import DataDependentLM
 from tests.test_plan_fixtures import make_trace, tensor
 from tierflow.offload import HostTierConfig, OffloadConfig, OffloadRuntime, TiersConfig
@@ -99,16 +100,6 @@ def test_sizes_merge_across_profiles_and_reservations_never_shrink_a_record():
 
 
 # ---- end to end ---------------------------------------------------------------------------------
-
-
-class Expert(nn.Module):
-    def __init__(self, d: int, wide: int) -> None:
-        super().__init__()
-        self.up = nn.Linear(d, wide)
-        self.down = nn.Linear(wide, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
 
 
 class LoopMoE(nn.Module):

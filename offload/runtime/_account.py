@@ -39,6 +39,7 @@ class SizeAccount:
         self.checkpointed: Set[str] = set()  # recomputed blocks whose forward ran checkpointed
         self.shortfall: Dict[str, int] = {}  # key -> bytes below its reservation
         self.excess: Dict[str, int] = {}  # key -> bytes above it, taken from the slack
+        self.excess_bytes = 0  # their sum
         self.outgrown: Dict[str, int] = {}  # key -> bytes seen above its reservation (the runtime re-plans)
 
     def saved(self, key: str, nbytes: int, following: bool) -> Optional[str]:
@@ -53,8 +54,9 @@ class SizeAccount:
             self.outgrown[key] = max(nbytes, self.outgrown.get(key, 0))
         if not following:
             return None
-        if size is not None and size < nbytes <= size + self.slack_bytes - sum(self.excess.values()):
+        if size is not None and size < nbytes <= size + self.slack_bytes - self.excess_bytes:
             self.excess[key] = nbytes - size
+            self.excess_bytes += nbytes - size
         elif size is None or key not in self.schedule.activations or nbytes > size:
             return (f"saved tensor {key!r} of {nbytes} bytes is not in the trace"
                     + (f" (the plan reserved {size} bytes)" if size is not None else ""))

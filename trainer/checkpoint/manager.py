@@ -40,7 +40,6 @@ __all__ = ["Checkpointer", "NoCheckpointing", "check_checkpoint_config", "check_
            "run_config_hash", "start_checkpointing"]
 
 
-
 def run_config_hash(cfg: Any) -> str:
     """A hash of what determines the training state (model, data, optimizer, trainer sections)."""
     parts = {k: asdict(getattr(cfg, k)) for k in ("model", "data", "optimizer", "trainer")}

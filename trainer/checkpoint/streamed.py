@@ -83,8 +83,7 @@ def load_streamed(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     src = DcpSource(path)
     byte = torch.empty(0, dtype=torch.uint8)
     meta = decode(src.read(META_KEY, byte).numpy().tobytes())
-    rng_key = _rng_key(0) if _rng_key(0) in src.names() else next(k for k in src.names() if k.startswith("tierflow.rng"))
-    rng = decode(src.read(rng_key, byte).numpy().tobytes())
+    rng = decode(src.read(_rng_key(0), byte).numpy().tobytes())  # written by one process: rank 0
     live = model.state_dict()  # references, outside the block (Note [streamed under the runtime])
     names = optimizer_param_names(model, optimizer)
     params = {n: p for n, p in zip(names, (p for g in optimizer.param_groups for p in g["params"]))}
