@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from tierflow.profiling._tensors import storage_of
+from tierflow.profiling._tensors import held_storage, storage_of
 from tierflow.profiling.trace import Category, TensorRecord, grad_key, state_key
 
 __all__ = ["RecordTable", "register_existing"]
@@ -135,7 +135,7 @@ def register_existing(table: RecordTable, model: nn.Module, optimizer: Optional[
     def add(t: torch.Tensor, category: Category, key: str) -> None:
         st, nbytes = storage_of(t), None
         if st is None and away_bytes is not None and t.device.type != "meta" and not t.is_sparse:
-            st = t.untyped_storage()
+            st = held_storage(t)
             nbytes = away_bytes(st) or None
             st = st if nbytes else None
         if st is not None and table.row_of(st) is None:

@@ -10,13 +10,27 @@ from typing import Any, Callable, List, Optional
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["LIFT_OPS", "DispatchRecorder", "dispatch_round_trip_s", "flat_tensors", "storage_of"]
+__all__ = ["LIFT_OPS", "DispatchRecorder", "dispatch_round_trip_s", "flat_tensors", "held_storage", "is_fake_dispatch",
+           "storage_of"]
 
 # Ops whose tensor argument is a freshly made tensor (torch.tensor(...)), not an existing input.
 LIFT_OPS = frozenset({torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default})
 _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
+
+
+def is_fake_dispatch(types: Any) -> bool:
+    """Note [fake tensors pass]: an operation on FakeTensors holds no memory and reads none.
+
+    DTensor (FSDP2's sharded parameters) propagates shardings by running each new operation on
+    FakeTensors under a FakeTensorMode; a FakeTensor returns NotImplemented while another mode is
+    active, so a mode that also declined would fail the operation, and one that acted (a copy of
+    its own) would hand a real tensor to the fake mode. Modes run these straight through instead.
+    """
+    return any(issubclass(t, FakeTensor) for t in types) or \
+        torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 class DispatchRecorder(TorchDispatchMode):
@@ -27,6 +41,8 @@ class DispatchRecorder(TorchDispatchMode):
         self._on_op = on_op
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105 (torch's protocol)
+        if is_fake_dispatch(types):
+            return func(*args, **(kwargs or {}))
         if any(t not in _PLAIN_TENSOR_TYPES for t in types):
             return NotImplemented  # let tensor subclasses desugar; their inner ops come back here
         return self._on_op(func, args, kwargs or {})
@@ -45,12 +61,24 @@ def flat_tensors(obj: Any, out: List[torch.Tensor]) -> List[torch.Tensor]:
     return out
 
 
+def held_storage(t: torch.Tensor) -> torch.UntypedStorage:
+    """The storage that holds ``t``'s bytes on this process.
+
+    Note [local shards]: a DTensor (FSDP2's sharded parameters, their gradients and the optimizer
+    states made from them) is a wrapper whose own storage holds nothing; its bytes live in its
+    local tensor, the shard this rank owns. Every lookup of a parameter's, gradient's or state's
+    storage goes through here, so the tracer and the runtime key and move the shard.
+    """
+    local = getattr(t, "_local_tensor", None) if type(t) not in _PLAIN_TENSOR_TYPES else None
+    return (local if isinstance(local, torch.Tensor) else t).untyped_storage()
+
+
 def storage_of(t: torch.Tensor) -> Optional[torch.UntypedStorage]:
     """The tensor's storage when it holds real memory (not meta, sparse or empty), else None."""
     if t.device.type == "meta" or t.is_sparse:
         return None
     try:
-        st = t.untyped_storage()
+        st = held_storage(t)
     except (RuntimeError, NotImplementedError):
         return None
     return st if st.nbytes() else None

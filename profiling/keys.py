@@ -25,13 +25,28 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
+from torch import nn
 
 from tierflow.profiling.trace import OUTSIDE_PATH, ROOT_PATH, activation_key
 
-__all__ = ["ModuleCalls", "StorageMap"]
+__all__ = ["ModuleCalls", "StorageMap", "own_parameters"]
+
+_PLAIN_PARAMETERS = (torch.Tensor, nn.Parameter)
+
+
+def own_parameters(module: Optional[nn.Module]) -> List[torch.Tensor]:
+    """The parameters registered on ``module`` itself *now* (not its children's).
+
+    Read at every call, never cached: FSDP2 registers the gathered (unsharded) parameters on a
+    module for its forward and swaps the sharded ones back after, so the objects change. Tensor
+    subclasses (a sharded DTensor) are skipped: autograd never saves their wrapper's storage.
+    """
+    if module is None:
+        return []
+    return [p for p in module._parameters.values() if p is not None and type(p) in _PLAIN_PARAMETERS]
 
 
 class StorageMap:

@@ -38,7 +38,7 @@ from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
 from tierflow.profiling import torch_compat
 from tierflow.profiling._table import RecordTable, register_existing
 from tierflow.profiling._tensors import LIFT_OPS, DispatchRecorder, dispatch_round_trip_s, flat_tensors, storage_of
-from tierflow.profiling.keys import ModuleCalls
+from tierflow.profiling.keys import ModuleCalls, own_parameters
 from tierflow.profiling.settings import MovingTensors, TracerConfig
 from tierflow.profiling.trace import (
     ROOT_PATH,
@@ -90,7 +90,7 @@ class LifetimeTracer:
         self._attached = False
         self._detached = False
         self._param_names = {id(p): n for n, p in model.named_parameters()}
-        self._direct_params: Dict[str, List[nn.Parameter]] = {}  # module path -> its own parameters
+        self._modules: Dict[str, nn.Module] = {}  # module path -> the module (its own parameters)
         first = next(model.parameters(), None)
         self._device = first.device if first is not None else torch.device("cpu")
         self._sync = config.synchronize and self._device.type == "cuda"
@@ -125,7 +125,7 @@ class LifetimeTracer:
         register_existing(self._table, self.model, self.optimizer, self._name_of, away_bytes=away)
         for path, module in self.model.named_modules():
             path = path or ROOT_PATH
-            self._direct_params[path] = [p for p in module._parameters.values() if p is not None]
+            self._modules[path] = module
             self._handles.append(module.register_forward_pre_hook(
                 lambda m, a, path=path: self._forward_pre(path, a)))
             self._handles.append(module.register_forward_hook(
@@ -296,7 +296,7 @@ class LifetimeTracer:
         entered = self._now()
         call = self._next_call(PointKind.FORWARD_PRE, path)
         self._module_calls.enter(path, call)
-        self._module_calls.note_parameters(self._direct_params.get(path, ()))  # Note [parameter storages]
+        self._module_calls.note_parameters(own_parameters(self._modules.get(path)))  # Note [parameter storages]
         tensors = flat_tensors(args, [])
         if path == ROOT_PATH:
             for t in tensors:
@@ -361,7 +361,7 @@ class LifetimeTracer:
             if st is not None:
                 row = self._row_or_external(st, t)
                 calls = self._module_calls
-                calls.note_parameters(self._direct_params.get(calls.owner()[0], ()))  # gathered late, too
+                calls.note_parameters(own_parameters(self._modules.get(calls.owner()[0])))  # gathered late, too
                 if self._table.category[row] is Category.TEMPORARY and not calls.is_parameter_storage(st):
                     key = self._module_calls.next_saved_key()  # Note [saved-tensor keys]
                     self._table.reclassify(row, Category.ACTIVATION, self._unique(key))

@@ -56,8 +56,8 @@ from tierflow.offload.runtime._iteration import IterationState
 from tierflow.offload.runtime._recompute import Reruns
 from tierflow.offload.runtime._residency import Residency
 from tierflow.offload.runtime._schedule import EMPTY_SCHEDULE, MOVABLE, Schedule
-from tierflow.profiling import flat_tensors, torch_compat
-from tierflow.profiling.keys import StorageMap
+from tierflow.profiling import flat_tensors, held_storage, torch_compat
+from tierflow.profiling.keys import StorageMap, own_parameters
 from tierflow.profiling.trace import ROOT_PATH, PointKind, point_label
 
 __all__ = ["BudgetExceededError", "Executor"]
@@ -118,12 +118,11 @@ class Executor:
         self.module_params = {(path or ROOT_PATH): [self.name_of[id(p)] for p in m._parameters.values()
                                                     if p is not None and id(p) in self.name_of]
                               for path, m in model.named_modules()}
-        self.direct_params = {(path or ROOT_PATH): [p for p in m._parameters.values() if p is not None]
-                              for path, m in model.named_modules()}
+        self.modules = {(path or ROOT_PATH): m for path, m in model.named_modules()}
         # Parameter storages -> the parameter's name, buffers' -> None; matched by identity, not by
         # id (ZeRO-3 frees parameter storages: see StorageMap). Parameters last, so they win.
         self.fixed_storages = StorageMap([(b.untyped_storage(), None) for b in model.buffers()]
-                                         + [(p.untyped_storage(), n) for n, p in self.params.items()])
+                                         + [(held_storage(p), n) for n, p in self.params.items()])
         self._handles: List[Any] = []
         self.active = False
         self.reruns = Reruns(recompute, self.module_params, residency.arrive)
@@ -309,15 +308,15 @@ class Executor:
             return None if ref is None else ref()
         if category == "param":
             p = self.params.get(key)
-            return None if p is None else p.untyped_storage()
+            return None if p is None else held_storage(p)
         name, _, what = key.rpartition(":")
         p = self.params.get(name)
         if p is None:
             return None
         if category == "grad":
-            return None if p.grad is None else p.grad.untyped_storage()
+            return None if p.grad is None else held_storage(p.grad)
         value = self.optimizer.state.get(p, {}).get(what) if self.optimizer is not None else None
-        return value.untyped_storage() if isinstance(value, torch.Tensor) else None
+        return held_storage(value) if isinstance(value, torch.Tensor) else None
 
     # ---- module, grad and optimizer hooks ----------------------------------------------------
 
@@ -328,7 +327,7 @@ class Executor:
         calls = self.state.calls
         call = calls.next_call(path)
         calls.enter(path, call)
-        calls.note_parameters(self.direct_params.get(path, ()))  # Note [parameter storages]
+        calls.note_parameters(own_parameters(self.modules.get(path)))  # Note [parameter storages]
         tensors = flat_tensors(args, [])
         if path == ROOT_PATH:
             for t in tensors:
@@ -418,7 +417,7 @@ class Executor:
         if st in self.fixed_storages:
             return t, self.fixed_storages.get(st)  # a parameter (or a view of one): back before unpack
         calls, seen = self.state.calls, self.state.seen
-        calls.note_parameters(self.direct_params.get(calls.owner()[0], ()))  # gathered late, too
+        calls.note_parameters(own_parameters(self.modules.get(calls.owner()[0])))  # gathered late, too
         if st in self.state.inputs or not st.nbytes() or calls.is_parameter_storage(st):
             return t, None
         known = seen.get(sid)

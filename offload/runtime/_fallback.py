@@ -49,7 +49,7 @@ from tierflow.offload.core.errors import TierFullError
 from tierflow.offload.runtime._iteration import IterationState
 from tierflow.offload.runtime._residency import Residency
 from tierflow.offload.runtime._schedule import Schedule
-from tierflow.profiling import flat_tensors, storage_of, torch_compat
+from tierflow.profiling import flat_tensors, held_storage, is_fake_dispatch, storage_of, torch_compat
 from tierflow.profiling.keys import StorageMap
 from tierflow.profiling.trace import PointKind
 
@@ -60,6 +60,8 @@ MIN_EVICT_BYTES = 64  # smaller storages cost more to track than they free
 #: Arguments an operation's remembered size may be keyed by (a tensor by its shape and dtype).
 _PLAIN_ARGS = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
                torch.memory_format)
+_COLLECTIVES = frozenset({"_c10d_functional", "c10d"})  # operator namespaces of collectives
+_WAIT = torch.ops._c10d_functional.wait_tensor.default
 MAX_SIZED_OPS = 1 << 16  # operations remembered with their output size (Note [room before the operation])
 
 
@@ -83,9 +85,11 @@ class _FaultIn(TorchDispatchMode):
         self.fallback = fallback
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105 (torch's protocol)
-        if any(t not in _PLAIN for t in types):
-            return NotImplemented
         kwargs = kwargs or {}
+        if is_fake_dispatch(types):  # Note [fake tensors pass]
+            return func(*args, **kwargs)
+        if any(t not in _PLAIN for t in types):
+            return NotImplemented  # a tensor subclass (DTensor) desugars; its inner ops come back here
         fb = self.fallback
         residency = fb.residency
         if residency.transferring:  # the runtime's own copy, run while it waits: not the model's memory
@@ -109,6 +113,20 @@ class _FaultIn(TorchDispatchMode):
             if coming > fb.state.largest_op_bytes and fb.level + coming > fb.state.budget_bytes:
                 fb.evict(f"operation {func}", spare=frozenset(inputs), incoming=coming)
         out = func(*args, **kwargs)
+        if func.namespace in _COLLECTIVES:
+            # Note [collectives in flight]: a collective returns before the process group has read
+            # its input and written its output (gloo works on its own thread; DTensor's
+            # ``full_tensor`` waits only in a later ``wait_tensor``). Evicting either storage
+            # meanwhile frees memory the transport still touches (it crashed the process: SIGSEGV).
+            # They are spared until the wait on that output.
+            made = {id(t.untyped_storage()) for t in flat_tensors(out, []) if t.device.type != "meta"}
+            if func is _WAIT:
+                for sid in inputs | made:
+                    fb.in_flight.pop(sid, None)
+            else:
+                held = frozenset(inputs | made)
+                for sid in made:
+                    fb.in_flight[sid] = held
         if not func.is_view:  # a view, or an in-place op's result, is no new memory
             outputs, made = set(), 0
             for t in flat_tensors(out, []):
@@ -198,6 +216,7 @@ class Fallback:
         self.level = 0  # tracked bytes at the last count plus what operations allocated since (an upper bound)
         self.settled_peak = 0  # the most tracked bytes left after the fallback acted
         self.evicting = True  # Note [evict at points]
+        self.in_flight: Dict[int, FrozenSet[int]] = {}  # Note [collectives in flight]: output -> storages
         self._mode: Optional[_FaultIn] = None
 
     # ---- the mode ---------------------------------------------------------------------------
@@ -337,13 +356,13 @@ class Fallback:
 
         for name, p in self.params.items():
             if name not in running and not in_backward:
-                add(name, p.untyped_storage(), "param")
+                add(name, held_storage(p), "param")
             if p.grad is not None and where != PointKind.BACKWARD_END.value:
-                add(f"{name}:grad", p.grad.untyped_storage(), "grad")
+                add(f"{name}:grad", held_storage(p.grad), "grad")
             state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
             for sname, v in state.items():
                 if isinstance(v, torch.Tensor):
-                    add(f"{name}:{sname}", v.untyped_storage(), "optimizer_state")
+                    add(f"{name}:{sname}", held_storage(v), "optimizer_state")
         fixed = self.fixed_storages
         for ref, key in iteration.seen.values():
             st = ref()
@@ -378,6 +397,8 @@ class Fallback:
             return (-(hint if hint is not None else schedule.num_points), iteration.last_used.get(item[0], 0))
 
         tier = self.tier
+        if self.in_flight:  # Note [collectives in flight]
+            spare = spare.union(*self.in_flight.values())
         for key, storage, category in sorted(self.candidates(where, spare), key=order):
             if used <= target:
                 break

@@ -45,6 +45,7 @@ from tierflow.offload.core.names import TierName, kind_of
 from tierflow.offload.plan.explain import explain_plan, plot_plan
 from tierflow.offload.plan.types import Action, OffloadPlan, PlanningError
 from tierflow.offload.runtime._exec import BudgetExceededError, Executor
+from tierflow.offload.runtime._grads import own_gradient_storages
 from tierflow.offload.runtime._planning import plan_trace
 from tierflow.offload.runtime._residency import Residency, TransferStats
 from tierflow.offload.runtime._schedule import MOVABLE
@@ -55,7 +56,7 @@ from tierflow.offload.tiers._memory import map_large_allocations
 from tierflow.offload.tiers.base import Tier
 from tierflow.offload.tiers.config import HostTierConfig, TiersConfig
 from tierflow.offload.tiers.engine import TierEngine
-from tierflow.profiling import TraceWindow, save_trace
+from tierflow.profiling import TraceWindow, held_storage, save_trace
 from tierflow.profiling.shapes import SizeRange, merge_sizes, observed_sizes
 
 __all__ = ["BudgetExceededError", "OffloadRuntime", "StepReport", "nominal_hardware"]
@@ -140,6 +141,8 @@ class OffloadRuntime:
             return None if p is None else p._version  # parameters keep clean copies (Note [clean copies])
 
         self.residency = Residency(self._tier_for, config.max_inflight_transfers, version_of=version_of)
+        # Before the tracer's and the executor's hooks, so both see the same storages.
+        self._grad_hooks = own_gradient_storages(model) if config.policy != "none" else []
         self._closed = False
         self._online: Optional[Executor] = None  # Note [budget from step 0]
         self._out_of_core = False  # the state does not fit the budget: never bring it all back
@@ -199,7 +202,7 @@ class OffloadRuntime:
                 raise ValueError(f"{name!r} was placed in the tier but is not a parameter of the model; "
                                  "place only parameters")
             nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
-            self.residency.adopt(name, p.untyped_storage(), nbytes, tier, slot)
+            self.residency.adopt(name, held_storage(p), nbytes, tier, slot)
             total += nbytes
         placement.slots.clear()  # the slots belong to the residency table now
         self._out_of_core = True
@@ -453,6 +456,8 @@ class OffloadRuntime:
             for executor in (self._executor, self._online):
                 if executor is not None:
                     executor.remove(restore=False)
+            for handle in self._grad_hooks:
+                handle.remove()
             failed = self._counting_bytes_in(self.residency.arrive_what_can) if restore else None
             self.residency.free_clean()
         finally:

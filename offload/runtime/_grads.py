@@ -1,0 +1,44 @@
+"""Note [one storage per gradient]: every gradient the runtime may move owns its storage.
+
+The runtime moves whole storages (Note [storage swap]) and keys each by one tensor. FSDP2 hands
+out a block's sharded gradients as views of one reduce-scatter output: it assigns them one by one
+and calls each parameter's post-accumulate-grad hooks in between, so evicting the first gradient
+(the whole buffer) would leave nothing for the next views (``setStorage ... out of bounds for
+storage of size 0``, found by the FSDP2 test). A hook registered before the tracer's and the
+executor's gives such a gradient a storage of its own, a copy with the same bits. Only gradients
+that are views of a larger storage are copied; the buffer dies with the last view, so the copies
+cost one block's gradients at most, for the length of that block's reduce-scatter.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tierflow.profiling import held_storage
+
+__all__ = ["own_gradient_storages"]
+
+
+def _shares_storage(grad: torch.Tensor) -> bool:
+    local = getattr(grad, "_local_tensor", grad)
+    return held_storage(grad).nbytes() > local.numel() * local.element_size()
+
+
+def _own(param: torch.Tensor) -> None:
+    grad = param.grad
+    if grad is not None and _shares_storage(grad):
+        with torch.no_grad():
+            param.grad = grad.clone()
+
+
+def own_gradient_storages(model: nn.Module) -> List[RemovableHandle]:
+    """Register the hooks of Note [one storage per gradient] on every trainable parameter of ``model``.
+
+    Returns:
+        The hooks' handles (remove them when the runtime closes).
+    """
+    return [p.register_post_accumulate_grad_hook(_own) for p in model.parameters() if p.requires_grad]
