@@ -7,6 +7,7 @@ on top of the interpreter, torch and tierflow. Prints one JSON line.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,5 +27,8 @@ if __name__ == "__main__":
     baseline = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     code = main(sys.argv[1:])
-    print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": _status("VmHWM"), "exit": code}))
+    line = json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": _status("VmHWM"), "exit": code})
+    print(line)
+    if os.environ.get("TIERFLOW_TEST_RSS_DIR"):  # under torchrun: one file per rank
+        Path(os.environ["TIERFLOW_TEST_RSS_DIR"], f"rank{os.environ.get('RANK', '0')}.json").write_text(line)
     sys.exit(code)

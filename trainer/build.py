@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tierflow.offload import SubgroupStepper, TierEngine, TierFullError
+from tierflow.offload.integrations.fsdp2 import shard_blocks
 from tierflow.offload.runtime.materialize import TierPlacement
 from tierflow.trainer.config import ConfigError, TrainConfig
 from tierflow.trainer.data import ShardedLoader, TokenSource, build_source
@@ -38,7 +39,8 @@ class RunParts:
 
     Attributes:
         model: The module itself; parameters, digests, profiling and offloading look here.
-        wrapped: What the loop calls: ``DDP(model)`` when distributed, else ``model``.
+        wrapped: What the loop calls: ``DDP(model)`` when distributed, else ``model`` (with
+            ``trainer.parallel=fsdp2`` the model itself, sharded in place).
         optimizer: The optimizer (a TieredOptimizer with ``optimizer.tiered.enabled``).
         scheduler: The learning-rate schedule.
         loader: This rank's loader.
@@ -103,8 +105,11 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
         if engine is not None:
             engine.close()
         raise
-    wrapped: nn.Module = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
-        if rt.distributed else model
+    wrapped: nn.Module = model
+    if tc.parallel == "fsdp2":  # sharded in place, per block: the loop calls the model itself
+        model = wrapped = shard_blocks(model)
+    elif rt.distributed:
+        wrapped = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     try:
         optimizer, scheduler = build_optimizer(model, cfg.optimizer, tc.steps, tiers=cfg.tiers, engine=engine,
                                                grad_accum=tc.grad_accum, master_weights=tc.precision == "bf16_master")
@@ -166,6 +171,13 @@ def build_in_tier(cfg: TrainConfig, device: torch.device, state_bytes: int, engi
     """
     o = cfg.offload
     if o.policy == "none" or o.build_in_tier == "never":
+        return None
+    if cfg.trainer.parallel == "fsdp2":
+        # Each rank builds the model whole on its device, then fully_shard keeps its shard (the
+        # parameters alone: a quarter of an AdamW state); the runtime then pages the shards.
+        if o.build_in_tier == "always":
+            raise ConfigError("offload.build_in_tier=always cannot be combined with trainer.parallel=fsdp2: each "
+                              "rank builds the model and keeps its shard; use offload.build_in_tier=auto")
         return None
     budget = o.device_budget_bytes
     too_big = (budget is not None and state_bytes > budget) or \

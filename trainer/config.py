@@ -175,6 +175,8 @@ class TrainerConfig:
     ``global_batch / (grad_accum * world_size)`` sequences. ``profile_iterations > 0`` traces
     that many steps (after ``profile_warmup`` untraced ones) with the lifetime tracer and writes
     the trace and its report into the run directory; the tracer detaches afterwards.
+    ``parallel`` says how several ranks share the model: ``ddp`` replicates it, ``fsdp2`` shards
+    parameters, gradients and optimizer states per block with ``fully_shard`` (docs/fsdp2.md).
     """
 
     steps: int = 200
@@ -189,9 +191,11 @@ class TrainerConfig:
     deterministic: bool = True
     profile_iterations: int = 0
     profile_warmup: int = 1
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         p: List[str] = []
+        one_of(p, "trainer.parallel", self.parallel, ["ddp", "fsdp2"])
         for key in ("steps", "global_batch", "grad_accum", "eval_batches"):
             _positive(p, f"trainer.{key}", getattr(self, key))
         for key in ("profile_iterations", "profile_warmup"):

@@ -57,11 +57,12 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_runtime(device: str = "auto") -> Runtime:
+def init_runtime(device: str = "auto", *, group: bool = False) -> Runtime:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA) and pick our device.
 
     Args:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        group: Start a process group of one when launched without torchrun (FSDP2 needs one).
 
     Raises:
         ValueError: ``device=cuda`` on a machine without CUDA.
@@ -82,6 +83,9 @@ def init_runtime(device: str = "auto") -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                                 device_id=dev if use_cuda else None)
+    elif group and not dist.is_initialized():  # one process: an in-memory store, no port to find
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=dev if use_cuda else None)
     return Runtime(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 
@@ -89,7 +93,7 @@ def shutdown_runtime(rt: Runtime, *, failed: bool = False) -> None:
     """Leave the process group: after a barrier when the run ended well; at once when it
     failed, since the peers may be inside a collective this rank will never join (a barrier
     would hang; leaving makes their collective fail, so the launcher sees every rank stop)."""
-    if rt.distributed and dist.is_initialized():
-        if not failed:
+    if dist.is_available() and dist.is_initialized():
+        if rt.distributed and not failed:
             dist.barrier()
         dist.destroy_process_group()

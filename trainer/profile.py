@@ -163,7 +163,7 @@ def profile_training(cfg: TrainConfig, *, num_iterations: int = 3, num_warmup: i
     _check_count("num_warmup", num_warmup, 0)
     micro_batch_size(cfg.trainer, env_world_size())
     source = build_source(cfg.data, cfg.trainer.seed)
-    rt = init_runtime(cfg.trainer.device)
+    rt = init_runtime(cfg.trainer.device, group=cfg.trainer.parallel == "fsdp2")
     try:
         parts = build_run(cfg, rt, source)
         run_dir = prepare_run_dir(cfg, rt, "-profile")

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tierflow.offload import SubgroupStepper
+from tierflow.offload.integrations.fsdp2 import is_sharded
 from tierflow.trainer.data import Batch, ShardedLoader
 from tierflow.trainer.distributed import Runtime
 
@@ -31,9 +32,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     total = torch.zeros((), device=micro_batches[0][0].device)
     # Nothing needs every gradient first (no clipping, one micro-batch, no DDP reduction): each
     # sub-group is updated inside backward as soon as its gradients are final, the same bits.
-    fused = step is not None and grad_clip <= 0 and accum == 1 and not isinstance(model, DDP)
+    # Under DDP or FSDP2 a gradient is final only after its reduction, and FSDP2's are DTensors whose
+    # norm torch's own clip_grad_norm_ reduces over the ranks: both keep the plain path.
+    sharded = is_sharded(model)
+    reduced = isinstance(model, DDP) or sharded
+    fused = step is not None and grad_clip <= 0 and accum == 1 and not reduced
     # With clipping, each gradient's norm is taken as it becomes final (in the last backward).
-    early_norms = step is not None and grad_clip > 0 and not isinstance(model, DDP)
+    early_norms = step is not None and grad_clip > 0 and not reduced
     for i, (inputs, targets) in enumerate(micro_batches):
         # DDP all-reduces gradients only on the last micro-batch of the step.
         sync = nullcontext() if i == accum - 1 or not isinstance(model, DDP) else model.no_sync()
@@ -45,7 +50,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         total += loss.detach()
     if fused:
         pass  # updated in backward
-    elif step is not None and grad_clip > 0:  # clipping streamed sub-group by sub-group, the same bits
+    elif step is not None and grad_clip > 0 and not sharded:  # clipping streamed sub-group by sub-group
         step.clip_and_step(model.parameters(), grad_clip)
     else:
         if grad_clip > 0:
@@ -82,5 +87,7 @@ def parameter_digest(model: nn.Module) -> str:
     for name, p in sorted(model.named_parameters()):
         h.update(name.encode())
         # A copy made by an operation: a tensor waiting in a tier comes back for it (one at a time).
-        h.update(p.detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy().tobytes())
+        # A sharded (FSDP2) parameter is gathered first: a collective, so every rank digests.
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        h.update(full.detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -55,7 +55,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     """
     source = check_before_work(cfg)  # batch split, token file, model target, checkpoints, host RAM
     remove_stale_scratch()  # temp dirs of tierflow processes killed with SIGKILL (Note [whose scratch directory])
-    rt = init_runtime(cfg.trainer.device)
+    rt = init_runtime(cfg.trainer.device, group=cfg.trainer.parallel == "fsdp2")
     try:  # leave the process group even when the run fails
         result = _run(cfg, rt, source)
     except BaseException:

@@ -60,7 +60,10 @@ MIN_EVICT_BYTES = 64  # smaller storages cost more to track than they free
 #: Arguments an operation's remembered size may be keyed by (a tensor by its shape and dtype).
 _PLAIN_ARGS = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
                torch.memory_format)
-_COLLECTIVES = frozenset({"_c10d_functional", "c10d"})  # operator namespaces of collectives
+# Functional collectives: each is waited for by a wait_tensor operation this mode sees. (A c10d
+# collective is waited for through its Work object, which no operation shows; FSDP2 runs its own on
+# buffers of its own that the runtime never evicts.)
+_COLLECTIVES = frozenset({"_c10d_functional"})
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
 MAX_SIZED_OPS = 1 << 16  # operations remembered with their output size (Note [room before the operation])
 
@@ -164,7 +167,8 @@ def _output_bytes(func: Any, args: Any, kwargs: Any) -> int:
         out = func(*meta_args, **meta_kwargs)
     except Exception:  # noqa: BLE001 (data-dependent shapes, ops without a meta kernel: not predictable)
         return 0
-    return sum(t.untyped_storage().nbytes() for t in flat_tensors(out, []))
+    # Outputs that view one buffer (FSDP2's all-gather input and output) are counted once.
+    return sum({id(st): st.nbytes() for st in (t.untyped_storage() for t in flat_tensors(out, []))}.values())
 
 
 def _sized(known: Dict[Any, int], func: Any, args: Any, kwargs: Any) -> int:
@@ -273,8 +277,8 @@ class Fallback:
             self.residency.forget_clean(key for key, _ in needed)  # the step writes them
         elif kind is PointKind.GRAD_READY:
             iteration.last_used[f"{name}:grad"] = iteration.clock
-        self.bring([key for key, _ in needed], frozenset(id(t.untyped_storage()) for _, t in needed), kind.value)
-        self.evict(kind.value, frozenset(id(t.untyped_storage()) for _, t in needed))
+        self.bring([key for key, _ in needed], frozenset(id(held_storage(t)) for _, t in needed), kind.value)
+        self.evict(kind.value, frozenset(id(held_storage(t)) for _, t in needed))
 
     def bring(self, keys: Sequence[str], spare: FrozenSet[int], where: str) -> None:
         """Bring ``keys`` back, making room for them first (Note [headroom]); ``spare``: storage
@@ -315,7 +319,7 @@ class Fallback:
 
         def add(t: Optional[torch.Tensor]) -> None:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                st = t.untyped_storage()
+                st = held_storage(t)
                 storages[id(st)] = st
 
         for p in self.params.values():

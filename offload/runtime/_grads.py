@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tierflow.profiling import held_storage
 
-__all__ = ["own_gradient_storages"]
+__all__ = ["own_gradient_storages", "settle_fsdp2"]
 
 
 def _shares_storage(grad: torch.Tensor) -> bool:
@@ -42,3 +42,22 @@ def own_gradient_storages(model: nn.Module) -> List[RemovableHandle]:
         The hooks' handles (remove them when the runtime closes).
     """
     return [p.register_post_accumulate_grad_hook(_own) for p in model.parameters() if p.requires_grad]
+
+
+def settle_fsdp2(model: nn.Module) -> None:
+    """Note [FSDP2 settles first]: run FSDP2's lazy initialisation before the runtime moves anything.
+
+    On its first forward FSDP2 checks that each sharded parameter still lives in the storage it
+    padded at ``fully_shard`` by comparing data pointers; a shard the runtime had evicted (an empty
+    storage, data pointer 0) fails the check and FSDP2 re-pads every such shard into new memory, all
+    at once and inside the first step (found by the per-rank RSS test: the first step could not stay
+    under its budget). Initialising first, while every shard is in place, makes that check pass.
+    """
+    state_of = getattr(model, "_get_fsdp_state", None)
+    if state_of is None:
+        return
+    state = state_of()
+    lazy_init = getattr(state, "_lazy_init", None)
+    if lazy_init is None:
+        raise AssertionError("this torch's FSDP2 has no _lazy_init: tierflow's FSDP2 support needs updating")
+    lazy_init()

@@ -45,7 +45,7 @@ from tierflow.offload.core.names import TierName, kind_of
 from tierflow.offload.plan.explain import explain_plan, plot_plan
 from tierflow.offload.plan.types import Action, OffloadPlan, PlanningError
 from tierflow.offload.runtime._exec import BudgetExceededError, Executor
-from tierflow.offload.runtime._grads import own_gradient_storages
+from tierflow.offload.runtime._grads import own_gradient_storages, settle_fsdp2
 from tierflow.offload.runtime._planning import plan_trace
 from tierflow.offload.runtime._residency import Residency, TransferStats
 from tierflow.offload.runtime._schedule import MOVABLE
@@ -143,6 +143,8 @@ class OffloadRuntime:
         self.residency = Residency(self._tier_for, config.max_inflight_transfers, version_of=version_of)
         # Before the tracer's and the executor's hooks, so both see the same storages.
         self._grad_hooks = own_gradient_storages(model) if config.policy != "none" else []
+        if config.policy != "none":
+            settle_fsdp2(model)
         self._closed = False
         self._online: Optional[Executor] = None  # Note [budget from step 0]
         self._out_of_core = False  # the state does not fit the budget: never bring it all back
@@ -161,13 +163,17 @@ class OffloadRuntime:
     def _state_bytes(self) -> int:
         """Parameters, their gradients and optimizer states, in bytes (states estimated before the
         first step: two per parameter for Adam-like optimizers, one for the others)."""
+        def nbytes(p: torch.Tensor) -> int:  # this rank's shard of a sharded parameter (Note [local shards])
+            local = getattr(p, "_local_tensor", p)
+            return local.numel() * local.element_size()
+
         params = [p for p in self.model.parameters()]
-        total = sum(p.numel() * p.element_size() for p in params)
-        total += sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+        total = sum(nbytes(p) for p in params)
+        total += sum(nbytes(p) for p in params if p.requires_grad)
         if self.optimizer is not None:
             stepped = [p for g in self.optimizer.param_groups for p in g["params"]]
             per_param = 2 if "adam" in type(self.optimizer).__name__.lower() else 1
-            total += per_param * sum(p.numel() * p.element_size() for p in stepped)
+            total += per_param * sum(nbytes(p) for p in stepped)
         return total
 
     def _online_budget(self) -> Tuple[Optional[int], bool]:

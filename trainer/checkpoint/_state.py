@@ -93,7 +93,9 @@ def capture(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, 
     Cheap (no tensor is copied): call it right after ``scheduler.step()``. The tensors must not be
     mutated until the background copy says it is safe (the optimizer step pre-hook waits for it).
     """
-    tensors: List[Tuple[str, torch.Tensor]] = [(f"model.{k}", v.detach()) for k, v in model.state_dict().items()]
+    shards: Dict[str, List[int]] = {}
+    tensors: List[Tuple[str, torch.Tensor]] = [(f"model.{k}", _local(f"model.{k}", v, shards))
+                                               for k, v in model.state_dict().items()]
     names = optimizer_param_names(model, optimizer)
     sd = optimizer.state_dict()  # references to the live state tensors, not copies
     scalars: Dict[str, Dict[str, Any]] = {}
@@ -101,14 +103,53 @@ def capture(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, 
         fqn = names[pid]
         for key, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors.append((f"optim.{fqn}.{key}", value.detach()))
+                tensors.append((f"optim.{fqn}.{key}", _local(f"optim.{fqn}.{key}", value, shards)))
             else:
                 scalars.setdefault(fqn, {})[key] = value
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
               for g in sd["param_groups"]]
     meta = {"step": step, "config_hash": config_hash, "param_groups": groups, "optim_scalars": scalars,
             "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": capture_rng()}
+    if shards:
+        meta["shards"] = shards
     return Captured(step, tensors, meta)
+
+
+def _local(name: str, value: torch.Tensor, shards: Dict[str, List[int]]) -> torch.Tensor:
+    """Note [sharded snapshots]: a DTensor (FSDP2) is captured as this rank's shard, its full shape
+    kept in ``shards``; a persisted copy writes it as a DTensor again, so DCP records where each
+    shard sits and a copy loads at any world size (:func:`shard_rows` takes a rank's rows back)."""
+    local = getattr(value, "_local_tensor", None) if type(value) not in (torch.Tensor, nn.Parameter) else None
+    if local is None:
+        return value.detach()
+    placements = tuple(value.placements)
+    if len(placements) != 1 or not placements[0].is_shard(0):
+        raise ValueError(f"{name} is a DTensor placed {placements}: snapshots take parameters and states sharded "
+                         "on dimension 0 over one mesh dimension (fully_shard's default)")
+    shards[name] = list(value.shape)
+    return local.detach()
+
+
+def shard_rows(num_rows: int, world_size: int, rank: int) -> Tuple[int, int]:
+    """The rows ``[start, stop)`` of dimension 0 that ``rank`` holds when ``num_rows`` are sharded
+    over ``world_size`` ranks the way ``fully_shard`` does (``torch.chunk``: ceil-sized chunks, the
+    last ones shorter or empty)."""
+    chunk = -(-num_rows // world_size) if num_rows else 0
+    start = min(rank * chunk, num_rows)
+    return start, min(start + chunk, num_rows)
+
+
+def _into_shard(live: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (this rank's shard, or the full tensor a persisted copy loads) as ``live``'s local shard."""
+    local = live._local_tensor
+    if value.shape == local.shape:
+        return value
+    if tuple(value.shape) != tuple(live.shape):
+        raise ValueError(f"a sharded tensor of shape {tuple(live.shape)} (local {tuple(local.shape)}) cannot take "
+                         f"one of shape {tuple(value.shape)}; restore with the model it was saved from")
+    mesh = live.device_mesh
+    start, stop = shard_rows(live.shape[0], mesh.size(), mesh.get_local_rank())
+    return value[start:stop]
 
 
 def layout(tensors: Sequence[Tuple[str, torch.Tensor]]) -> Tuple[List[TensorEntry], int]:
@@ -160,6 +201,9 @@ def apply_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
     """
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     live = model.state_dict()  # detached tensors sharing the parameters' storage
+    for k, v in live.items():  # Note [sharded snapshots]: a sharded entry takes its local shard
+        if _is_dtensor(v) and k in model_sd:
+            model_sd[k], live[k] = _into_shard(v, model_sd[k]), v._local_tensor
     if live.keys() == model_sd.keys() and all(_same_layout(live[k], v) for k, v in model_sd.items()):
         missing, unexpected = [], []
         for k, v in model_sd.items():
@@ -177,7 +221,12 @@ def apply_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
         if not key.startswith("optim."):
             continue
         fqn, _, name = key[len("optim."):].rpartition(".")
-        state.setdefault(ids[fqn], {})[name] = _own_copy(value, optimizer.state.get(params[ids[fqn]], {}).get(name))
+        param = params[ids[fqn]]
+        existing = optimizer.state.get(param, {}).get(name)
+        if _is_dtensor(param) and value.dim() > 0:  # a state shaped like its sharded parameter
+            state.setdefault(ids[fqn], {})[name] = _sharded_state(param, value, existing)
+            continue
+        state.setdefault(ids[fqn], {})[name] = _own_copy(value, existing)
     for fqn, scalars in meta["optim_scalars"].items():
         state.setdefault(ids[fqn], {}).update(scalars)
     groups = [{**g, "params": [ids[n] for n in g["params"]]} for g in meta["param_groups"]]
@@ -187,6 +236,22 @@ def apply_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
     if rng is not None:
         restore_rng(rng)
     return int(meta["step"])
+
+
+def _is_dtensor(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "_local_tensor")
+
+
+def _sharded_state(param: torch.Tensor, value: torch.Tensor, existing: Any) -> torch.Tensor:
+    """An optimizer state of a sharded parameter: a DTensor laid out like it, this rank's rows copied in."""
+    from torch.distributed.tensor import DTensor
+
+    rows = _into_shard(param, value)
+    if _is_dtensor(existing):
+        host_copy(existing._local_tensor, rows)
+        return existing
+    return DTensor.from_local(rows.clone().to(param.device), param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
 
 
 def _own_copy(value: torch.Tensor, live: Any) -> torch.Tensor:

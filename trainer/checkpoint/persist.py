@@ -103,7 +103,7 @@ def save_checkpoint(root: Path, step: int, tensors: Dict[str, torch.Tensor], met
     if distributed:
         dist.barrier(group=group)
     shared = {k: v for k, v in meta.items() if k not in ("rng", "layout")}
-    state: Dict[str, Any] = dict(tensors)
+    state: Dict[str, Any] = _as_shards(tensors, meta.get("shards") or {}, rank, world_size)
     state[META_KEY] = _as_tensor(encode(shared))
     state[_rng_key(rank)] = _as_tensor(encode(meta["rng"]))
     # torch.distributed.checkpoint is imported only when a copy is persisted or loaded.
@@ -214,6 +214,29 @@ def newest_verified(root: Path) -> List[Tuple[int, Path]]:
         raise CheckpointCorruptError(f"no persisted checkpoint under {root} verifies; tried {'; '.join(tried)}. "
                                      "Restore a good copy there, or set checkpoint.restore=none to start afresh")
     return []
+
+
+def _as_shards(tensors: Dict[str, torch.Tensor], shards: Dict[str, List[int]], rank: int,
+               world_size: int) -> Dict[str, Any]:
+    """Note [sharded snapshots]: each shard written as a DTensor over a mesh of the ranks, so DCP's
+    metadata says which rows of the full tensor it holds and the copy loads at any world size.
+    The mesh is only a description here (no process group is set up for it)."""
+    if not shards:
+        return dict(tensors)
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = DeviceMesh("cpu", torch.arange(world_size), _init_backend=False, _rank=rank)
+    out: Dict[str, Any] = {}
+    for key, t in tensors.items():
+        shape = shards.get(key)
+        if shape is None:
+            out[key] = t
+            continue
+        full = torch.Size(shape)
+        out[key] = DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=full,
+                                      stride=torch.empty(full, device="meta").stride())
+    return out
 
 
 def load_checkpoint(path: Path, rank: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
