@@ -81,14 +81,16 @@ class KillOnceGPT(GPT):
     once: ``marker`` remembers it, and the same command run again trains normally."""
 
     def __init__(self, vocab_size: int, seq_len: int, marker: str, kill_at_call: int = 6, n_layer: int = 2,
-                 n_head: int = 4, d_model: int = 128) -> None:
+                 n_head: int = 4, d_model: int = 128, kill_rank: int = -1) -> None:
         super().__init__(GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=n_layer, n_head=n_head,
                                    d_model=d_model))
         self.marker, self.kill_at_call, self.calls = Path(marker), kill_at_call, 0
+        self.kill_rank = kill_rank  # -1: whichever rank gets there first
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if self.calls == self.kill_at_call and not self.marker.exists():
+        mine = self.kill_rank in (-1, int(os.environ.get("RANK", "0")))
+        if self.calls == self.kill_at_call and mine and not self.marker.exists():
             self.marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
         return super().forward(tokens)

@@ -1,0 +1,109 @@
+"""FSDP2 (trainer.parallel=fsdp2) on 2 CPU ranks with gloo: tierflow's runtime on each rank's shards
+is bit-identical to fully_shard alone, persisted copies load at another world size, and a rank
+killed with SIGKILL resumes exactly."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PYTHON, REPO
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["logging=none", "logging.progress=false", "logging.plot=false", "trainer.global_batch=16",
+          "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.device=cpu", "trainer.parallel=fsdp2"]
+
+
+def _train(args, env, nproc=2, timeout=600):
+    launch = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 \
+        else [PYTHON]
+    return subprocess.run([*launch, "-m", "tierflow.trainer.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _result(run_root: Path, name: str):
+    run = run_root / name
+    summary = json.loads((run / "summary.json").read_text())
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return summary, losses
+
+
+def test_fsdp2_with_offloading_is_bit_identical_to_fsdp2_alone(tmp_path, subprocess_env):
+    """10 steps: losses and gathered parameters equal; the plan moved sharded parameters and
+    optimizer states as well as activations, and held its budget."""
+    runs = {}
+    for name, extra in (("alone", ["offload=none"]),
+                        ("offloaded", ["offload=lifetime", "offload.device_budget_fraction=0.6"])):
+        proc = _train(COMMON + extra + ["trainer.steps=10", f"logging.run_root={tmp_path}", f"logging.run_name={name}"],
+                      subprocess_env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = _result(tmp_path, name)
+    (alone, alone_losses), (ours, our_losses) = runs["alone"], runs["offloaded"]
+    assert ours["world_size"] == 2
+    assert our_losses == alone_losses
+    assert ours["param_digests"] == alone["param_digests"] and len(set(ours["param_digests"])) == 1
+    o = ours["offload"]
+    assert o["steps"].get("planned", 0) >= 6 and o["divergent_iterations"] == 0
+    assert o["peak_by_mode"]["planned"] <= o["device_budget_bytes"]
+    plan = json.loads((tmp_path / "offloaded" / "plan.json").read_text())
+    moved = {d["category"] for d in plan["decisions"] if d["action"] == "swap"}
+    assert {"param", "optimizer_state", "activation"} <= moved, moved
+
+
+def _persisting(root: Path, ckpt: Path):
+    return [f"logging.run_root={root}", "checkpoint=memory", "checkpoint.every_steps=2", "checkpoint.persist_every=1",
+            "checkpoint.parity_shards=0", f"checkpoint.dir={ckpt}", "checkpoint.restore=disk",
+            "offload=lifetime", "offload.device_budget_fraction=0.75"]
+
+
+@pytest.mark.parametrize("saved_on,loaded_on", [(2, 1), (1, 2)])
+def test_a_persisted_fsdp2_copy_loads_at_another_world_size(tmp_path, subprocess_env, saved_on, loaded_on):
+    """Saved by ``saved_on`` ranks at step 4, loaded by ``loaded_on`` ranks: the gathered
+    parameters are the ones that were saved (the run resumes at its last step and digests them)."""
+    ckpt = tmp_path / "ckpt"
+    args = COMMON + _persisting(tmp_path, ckpt) + ["trainer.steps=4"]
+    saved = _train(args + ["logging.run_name=saved"], subprocess_env, nproc=saved_on)
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    assert (ckpt / "step-00000004").is_dir()
+    loaded = _train(args + ["logging.run_name=loaded"], subprocess_env, nproc=loaded_on)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert "resumed from step 4" in loaded.stdout + loaded.stderr
+    (before, _), (after, _) = _result(tmp_path, "saved"), _result(tmp_path, "loaded")
+    assert before["world_size"] == saved_on and after["world_size"] == loaded_on
+    assert after["param_digests"][0] == before["param_digests"][0]
+
+
+def test_a_rank_killed_with_sigkill_resumes_bit_identically(tmp_path, subprocess_env):
+    """Rank 1 SIGKILLs itself in step 6 (torchrun then stops rank 0); the same command resumes from
+    the snapshot of step 4 and ends with the losses and parameters of an uninterrupted run."""
+    never, marker = tmp_path / "never", tmp_path / "killed"
+    never.touch()
+
+    def args(name, mark):
+        return COMMON + _persisting(tmp_path, tmp_path / f"ckpt-{name}") + [
+            "trainer.steps=8", f"logging.run_name={name}", "model._target_=tests._faults.KillOnceGPT",
+            f"+model.kwargs.marker={mark}", "+model.kwargs.kill_at_call=6", "+model.kwargs.kill_rank=1"]
+
+    ref = _train(args("ref", never), subprocess_env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = _train(args("run", marker), subprocess_env)
+    assert killed.returncode != 0 and marker.exists()
+    assert not (tmp_path / "run" / "summary.json").exists()
+    resumed = _train(args("run", marker), subprocess_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 4" in resumed.stdout + resumed.stderr
+    (ref_summary, ref_losses), (summary, losses) = _result(tmp_path, "ref"), _result(tmp_path, "run")
+    assert summary["param_digests"] == ref_summary["param_digests"]
+    assert losses[-4:] == ref_losses[-4:]
+
+
+@pytest.mark.parametrize("extra", [["optimizer.tiered.enabled=true"], ["trainer.precision=bf16_master"],
+                                   ["trainer.parallel=fsdp3"]])
+def test_what_fsdp2_does_not_combine_with_is_refused_before_work(tmp_path, subprocess_env, extra):
+    proc = _train(COMMON + extra + ["trainer.steps=2", f"logging.run_root={tmp_path}"], subprocess_env, nproc=1,
+                  timeout=120)
+    assert proc.returncode == 2
+    assert "trainer.parallel" in proc.stderr
+    assert not any(tmp_path.iterdir())  # refused before the run directory
