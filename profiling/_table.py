@@ -92,6 +92,16 @@ class RecordTable:
         self.category[row] = category
         self.key[row] = key
 
+    def release(self, row: int, storage: torch.UntypedStorage) -> None:
+        """Record ``row`` freed now although its storage lives on, shrunk to nothing (Note
+        [storages that shrink] in :mod:`tierflow.profiling.tracer`); the storage is unknown again."""
+        ref = self._live.get(id(storage))
+        if ref is not None and ref.row == row:
+            del self._live[id(storage)]
+        self.tick += 1
+        self.freed[row] = self.point
+        self.freed_tick[row] = self.tick
+
     def _on_free(self, ref: _StorageRef) -> None:
         # Runs when the storage is deallocated, possibly on the autograd thread: only appends.
         self._live.pop(ref.sid, None)

@@ -81,6 +81,11 @@ class StorageMap:
         entry = self._refs.get(id(storage))
         return entry is not None and entry[0]() is storage
 
+    def discard(self, storage: torch.UntypedStorage) -> None:
+        """Forget ``storage`` (nothing happens when it is not in the map)."""
+        if storage in self:
+            del self._refs[id(storage)]
+
 
 class ModuleCalls:
     """The module-call stack of one iteration and the saved-tensor numbering of each call.
