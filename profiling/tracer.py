@@ -38,7 +38,14 @@ from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
 
 from tierflow.profiling import torch_compat
 from tierflow.profiling._table import RecordTable, register_existing
-from tierflow.profiling._tensors import LIFT_OPS, DispatchRecorder, dispatch_round_trip_s, flat_tensors, storage_of
+from tierflow.profiling._tensors import (
+    LIFT_OPS,
+    DispatchRecorder,
+    dispatch_round_trip_s,
+    flat_tensors,
+    held_storage,
+    storage_of,
+)
 from tierflow.profiling.keys import ModuleCalls, StorageMap, own_parameters
 from tierflow.profiling.settings import MovingTensors, TracerConfig
 from tierflow.profiling.trace import (
@@ -481,6 +488,11 @@ class LifetimeTracer:
     def _claim(self, t: torch.Tensor, category: Category, key: str) -> None:
         """Give a temporary (or unknown) storage its owner's category and key."""
         st = storage_of(t)
+        if st is None and t.device.type != "meta":
+            # Already sent away by the runtime tracing under a budget (its gradient-ready hook runs
+            # before ours): the row made when it was allocated is still this tensor's.
+            held = held_storage(t)
+            st = held if self._table.row_of(held) is not None else None
         if st is None:
             return
         row = self._table.row_of(st)
