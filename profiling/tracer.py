@@ -105,6 +105,9 @@ class LifetimeTracer:
         self._num_iterations = 0
         self._iteration: Optional[int] = None
         self._iteration_start = (-1, -1)  # (point, tick) of the current iteration's start
+        # Note [storages that shrink]; kept across iterations (a storage shrinks at one's end).
+        self._shrinkable: Dict[int, Any] = {}  # row -> weakref of its storage
+        self._shrunk = StorageMap()  # storages shrunk to nothing: regrown, they are new allocations
         self._new_iteration_state()
         self._interval_start = 0.0
         self._overhead_s = 0.0  # our own bookkeeping since the last point (measured)
@@ -249,8 +252,6 @@ class LifetimeTracer:
         self._keys: set = set()
         self._num_inputs = 0
         self._external_rows: set = set()
-        self._shrinkable: Dict[int, Any] = {}  # row -> weakref of its storage (Note [storages that shrink])
-        self._shrunk = StorageMap()  # storages shrunk to nothing: regrown, they are new allocations
         self._graph_task = -1
         self._tmp_label, self._tmp_count = "", 0
 
@@ -453,14 +454,24 @@ class LifetimeTracer:
     def _row_or_external(self, st: torch.UntypedStorage, t: torch.Tensor) -> int:
         """The storage's row; a storage first seen now existed at the start of this iteration.
 
-        Anything allocated inside an iteration is seen when it is allocated, so an unknown
+        Almost anything allocated inside an iteration is seen when it is allocated, so an unknown
         storage was made before the iteration began (by the data pipeline, or before tracing).
+
+        Note [allocations no operation shows]: not everything, though. Under FSDP2 the gloo
+        process group copies each reduce-scatter input in C++ and splits the copy: a block's full
+        gradients, never seen allocated. Taken as inputs alive since the iteration began, these
+        copies put 42 MB of phantom memory under every interval of a 6-block ``small`` model. What
+        the data pipeline made is consumed in forward; a storage first seen in backward is taken
+        as allocated there.
         """
         table = self._table
         row = table.row_of(st)
-        if row is None and st in self._shrunk:  # regrown (Note [storages that shrink]): allocated now
+        if row is None and (st in self._shrunk or torch_compat.current_graph_task_id() != -1):
+            # Regrown (Note [storages that shrink]), or first seen in backward (Note [allocations
+            # no operation shows]): allocated now.
+            kind = "regrown" if st in self._shrunk else "unseen"
             self._shrunk.discard(st)
-            key = self._unique(f"{self._tmp_label}:tmp{self._tmp_count}")
+            key = self._unique(f"{self._tmp_label}:{kind}{self._tmp_count}")
             self._tmp_count += 1
             row = table.add(st, t, Category.TEMPORARY, key, iteration=self._iteration, created=table.point,
                             created_tick=table.next_tick())

@@ -297,7 +297,11 @@ def test_a_planned_step_of_varying_size_is_never_accounted_below_what_the_tracer
             j += 1
         where.append(j)
     assert j == len(planned) - 1
-    real = tuple(r for r in trace.tensors if not (r.category is Category.INPUT and ":external" in r.key))
+    # What this second tracer cannot place: storages it first saw without seeing them made (before
+    # the iteration, or in backward where autograd allocates some in C++: Note [allocations no
+    # operation shows]); neither can the runtime.
+    real = tuple(r for r in trace.tensors if not ((r.category is Category.INPUT and ":external" in r.key)
+                                                  or ":unseen" in r.key))
     traced = memory_timeline(replace(trace, tensors=real)).interval_peak_bytes
     measured = [0] * len(planned)
     for peak, k in zip(traced, where):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PYTHON, REPO
+from tests.test_out_of_core import RUNTIME_OVERHEAD, MiB
 
 pytestmark = pytest.mark.slow
 
@@ -109,3 +110,44 @@ def test_what_fsdp2_does_not_combine_with_is_refused_before_work(tmp_path, subpr
     assert proc.returncode == 2
     assert "trainer.parallel" in proc.stderr
     assert not any(tmp_path.iterdir())  # refused before the run directory
+
+
+def _rss_run(tmp_path: Path, env, name: str, *overrides: str) -> dict:
+    """Train under torchrun with every rank in tests/_rss_child.py; each rank's peak RSS growth."""
+    rss_dir = tmp_path / f"rss-{name}"
+    rss_dir.mkdir()
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).with_name("_rss_child.py")), *COMMON, "trainer.global_batch=8",
+           f"logging.run_root={tmp_path}", f"logging.run_name={name}", *overrides]
+    done = subprocess.run(cmd, cwd=REPO, env={**env, "TIERFLOW_TEST_RSS_DIR": str(rss_dir)}, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((rss_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    summary, losses = _result(tmp_path, name)
+    return {"growth": [r["peak_rss_bytes"] - r["baseline_rss_bytes"] for r in ranks], "summary": summary,
+            "losses": losses}
+
+
+def test_a_budget_below_the_sharded_state_keeps_every_ranks_rss_and_is_exact(tmp_path, subprocess_env):
+    """``model=small`` (172 MB of state, 86 MB per rank once sharded) under 40 MB per rank with the
+    NVMe tier: every rank's peak RSS grows by at most the budget plus the trainer's fixed cost,
+    the runtime's overhead and the whole model's parameters (each rank builds the model before
+    sharding it: docs/fsdp2.md); FSDP2 alone exceeds that bound, and the runs are bit-identical."""
+    budget = 40_000_000
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    fixed = max(_rss_run(tmp_path, subprocess_env, "fixed", "model=tiny", "trainer.steps=3",
+                         "offload=none")["growth"])
+    alone = _rss_run(tmp_path, subprocess_env, "alone", "model=small", "trainer.steps=6", "offload=none")
+    ours = _rss_run(tmp_path, subprocess_env, "ours", "model=small", "trainer.steps=6", "offload=lifetime",
+                    f"offload.device_budget_bytes={budget}", "tiers.nvme.enabled=true", f"tiers.nvme.dirs=[{nvme}]",
+                    "tiers.host.enabled=false")
+    params = 4 * ours["summary"]["parameters"]
+    assert 16 * ours["summary"]["parameters"] // 2 > 2 * budget  # the sharded state alone is over twice the budget
+    assert ours["losses"] == alone["losses"]
+    assert ours["summary"]["param_digests"] == alone["summary"]["param_digests"]
+    o = ours["summary"]["offload"]
+    assert o["steps"].get("planned", 0) >= 2 and o["device_peak_bytes"] <= budget
+    bound = budget + fixed + RUNTIME_OVERHEAD + params
+    assert max(ours["growth"]) <= bound, ([g / MiB for g in ours["growth"]], bound / MiB)
+    assert min(alone["growth"]) > bound  # FSDP2 alone does not fit the same bound: the test can fail
