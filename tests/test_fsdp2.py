@@ -79,15 +79,19 @@ def test_a_persisted_fsdp2_copy_loads_at_another_world_size(tmp_path, subprocess
 
 
 def test_a_rank_killed_with_sigkill_resumes_bit_identically(tmp_path, subprocess_env):
-    """Rank 1 SIGKILLs itself in step 6 (torchrun then stops rank 0); the same command resumes from
-    the snapshot of step 4 and ends with the losses and parameters of an uninterrupted run."""
+    """Rank 1 SIGKILLs itself in step 6 (torchrun then stops rank 0); the same command resumes every
+    rank from its shards in the in-memory snapshot of step 4 and ends with the losses and
+    parameters of an uninterrupted run."""
     never, marker = tmp_path / "never", tmp_path / "killed"
     never.touch()
 
     def args(name, mark):
-        return COMMON + _persisting(tmp_path, tmp_path / f"ckpt-{name}") + [
-            "trainer.steps=8", f"logging.run_name={name}", "model._target_=tests._faults.KillOnceGPT",
-            f"+model.kwargs.marker={mark}", "+model.kwargs.kill_at_call=6", "+model.kwargs.kill_rank=1"]
+        return COMMON + [f"logging.run_root={tmp_path}", "checkpoint=memory", "checkpoint.every_steps=2",
+                         "checkpoint.parity_shards=0", "checkpoint.persist_every=0",
+                         "checkpoint.persist_on_finish=false", "offload=lifetime",
+                         "offload.device_budget_fraction=0.75", "trainer.steps=8", f"logging.run_name={name}",
+                         "model._target_=tests._faults.KillOnceGPT", f"+model.kwargs.marker={mark}",
+                         "+model.kwargs.kill_at_call=6", "+model.kwargs.kill_rank=1"]
 
     ref = _train(args("ref", never), subprocess_env)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -96,7 +100,8 @@ def test_a_rank_killed_with_sigkill_resumes_bit_identically(tmp_path, subprocess
     assert not (tmp_path / "run" / "summary.json").exists()
     resumed = _train(args("run", marker), subprocess_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from step 4" in resumed.stdout + resumed.stderr
+    said = resumed.stdout + resumed.stderr
+    assert "resumed from step 4" in said and "rank 1 from memory" in said
     (ref_summary, ref_losses), (summary, losses) = _result(tmp_path, "ref"), _result(tmp_path, "run")
     assert summary["param_digests"] == ref_summary["param_digests"]
     assert losses[-4:] == ref_losses[-4:]
