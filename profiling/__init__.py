@@ -15,7 +15,7 @@ Importable on its own, without ``trainer``::
 """
 
 from tierflow.profiling import torch_compat
-from tierflow.profiling._tensors import flat_tensors, held_storage, is_fake_dispatch, storage_of
+from tierflow.profiling._tensors import flat_tensors, held_storage, is_fake_dispatch, local_tensor, storage_of
 from tierflow.profiling.idle import IdleInterval, IdleScore, idle_intervals, top_idle_tensors
 from tierflow.profiling.report import ReportFiles, format_report, plot_memory_timeline, write_report
 from tierflow.profiling.stability import Divergence, Stability, check_stability
@@ -42,13 +42,14 @@ from tierflow.profiling.trace import (
                              state_key,
                              validate_trace,
 )
-from tierflow.profiling.tracer import LifetimeTracer, MovingTensors, TracerConfig, trace_iterations
-from tierflow.profiling.window import TraceWindow
+from tierflow.profiling.tracer import LifetimeTracer, MovingTensors, TracerConfig
+from tierflow.profiling.window import TraceWindow, trace_iterations
 
 __all__ = [
     "flat_tensors",
     "held_storage",
     "is_fake_dispatch",
+    "local_tensor",
     "storage_of",
     "torch_compat",
     "CATEGORIES",

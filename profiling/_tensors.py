@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["LIFT_OPS", "DispatchRecorder", "dispatch_round_trip_s", "flat_tensors", "held_storage", "is_fake_dispatch",
-           "storage_of"]
+           "local_tensor", "storage_of"]
 
 # Ops whose tensor argument is a freshly made tensor (torch.tensor(...)), not an existing input.
 LIFT_OPS = frozenset({torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default})
@@ -61,16 +61,21 @@ def flat_tensors(obj: Any, out: List[torch.Tensor]) -> List[torch.Tensor]:
     return out
 
 
-def held_storage(t: torch.Tensor) -> torch.UntypedStorage:
-    """The storage that holds ``t``'s bytes on this process.
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor holding ``t``'s bytes on this process: a DTensor's local shard, else ``t`` itself.
 
     Note [local shards]: a DTensor (FSDP2's sharded parameters, their gradients and the optimizer
     states made from them) is a wrapper whose own storage holds nothing; its bytes live in its
     local tensor, the shard this rank owns. Every lookup of a parameter's, gradient's or state's
-    storage goes through here, so the tracer and the runtime key and move the shard.
+    storage or size goes through here, so the tracer and the runtime key, count and move the shard.
     """
     local = getattr(t, "_local_tensor", None) if type(t) not in _PLAIN_TENSOR_TYPES else None
-    return (local if isinstance(local, torch.Tensor) else t).untyped_storage()
+    return local if isinstance(local, torch.Tensor) else t
+
+
+def held_storage(t: torch.Tensor) -> torch.UntypedStorage:
+    """The storage of :func:`local_tensor` (Note [local shards])."""
+    return local_tensor(t).untyped_storage()
 
 
 def storage_of(t: torch.Tensor) -> Optional[torch.UntypedStorage]:

@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import time
-import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -37,7 +36,7 @@ from torch import nn
 from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
 
 from tierflow.profiling import torch_compat
-from tierflow.profiling._table import RecordTable, register_existing
+from tierflow.profiling._table import RecordTable, ShrinkWatch, register_existing
 from tierflow.profiling._tensors import (
     LIFT_OPS,
     DispatchRecorder,
@@ -46,7 +45,7 @@ from tierflow.profiling._tensors import (
     held_storage,
     storage_of,
 )
-from tierflow.profiling.keys import ModuleCalls, StorageMap, own_parameters
+from tierflow.profiling.keys import ModuleCalls, own_parameters
 from tierflow.profiling.settings import MovingTensors, TracerConfig
 from tierflow.profiling.trace import (
     ROOT_PATH,
@@ -61,7 +60,7 @@ from tierflow.profiling.trace import (
     state_key,
 )
 
-__all__ = ["LifetimeTracer", "MovingTensors", "TracerConfig", "trace_iterations"]
+__all__ = ["LifetimeTracer", "MovingTensors", "TracerConfig"]
 
 class LifetimeTracer:
     """Records tensor lifetimes and runtime points of a model and its optimizer.
@@ -105,9 +104,7 @@ class LifetimeTracer:
         self._num_iterations = 0
         self._iteration: Optional[int] = None
         self._iteration_start = (-1, -1)  # (point, tick) of the current iteration's start
-        # Note [storages that shrink]; kept across iterations (a storage shrinks at one's end).
-        self._shrinkable: Dict[int, Any] = {}  # row -> weakref of its storage
-        self._shrunk = StorageMap()  # storages shrunk to nothing: regrown, they are new allocations
+        self._shrink = ShrinkWatch()  # Note [storages that shrink]
         self._new_iteration_state()
         self._interval_start = 0.0
         self._overhead_s = 0.0  # our own bookkeeping since the last point (measured)
@@ -265,31 +262,10 @@ class LifetimeTracer:
         self._calls[(kind, name)] = call + 1
         return call
 
-    def _release_shrunk(self) -> None:
-        """Note [storages that shrink]: FSDP2 frees a gathered parameter by shrinking its storage
-        to zero bytes (``untyped_storage().resize_(0)``) and grows the same storage at the next
-        gather; no operation shows either, and the storage never dies. Taken as one tensor alive
-        for the whole iteration, FSDP2's gathered parameters made 79 MB of a 108 MB feasible floor
-        on ``model=small`` over 2 ranks. At every point, a storage that was seen before the
-        iteration or regrown inside it (never a parameter, gradient, state or activation: those
-        are the runtime's to move) and that is empty now is recorded freed; the next operation that
-        writes it again starts a new temporary. Storages the runtime holds away (tracing under a
-        budget) are not freed: they are waiting, not gone."""
-        table, away = self._table, self._moving.away_bytes if self._moving is not None else None
-        for row, ref in list(self._shrinkable.items()):
-            st = ref()
-            if st is None or table.freed[row] is not None or \
-                    table.category[row] not in (Category.INPUT, Category.TEMPORARY):
-                del self._shrinkable[row]
-            elif st.nbytes() == 0 and (away is None or not away(st)):
-                del self._shrinkable[row]
-                self._external_rows.discard(row)
-                table.release(row, st)
-                self._shrunk.add(st)
-
     def _emit(self, kind: PointKind, name: str, call: int, phase: Phase, entered: Optional[float] = None) -> None:
-        if self._shrinkable:
-            self._release_shrunk()
+        if self._shrink:  # Note [storages that shrink]
+            away = self._moving.away_bytes if self._moving is not None else None
+            self._external_rows.difference_update(self._shrink.release_empty(self._table, away))
         now = self._now() if entered is None else entered
         waited = 0.0
         if self._moving is not None:  # Note [tracing under a budget]
@@ -466,16 +442,16 @@ class LifetimeTracer:
         """
         table = self._table
         row = table.row_of(st)
-        if row is None and (st in self._shrunk or torch_compat.current_graph_task_id() != -1):
+        regrown = row is None and self._shrink.regrown(st)
+        if row is None and (regrown or torch_compat.current_graph_task_id() != -1):
             # Regrown (Note [storages that shrink]), or first seen in backward (Note [allocations
             # no operation shows]): allocated now.
-            kind = "regrown" if st in self._shrunk else "unseen"
-            self._shrunk.discard(st)
+            kind = "regrown" if regrown else "unseen"
             key = self._unique(f"{self._tmp_label}:{kind}{self._tmp_count}")
             self._tmp_count += 1
             row = table.add(st, t, Category.TEMPORARY, key, iteration=self._iteration, created=table.point,
                             created_tick=table.next_tick())
-            self._shrinkable[row] = weakref.ref(st)
+            self._shrink.watch(row, st)
         elif row is None:
             point, tick = self._iteration_start
             key = self._unique(f"{self._tmp_label}:external{self._tmp_count}")
@@ -483,7 +459,7 @@ class LifetimeTracer:
             row = table.add(st, t, Category.INPUT, key, iteration=self._iteration, created=point,
                             created_tick=tick)
             self._external_rows.add(row)
-            self._shrinkable[row] = weakref.ref(st)
+            self._shrink.watch(row, st)
         return row
 
     def _mark_input(self, t: torch.Tensor) -> None:
@@ -521,29 +497,3 @@ class LifetimeTracer:
             self._param_names[id(param)] = name
         return name
 
-
-def trace_iterations(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], step: Callable[[int], Any],
-                     num_iterations: int = 1, config: TracerConfig = TracerConfig()) -> LifetimeTrace:
-    """Trace ``num_iterations`` calls of ``step(i)`` (one full training iteration each).
-
-    Args:
-        model: The module being trained.
-        optimizer: Its optimizer (or None).
-        step: Runs iteration ``i``: forward, backward, optimizer step.
-        num_iterations: How many iterations to trace (>= 1).
-        config: Measurement settings.
-
-    Returns:
-        The trace; the tracer is detached before this returns.
-
-    Raises:
-        ValueError: ``num_iterations`` < 1, or a bad model/optimizer.
-    """
-    if not isinstance(num_iterations, int) or num_iterations < 1:
-        raise ValueError(f"num_iterations={num_iterations!r} must be an integer >= 1")
-    tracer = LifetimeTracer(model, optimizer, config)
-    with tracer:
-        for i in range(num_iterations):
-            with tracer.iteration():
-                step(i)
-    return tracer.trace()

@@ -17,7 +17,7 @@ from torch import nn
 from tierflow.profiling.trace import LifetimeTrace
 from tierflow.profiling.tracer import LifetimeTracer, MovingTensors, TracerConfig
 
-__all__ = ["TraceWindow"]
+__all__ = ["TraceWindow", "trace_iterations"]
 
 
 def _count(name: str, value: object, minimum: int) -> int:
@@ -117,3 +117,30 @@ class TraceWindow:
         if self._tracer is not None:
             tracer, self._tracer = self._tracer, None
             tracer.detach()
+
+
+def trace_iterations(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], step: Callable[[int], Any],
+                     num_iterations: int = 1, config: TracerConfig = TracerConfig()) -> LifetimeTrace:
+    """Trace ``num_iterations`` calls of ``step(i)`` (one full training iteration each).
+
+    Args:
+        model: The module being trained.
+        optimizer: Its optimizer (or None).
+        step: Runs iteration ``i``: forward, backward, optimizer step.
+        num_iterations: How many iterations to trace (>= 1).
+        config: Measurement settings.
+
+    Returns:
+        The trace; the tracer is detached before this returns.
+
+    Raises:
+        ValueError: ``num_iterations`` < 1, or a bad model/optimizer.
+    """
+    if not isinstance(num_iterations, int) or num_iterations < 1:
+        raise ValueError(f"num_iterations={num_iterations!r} must be an integer >= 1")
+    tracer = LifetimeTracer(model, optimizer, config)
+    with tracer:
+        for i in range(num_iterations):
+            with tracer.iteration():
+                step(i)
+    return tracer.trace()

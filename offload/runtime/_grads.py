@@ -18,14 +18,14 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tierflow.profiling import held_storage
+from tierflow.profiling import local_tensor
 
 __all__ = ["own_gradient_storages", "settle_fsdp2"]
 
 
 def _shares_storage(grad: torch.Tensor) -> bool:
-    local = getattr(grad, "_local_tensor", grad)
-    return held_storage(grad).nbytes() > local.numel() * local.element_size()
+    local = local_tensor(grad)
+    return local.untyped_storage().nbytes() > local.numel() * local.element_size()
 
 
 def _own(param: torch.Tensor) -> None:

@@ -56,7 +56,7 @@ from tierflow.offload.tiers._memory import map_large_allocations
 from tierflow.offload.tiers.base import Tier
 from tierflow.offload.tiers.config import HostTierConfig, TiersConfig
 from tierflow.offload.tiers.engine import TierEngine
-from tierflow.profiling import TraceWindow, held_storage, save_trace
+from tierflow.profiling import TraceWindow, held_storage, local_tensor, save_trace
 from tierflow.profiling.shapes import SizeRange, merge_sizes, observed_sizes
 
 __all__ = ["BudgetExceededError", "OffloadRuntime", "StepReport", "nominal_hardware"]
@@ -164,7 +164,7 @@ class OffloadRuntime:
         """Parameters, their gradients and optimizer states, in bytes (states estimated before the
         first step: two per parameter for Adam-like optimizers, one for the others)."""
         def nbytes(p: torch.Tensor) -> int:  # this rank's shard of a sharded parameter (Note [local shards])
-            local = getattr(p, "_local_tensor", p)
+            local = local_tensor(p)
             return local.numel() * local.element_size()
 
         params = [p for p in self.model.parameters()]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tierflow.profiling import local_tensor
 from tierflow.trainer.checkpoint._codec import decode, encode
 from tierflow.trainer.checkpoint._format import align
 
@@ -119,8 +120,8 @@ def _local(name: str, value: torch.Tensor, shards: Dict[str, List[int]]) -> torc
     """Note [sharded snapshots]: a DTensor (FSDP2) is captured as this rank's shard, its full shape
     kept in ``shards``; a persisted copy writes it as a DTensor again, so DCP records where each
     shard sits and a copy loads at any world size (:func:`shard_rows` takes a rank's rows back)."""
-    local = getattr(value, "_local_tensor", None) if type(value) not in (torch.Tensor, nn.Parameter) else None
-    if local is None:
+    local = local_tensor(value)
+    if local is value:
         return value.detach()
     placements = tuple(value.placements)
     if len(placements) != 1 or not placements[0].is_shard(0):
@@ -141,7 +142,7 @@ def shard_rows(num_rows: int, world_size: int, rank: int) -> Tuple[int, int]:
 
 def _into_shard(live: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` (this rank's shard, or the full tensor a persisted copy loads) as ``live``'s local shard."""
-    local = live._local_tensor
+    local = local_tensor(live)
     if value.shape == local.shape:
         return value
     if tuple(value.shape) != tuple(live.shape):
@@ -203,7 +204,7 @@ def apply_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
     live = model.state_dict()  # detached tensors sharing the parameters' storage
     for k, v in live.items():  # Note [sharded snapshots]: a sharded entry takes its local shard
         if _is_dtensor(v) and k in model_sd:
-            model_sd[k], live[k] = _into_shard(v, model_sd[k]), v._local_tensor
+            model_sd[k], live[k] = _into_shard(v, model_sd[k]), local_tensor(v)
     if live.keys() == model_sd.keys() and all(_same_layout(live[k], v) for k, v in model_sd.items()):
         missing, unexpected = [], []
         for k, v in model_sd.items():
@@ -239,7 +240,7 @@ def apply_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
 
 
 def _is_dtensor(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "_local_tensor")
+    return isinstance(t, torch.Tensor) and local_tensor(t) is not t
 
 
 def _sharded_state(param: torch.Tensor, value: torch.Tensor, existing: Any) -> torch.Tensor:
@@ -248,7 +249,7 @@ def _sharded_state(param: torch.Tensor, value: torch.Tensor, existing: Any) -> t
 
     rows = _into_shard(param, value)
     if _is_dtensor(existing):
-        host_copy(existing._local_tensor, rows)
+        host_copy(local_tensor(existing), rows)
         return existing
     return DTensor.from_local(rows.clone().to(param.device), param.device_mesh, param.placements, run_check=False,
                               shape=param.shape, stride=param.stride())
