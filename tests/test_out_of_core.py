@@ -190,6 +190,26 @@ def test_unchanged_parameters_leave_without_being_written_again(tmp_path):
         assert back > out + params // 2, (out, back, params)
 
 
+def test_random_numbers_drawn_under_a_budget_are_the_ones_drawn_without_it():
+    """Note [sizing draws nothing]: a model that draws random numbers in its forward (noise from the
+    global generator, here) trains bit-identically under a budget tight enough that the online
+    policy sizes operations before they run; sizing a factory once drew its numbers twice."""
+    def noisy() -> GPT:
+        model = _gpt()
+        model.drop.register_forward_hook(lambda mod, args, out: out + 0.01 * torch.randn(out.shape))
+        return model
+
+    torch.manual_seed(0)
+    ref = _run(noisy(), 4)
+    torch.manual_seed(0)
+    model = noisy()
+    tiers = TiersConfig(host=HostTierConfig(enabled=True))
+    losses, digests, reports = _run(model, 4, lambda m, opt: OffloadRuntime(
+        m, opt, OffloadConfig(policy="lifetime", device_budget_bytes=_state_bytes(m) // 4), tiers=tiers))
+    assert [r.mode for r in reports][:3] == ["warmup", "profile", "profile"]  # the online policy ran
+    assert losses == ref[0] and digests == ref[1]
+
+
 @pytest.mark.slow
 def test_the_built_in_medium_plans_at_15_percent_and_trains_at_20_exactly(quiet):
     """Issue 14: GPT-2 small's body (85M parameters). Planned steps at 20% of the unconstrained

@@ -162,8 +162,21 @@ def _output_bytes(func: Any, args: Any, kwargs: Any) -> int:
     """
     if func._schema.is_mutable:
         return 0  # in place or out=: writes storage that exists
+    # Note [sizing draws nothing]: the sizing run must never run the operation for real. A factory
+    # (``torch.randint(..., generator=g)``, ``torch.rand(n)``) has no tensor argument to move to
+    # meta: run as it came, it drew its numbers from the generator, and the real call then drew
+    # the next ones (found as a validation batch that changed under a budget). Factories go to meta
+    # through their ``device``, a meta random kernel is given no generator, and an operation that
+    # would still run on a real device is not sized.
+    has_tensor = any(isinstance(x, torch.Tensor) for x in tree_flatten((args, kwargs))[0])
+    if not has_tensor and "device" not in kwargs:
+        return 0
     try:
         meta_args, meta_kwargs = tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        if "device" in meta_kwargs:
+            meta_kwargs["device"] = torch.device("meta")
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            meta_kwargs.pop("generator", None)
         out = func(*meta_args, **meta_kwargs)
     except Exception:  # noqa: BLE001 (data-dependent shapes, ops without a meta kernel: not predictable)
         return 0
