@@ -7,10 +7,11 @@ later, to the offload runtime; :meth:`RunParts.close` closes what it opened.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import psutil
@@ -20,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tierflow.offload import SubgroupStepper, TierEngine, TierFullError
-from tierflow.offload.integrations.fsdp2 import shard_blocks
+from tierflow.offload.integrations.fsdp2 import shard_blocks, shard_on_meta
 from tierflow.offload.runtime.materialize import TierPlacement
 from tierflow.trainer.config import ConfigError, TrainConfig
 from tierflow.trainer.data import ShardedLoader, TokenSource, build_source
@@ -59,7 +60,7 @@ class RunParts:
     amp_dtype: Optional[torch.dtype]
     engine: Optional[TierEngine] = None
     step: Optional[SubgroupStepper] = None  # with offloading: clip and step sub-group by sub-group
-    placement: Optional[TierPlacement] = None  # parameters materialised into a tier (out of core)
+    placement: Optional[Any] = None  # parameters materialised into a tier (out of core): a TierPlacement or ShardPlacement
     placement_tier: str = ""  # the tier they wait in
 
     def close(self) -> None:
@@ -85,20 +86,33 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
         torch.use_deterministic_algorithms(True, warn_only=True)
     engine = TierEngine(cfg.tiers) if uses_tiers(cfg) else None
     placed: dict = {}
+    sharded_build = tc.parallel == "fsdp2"
 
-    def place_for(meta_model: nn.Module) -> Optional[TierPlacement]:
+    def place_for(meta_model: nn.Module) -> Optional[Callable]:
         state_bytes = training_state_bytes(meta_model, cfg)
+        if sharded_build:  # each rank builds and holds its own shards (Note [sharded build])
+            state_bytes = -(-state_bytes // rt.world_size)
         check_tier_room(cfg, state_bytes, engine)
-        tier = build_in_tier(cfg, rt.device, state_bytes, engine, rt.distributed)
+        tier = build_in_tier(cfg, rt.device, state_bytes, engine, rt.distributed and not sharded_build,
+                             ranks_per_node=local_ranks(rt) if sharded_build else 1)
+        tier_kind = tier.split(":")[0] if tier is not None else None
+        if tier is not None:
+            placed["tier"] = tier
+        if sharded_build:
+            placed["sharded"], place = shard_on_meta(
+                meta_model, device=rt.device, tier=engine.tiers[tier_kind] if tier_kind else None)
+            if tier is not None:
+                placed["placement"] = place
+            return place
         if tier is None:
             return None
-        placed["tier"] = tier
-        placed["placement"] = TierPlacement(engine.tiers[tier.split(":")[0]], parameters_only=True)
+        placed["placement"] = TierPlacement(engine.tiers[tier_kind], parameters_only=True)
         return placed["placement"]
 
     try:
         # Built on the meta device, then materialised tensor by tensor onto the device
-        # (bit-identical to eager), or, when the state does not fit, into a tier.
+        # (bit-identical to eager), or, when the state does not fit, into a tier; with FSDP2,
+        # each rank materialises its own shards only.
         model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len, device=rt.device,
                             place_for=place_for, dtype=model_dtype(tc.precision))
     except BaseException:
@@ -106,8 +120,8 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
             engine.close()
         raise
     wrapped: nn.Module = model
-    if tc.parallel == "fsdp2":  # sharded in place, per block: the loop calls the model itself
-        model = wrapped = shard_blocks(model)
+    if sharded_build:  # sharded in place, per block: the loop calls the model itself
+        model = wrapped = placed["sharded"] if "sharded" in placed else shard_blocks(model)
     elif rt.distributed:
         wrapped = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     try:
@@ -160,10 +174,11 @@ def check_tier_room(cfg: TrainConfig, state_bytes: int, engine: Optional[TierEng
 
 
 def build_in_tier(cfg: TrainConfig, device: torch.device, state_bytes: int, engine: Optional[TierEngine],
-                  distributed: bool = False) -> Optional[str]:
+                  distributed: bool = False, ranks_per_node: int = 1) -> Optional[str]:
     """The tier to materialise the parameters into, or None to build on the device
     (``offload.build_in_tier``: ``auto`` when the state would not fit the byte budget or, on a CPU
-    machine, the memory available now).
+    machine, the memory available now). ``state_bytes`` is this rank's (its shards with FSDP2);
+    ``ranks_per_node`` ranks of this node each hold as much.
 
     Raises:
         ConfigError: the state must go to a tier but cannot (no tier below the device is open,
@@ -172,16 +187,9 @@ def build_in_tier(cfg: TrainConfig, device: torch.device, state_bytes: int, engi
     o = cfg.offload
     if o.policy == "none" or o.build_in_tier == "never":
         return None
-    if cfg.trainer.parallel == "fsdp2":
-        # Each rank builds the model whole on its device, then fully_shard keeps its shard (the
-        # parameters alone: a quarter of an AdamW state); the runtime then pages the shards.
-        if o.build_in_tier == "always":
-            raise ConfigError("offload.build_in_tier=always cannot be combined with trainer.parallel=fsdp2: each "
-                              "rank builds the model and keeps its shard; use offload.build_in_tier=auto")
-        return None
     budget = o.device_budget_bytes
     too_big = (budget is not None and state_bytes > budget) or \
-        (device.type == "cpu" and state_bytes > psutil.virtual_memory().available)
+        (device.type == "cpu" and state_bytes * ranks_per_node > psutil.virtual_memory().available)
     if o.build_in_tier == "auto" and not too_big:
         return None
     gib = state_bytes / 2 ** 30
@@ -189,8 +197,9 @@ def build_in_tier(cfg: TrainConfig, device: torch.device, state_bytes: int, engi
            + ("the device budget" if budget is not None and state_bytes > budget else "in memory")
            if o.build_in_tier == "auto" else "offload.build_in_tier=always")
     if distributed:
-        raise ConfigError(f"{why}, and building a model into a tier is single-process for now; train it on one "
-                          "rank, or raise the budget so each rank holds it")
+        raise ConfigError(f"{why}, and with trainer.parallel=ddp every rank would build the whole model into a tier; "
+                          "use trainer.parallel=fsdp2 (each rank builds its shards), train on one rank, or raise the "
+                          "budget so each rank holds it")
     if cfg.optimizer.tiered.enabled:
         raise ConfigError(f"{why}; with optimizer.tiered.enabled=true the parameters stay on the device: set "
                           "optimizer.tiered.enabled=false and let offloading page the whole state")
@@ -201,6 +210,11 @@ def build_in_tier(cfg: TrainConfig, device: torch.device, state_bytes: int, engi
             return kind
     raise ConfigError(f"{why}, and no tier below the {'memory' if device.type == 'cpu' else 'device'} is open to "
                       f"hold it; enable one, e.g. tiers.nvme.enabled=true tiers.nvme.dirs=[/path/on/ssd]")
+
+
+def local_ranks(rt: Runtime) -> int:
+    """Ranks on this node (torchrun's ``LOCAL_WORLD_SIZE``; every rank when it is not set)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
 
 
 def seed_everything(seed: int) -> None:

@@ -27,12 +27,19 @@ tensors pass]) and never evict a buffer a collective still reads (Note [collecti
 
 from __future__ import annotations
 
-from typing import List, Optional
+import copy
+from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["block_modules", "is_sharded", "shard_blocks"]
+from tierflow.offload.runtime import alias_bytes, settle_fsdp2
+from tierflow.offload.runtime.materialize import MaterializeError
+from tierflow.offload.tiers import trim_freed_memory
+from tierflow.profiling import local_tensor
+
+__all__ = ["ShardPlacement", "block_modules", "is_sharded", "shard_blocks", "shard_on_meta"]
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -58,13 +65,16 @@ def block_modules(model: nn.Module) -> List[nn.Module]:
     return best
 
 
-def shard_blocks(model: nn.Module, *, mesh: Optional[object] = None, reshard_after_forward: bool = True) -> nn.Module:
+def shard_blocks(model: nn.Module, *, mesh: Optional[object] = None, device: Optional[torch.device] = None,
+                 reshard_after_forward: bool = True) -> nn.Module:
     """``fully_shard`` each block of :func:`block_modules`, then the root; returns ``model`` (sharded in place).
 
     Args:
         model: The model, materialised on this rank's device (every rank with the same values:
             each keeps its own shard).
         mesh: A 1-D ``DeviceMesh`` over the ranks; by default every rank of the default process group.
+        device: The device the default mesh spans; by default the parameters' (give it for a model
+            on the meta device, see :func:`shard_on_meta`).
         reshard_after_forward: FSDP2's option: True frees each block's gathered parameters after its
             forward (and gathers them again for backward); False keeps them until backward, which
             saves an all-gather and costs one block's full parameters per block until then.
@@ -82,10 +92,123 @@ def shard_blocks(model: nn.Module, *, mesh: Optional[object] = None, reshard_aft
     from torch.distributed.fsdp import fully_shard
 
     if mesh is None:
-        device = next(model.parameters()).device
+        device = device or next(model.parameters()).device
+        if device.type == "meta":
+            raise ValueError("the model is on the meta device: pass the device its shards will live on")
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in block_modules(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
 
+
+
+# Note [sharded build]: a rank that builds the whole model and then shards it holds every parameter
+# once (a quarter of an AdamW training state, times the ranks of a node), which is what keeps a
+# model larger than a node's memory from starting. Instead, the model is sharded while it is still
+# on the meta device (a copy of the recorded one: fully_shard needs no values), ``to_empty`` gives
+# each rank its padded shards (untouched pages cost no memory), and FSDP2's lazy initialisation runs
+# then, while every shard is in place (Note [FSDP2 settles first]). Materialising the recorded
+# model then computes each full tensor once, exactly as eager construction does, and
+# :class:`ShardPlacement` copies this rank's rows into its shard (FSDP2's ``Shard(0)``: the rows
+# ``torch.chunk`` gives this rank) and, with a tier, sends the shard there at once. So a rank holds
+# one full tensor and one shard at a time, and every rank's shards equal what ``fully_shard`` of
+# the eagerly built model holds, byte for byte (padding included).
+
+
+def shard_on_meta(meta_model: nn.Module, *, device: torch.device, tier: Any = None, mesh: Optional[object] = None,
+                  reshard_after_forward: bool = True) -> Tuple[nn.Module, "ShardPlacement"]:
+    """Shard a copy of ``meta_model`` (on the meta device) per block; returns it with the ``place`` that fills it.
+
+    Pass the place to :func:`~tierflow.offload.runtime.materialize.materialize` with ``meta_model``
+    and its recorded program: the returned model then holds this rank's shards of the values eager
+    construction gives (Note [sharded build]); ``meta_model`` keeps only empty placeholders.
+
+    Args:
+        meta_model: The model :func:`~tierflow.offload.runtime.materialize.record_init` built.
+        device: The device the shards live on.
+        tier: An open tier to write each parameter shard into as soon as it is complete (its
+            storage is then empty; :meth:`~tierflow.offload.OffloadRuntime.adopt` takes it over);
+            None keeps the shards on ``device``.
+        mesh, reshard_after_forward: As for :func:`shard_blocks`.
+
+    Raises:
+        ValueError: the model cannot be copied (a module holding something ``copy.deepcopy`` refuses).
+    """
+    try:
+        sharded = copy.deepcopy(meta_model)
+    except Exception as exc:
+        raise ValueError(f"{type(meta_model).__name__} cannot be copied on the meta device to be sharded there "
+                         f"({type(exc).__name__}: {exc})") from None
+    shard_blocks(sharded, mesh=mesh, device=device, reshard_after_forward=reshard_after_forward)
+    sharded.to_empty(device=device)
+    settle_fsdp2(sharded)
+    return sharded, ShardPlacement(sharded, tier)
+
+
+class ShardPlacement:
+    """A ``place`` for ``materialize`` that keeps this rank's rows of each tensor in an FSDP2 model's shard.
+
+    Buffers and unsharded parameters are copied whole. With a ``tier``, each parameter shard is
+    written there once complete and its storage emptied; :attr:`slots` has the format of
+    :class:`~tierflow.offload.runtime.materialize.TierPlacement`'s, so the runtime adopts it the same way.
+    """
+
+    parameters_only = False
+
+    def __init__(self, sharded: nn.Module, tier: Any = None) -> None:
+        self.tier = tier
+        self.slots: Dict[str, Tuple[Any, torch.Size, torch.dtype]] = {}
+        self._targets: Dict[str, torch.Tensor] = dict(sharded.named_buffers(remove_duplicate=False))
+        self._targets.update(sharded.named_parameters(remove_duplicate=False))
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        target = self._targets.get(name)
+        if target is None:
+            raise MaterializeError(f"{name} is not a parameter or buffer of the sharded model")
+        local = local_tensor(target)
+        with torch.no_grad():
+            if local is target:
+                target.copy_(tensor)
+            else:
+                local.copy_(self._rows(name, target, tensor, local))
+        if self.tier is not None and local is not target:
+            self._send(name, local)
+        held = torch.empty(tensor.shape, dtype=tensor.dtype)
+        held.untyped_storage().resize_(0)
+        return held
+
+    @staticmethod
+    def _rows(name: str, target: Any, tensor: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import Shard
+
+        mesh = target.device_mesh
+        if tuple(target.placements) != (Shard(0),):
+            raise MaterializeError(f"{name} is sharded as {target.placements}; a sharded build supports FSDP2's "
+                                   "default Shard(0) only (shard the built model instead)")
+        rank, world = mesh.get_local_rank(), mesh.size()
+        chunks = torch.chunk(tensor, world, dim=0)
+        rows = chunks[rank] if rank < len(chunks) else tensor.narrow(0, 0, 0)
+        if rows.shape != local.shape:
+            raise MaterializeError(f"{name}: FSDP2 gave rank {rank} a shard of {tuple(local.shape)}, torch.chunk "
+                                   f"gives {tuple(rows.shape)}: this torch shards differently from tierflow's build")
+        return rows
+
+    def _send(self, name: str, local: torch.Tensor) -> None:
+        storage = local.untyped_storage()  # FSDP2's padded shard, of which ``local`` is the unpadded rows
+        slot = self.tier.reserve(storage.nbytes())
+        self.tier.write(slot, alias_bytes(storage)).wait()  # an alias: Note [alias, not share]
+        self.slots[name] = (slot, torch.Size([storage.nbytes() // local.element_size()]), local.dtype)
+        storage.resize_(0)
+        trim_freed_memory()
+
+    def read(self, name: str) -> torch.Tensor:
+        """Never: a rank holds only its rows of a placed tensor."""
+        raise MaterializeError(f"the constructor computes a tensor from the loaded {name}, of which a sharded build "
+                               "keeps only this rank's rows; this model cannot be built sharded from model.path")
+
+    def free(self) -> None:
+        """Free every slot not yet adopted."""
+        for slot, _, _ in self.slots.values():
+            self.tier.free(slot)
+        self.slots.clear()

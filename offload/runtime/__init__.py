@@ -5,7 +5,9 @@ moves tensors at the plan's points, the residency table tracks where each one wa
 fallback (a layer-aware LRU) takes over for the rest of an iteration that diverges from the trace.
 """
 
+from tierflow.offload.runtime._grads import settle_fsdp2
+from tierflow.offload.runtime._residency import alias_bytes
 from tierflow.offload.runtime.config import OffloadConfig
 from tierflow.offload.runtime.offload_runtime import BudgetExceededError, OffloadRuntime, StepReport
 
-__all__ = ["BudgetExceededError", "OffloadConfig", "OffloadRuntime", "StepReport"]
+__all__ = ["BudgetExceededError", "OffloadConfig", "OffloadRuntime", "StepReport", "alias_bytes", "settle_fsdp2"]

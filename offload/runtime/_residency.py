@@ -44,7 +44,7 @@ import torch
 from tierflow.offload.core.errors import TierError, TierFullError
 from tierflow.offload.tiers.base import Slot, Tier, TransferHandle
 
-__all__ = ["Residency", "TransferStats"]
+__all__ = ["Residency", "TransferStats", "alias_bytes"]
 
 WRITING, ABSENT, READING = "writing", "absent", "reading"
 
@@ -79,7 +79,7 @@ class _Entry:
         self.state = WRITING
 
 
-def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+def alias_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
     """The whole storage as a flat uint8 tensor that aliases its memory without owning it.
 
     Note [alias, not share]: the tensor handed to a tier views the storage's memory through a
@@ -172,7 +172,7 @@ class Residency:
                 raise
             self.free_clean()  # clean copies are a convenience: give their room to what must leave now
             entry.slot = entry.tier.reserve(entry.nbytes)
-        entry.handle = entry.tier.write(entry.slot, _bytes_of(storage))
+        entry.handle = entry.tier.write(entry.slot, alias_bytes(storage))
         self.entries[key] = entry
         self._by_storage[entry.sid] = key
         self._inflight[key] = None
@@ -205,7 +205,7 @@ class Residency:
         self._make_room()
         entry.storage.resize_(entry.nbytes)
         self._set_absent(self.absent_bytes - entry.nbytes)
-        entry.handle = entry.tier.read(entry.slot, _bytes_of(entry.storage))
+        entry.handle = entry.tier.read(entry.slot, alias_bytes(entry.storage))
         entry.state = READING
         self._inflight[key] = None
         self.stats.bytes_in[entry.tier_name] += entry.nbytes
