@@ -1,7 +1,7 @@
 """FSDP2 on several ranks: tierflow's runtime on the shards against FSDP2 alone and FSDP2's ``CPUOffloadPolicy``.
 
 Every peer trains the same built-in GPT (fp32, AdamW, synthetic tokens, the same seed and batches)
-with ``fully_shard`` per block and the root, under ``torchrun`` on this machine (gloo):
+under ``torchrun`` on this machine (gloo); the first three with ``fully_shard`` per block and the root:
 
 * ``fsdp2``: FSDP2 alone; each rank holds its shard of every parameter, gradient and AdamW state.
 * ``cpu_offload``: FSDP2 with ``CPUOffloadPolicy`` (PyTorch's own offload: sharded parameters,
@@ -11,15 +11,23 @@ with ``fully_shard`` per block and the root, under ``torchrun`` on this machine 
 * ``tierflow``: FSDP2 plus :class:`~tierflow.offload.OffloadRuntime` with a per-rank budget in
   bytes and the NVMe tier: it profiles, plans and pages this rank's shards and activations
   (``offload.optimizer_subgroup_bytes`` sub-groups through the step, like the trainer).
+* ``deepspeed``: DeepSpeed ZeRO stage 3 instead of FSDP2 (every parameter partitioned; the model is
+  built whole first, like the others, see Note [deepspeed builds whole]), parameters and AdamW states
+  offloaded to the host (``--ds-offload cpu``) or to swap files under ``--dir`` (``nvme``),
+  DeepSpeedCPUAdam, DeepSpeed's CPU accelerator. It runs by default when ``import deepspeed``
+  works. Its own partitioning, reduction order and CPU Adam make it close to FSDP2 alone, not
+  bit-identical; the report prints how close its losses are.
 
 Figures, per rank: the peak RSS the kernel measured (``VmHWM``, reset after the imports, so the
 model build is included) and the median wall time of the steps after tierflow's profiling. The
 digest of every parameter gathered at the end shows whether a peer is bit-identical to FSDP2
-alone. Ratios are printed from one run, and a bar chart is written next to the results.
+alone. Ratios against tierflow (against FSDP2 alone when tierflow does not run) are printed from
+one run, and a bar chart is written next to the results.
 
 Usage:
     python benchmarks/fsdp2_offload.py --dir /mnt/nvme/bench --d-model 1024 --layers 8 --budget-mib 300
     python benchmarks/fsdp2_offload.py --dir /tmp/b --quick          # seconds
+    python benchmarks/fsdp2_offload.py --dir /tmp/b --quick --peers fsdp2,deepspeed --ds-offload nvme
 """
 
 from __future__ import annotations
@@ -34,10 +42,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-PEERS = ("fsdp2", "cpu_offload", "tierflow")
+from _deepspeed import deepspeed_import_error, failure_reason
+
+PEERS = ("fsdp2", "cpu_offload", "tierflow", "deepspeed")
 MiB = 2 ** 20
+DS_SWAP = "deepspeed-nvme"  # under --dir; DeepSpeed makes a folder per rank inside
 
 
 def _status(field: str) -> int:
@@ -47,8 +58,41 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _model(a: argparse.Namespace) -> Any:
+    import torch
+
+    from tierflow.trainer.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=a.vocab, seq_len=a.seq_len, n_layer=a.layers, n_head=a.heads, d_model=a.d_model))
+
+
+def _batches(a: argparse.Namespace, rank: int) -> Iterator[Tuple[Any, Any]]:
+    """This rank's (inputs, targets) for every step; each peer sees the same ones."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1000 + rank)
+    for _ in range(a.steps):
+        tokens = torch.randint(0, a.vocab, (a.batch, a.seq_len + 1), generator=gen)
+        yield tokens[:, :-1], tokens[:, 1:]
+
+
+def _hash(digest: Any, tensor: Any) -> None:
+    import torch
+
+    digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def _write(a: argparse.Namespace, rank: int, world: int, baseline: int, times: List[float], losses: List[float],
+           digest: Any, offload: Optional[Dict[str, Any]], swap_bytes: int = 0) -> None:
+    out = {"peer": a.worker, "rank": rank, "world_size": world, "peak_rss_bytes": _status("VmHWM") - baseline,
+           "step_s": times, "losses": losses, "digest": digest.hexdigest(), "offload": offload,
+           "swap_bytes": swap_bytes}
+    Path(a.out, f"{a.worker}-rank{rank}.json").write_text(json.dumps(out))
+
+
 def worker(a: argparse.Namespace) -> None:
-    """One rank of one peer (under torchrun): train, then write this rank's figures as JSON."""
+    """One rank of one FSDP2 peer (under torchrun): train, then write this rank's figures as JSON."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -63,15 +107,13 @@ def worker(a: argparse.Namespace) -> None:
         TiersConfig,
     )
     from tierflow.offload.integrations.fsdp2 import block_modules
-    from tierflow.trainer.model import GPT, GPTConfig
+    from tierflow.trainer.model import GPT  # noqa: F401 (for _model, imported before the baseline)
 
     baseline = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=a.vocab, seq_len=a.seq_len, n_layer=a.layers, n_head=a.heads,
-                          d_model=a.d_model))
+    model = _model(a)
     policy = {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if a.worker == "cpu_offload" else {}
     for block in block_modules(model):
         fully_shard(block, **policy)
@@ -85,12 +127,9 @@ def worker(a: argparse.Namespace) -> None:
         runtime = OffloadRuntime(model, optimizer, OffloadConfig(policy="lifetime", device_budget_bytes=a.budget_mib * MiB),
                                  tiers=tiers)
         step = SubgroupStepper(optimizer, 64 * MiB, free_grads=True)
-    gen = torch.Generator().manual_seed(1000 + rank)
     times: List[float] = []
     losses: List[float] = []
-    for _ in range(a.steps):
-        tokens = torch.randint(0, a.vocab, (a.batch, a.seq_len + 1), generator=gen)
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    for inputs, targets in _batches(a, rank):
         t0 = time.perf_counter()
         with runtime.step(inputs) if runtime is not None else _nothing():
             loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
@@ -102,15 +141,64 @@ def worker(a: argparse.Namespace) -> None:
     digest = hashlib.sha256()
     with runtime.resident() if runtime is not None else _nothing():
         for name, p in sorted(model.named_parameters()):
-            digest.update(p.full_tensor().detach().contiguous().view(torch.uint8).numpy().tobytes())
+            _hash(digest, p.full_tensor())
     summary = runtime.summary() if runtime is not None else None
     if runtime is not None:
         runtime.close(restore=False)
-    out = {"peer": a.worker, "rank": rank, "world_size": world, "peak_rss_bytes": _status("VmHWM") - baseline,
-           "step_s": times, "losses": losses, "digest": digest.hexdigest(),
-           "offload": {k: summary[k] for k in ("steps", "device_peak_bytes", "device_budget_bytes", "bytes_out")}
-           if summary else None}
-    Path(a.out, f"{a.worker}-rank{rank}.json").write_text(json.dumps(out))
+    _write(a, rank, world, baseline, times, losses, digest,
+           {k: summary[k] for k in ("steps", "device_peak_bytes", "device_budget_bytes", "bytes_out")}
+           if summary else None)
+    dist.destroy_process_group()
+
+
+def deepspeed_worker(a: argparse.Namespace) -> None:
+    """One rank of the ``deepspeed`` peer (under torchrun): ZeRO-3 offloading to ``--ds-offload``, then JSON."""
+    from _deepspeed import use_cpu_accelerator, zero3_config
+
+    use_cpu_accelerator()
+    import deepspeed
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from tierflow.trainer.model import GPT  # noqa: F401 (for _model, imported before the baseline)
+
+    baseline = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # Swapped in, a parameter's shard must fit one page-locked buffer: size them to the largest
+    # parameter (the default, 5 buffers of 100M elements, locks 2 GB per rank whatever the model).
+    largest = a.d_model * max(4 * a.d_model, a.vocab, a.seq_len)
+    config = zero3_config(a.batch, a.ds_offload, str(Path(a.dir) / DS_SWAP), lr=1e-4, weight_decay=0.01,
+                          settings={"buffer_size": largest})  # torch.optim.AdamW's weight decay, as the others
+    # Note [deepspeed builds whole]: built whole, as the FSDP2 peers build it, then partitioned. Under
+    # `with zero.Init()` each block is partitioned as it is built, so GPT's rescaling of the residual
+    # projections that follows in its __init__ writes into empty tensors and is lost (checked by
+    # gathering: std 0.02 instead of 0.02 / sqrt(2 * layers)): the peer would train another model.
+    # Partitioned here, not by initialize: given a whole module, initialize passes Init its dtype,
+    # which `Init._set_dtype` (DeepSpeed 0.19) overrides with bfloat16 on an accelerator without
+    # fp16, so the NVMe swapper's buffers are bf16 and the first forward fails ("float !=
+    # BFloat16"); Init with the config and no dtype takes fp32 from the config.
+    model = _model(a)
+    deepspeed.zero.Init(module=model, config_dict_or_path=config, remote_device=a.ds_offload)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    times: List[float] = []
+    losses: List[float] = []
+    for inputs, targets in _batches(a, rank):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(engine(inputs).flatten(0, 1), targets.flatten())
+        engine.backward(loss)
+        engine.step()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    # DeepSpeed's swap files for this rank (parameters, optimizer states) live in folders named rank<N>.
+    swap_bytes = sum(f.stat().st_size for f in Path(a.dir, DS_SWAP).rglob("*")
+                     if f.is_file() and f"rank{rank}" in f.relative_to(a.dir).parts)
+    digest = hashlib.sha256()
+    for _, p in sorted(model.named_parameters()):
+        with deepspeed.zero.GatheredParameters([p]):  # one at a time, as FSDP2's full_tensor above
+            _hash(digest, p)
+    _write(a, rank, world, baseline, times, losses, digest, None, swap_bytes)
     dist.destroy_process_group()
 
 
@@ -122,15 +210,16 @@ class _nothing:
         return None
 
 
-def run_peer(a: argparse.Namespace, peer: str, out: Path) -> List[Dict[str, Any]]:
+def run_peer(a: argparse.Namespace, peer: str, out: Path) -> Tuple[List[Dict[str, Any]], str]:
+    """Every rank's figures, or no figures and why the peer failed."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
            str(Path(__file__).resolve()), "--worker", peer, "--out", str(out), *a.forwarded]
     print(f"[{peer}] {' '.join(cmd[-len(a.forwarded) - 4:])}", flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
-        return []
-    return [json.loads(Path(out, f"{peer}-rank{r}.json").read_text()) for r in range(a.nproc)]
+        return [], failure_reason(done.stderr) or f"torchrun exited with {done.returncode}"
+    return [json.loads(Path(out, f"{peer}-rank{r}.json").read_text()) for r in range(a.nproc)], ""
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -145,60 +234,93 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="sequences per rank per step")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--budget-mib", type=int, default=300, help="tierflow's budget per rank")
-    p.add_argument("--peers", default=",".join(PEERS))
+    p.add_argument("--peers", default=None, help=f"comma-separated, of {','.join(PEERS)} (default: all; "
+                                                   "deepspeed only where `import deepspeed` works)")
+    p.add_argument("--ds-offload", choices=("cpu", "nvme"), default="cpu",
+                   help=f"where the deepspeed peer keeps parameters and AdamW states (nvme: --dir/{DS_SWAP})")
     p.add_argument("--quick", action="store_true", help="a tiny model, to check the benchmark runs")
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        worker(a)
+        if a.worker == "deepspeed":
+            deepspeed_worker(a)
+        else:
+            worker(a)
         return 0
     if a.quick:
         a.d_model, a.layers, a.heads, a.steps, a.budget_mib = 128, 2, 4, 6, 8
     a.forwarded = ["--dir", a.dir, "--d-model", str(a.d_model), "--layers", str(a.layers), "--heads", str(a.heads),
                    "--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--steps",
-                   str(a.steps), "--budget-mib", str(a.budget_mib)]
+                   str(a.steps), "--budget-mib", str(a.budget_mib), "--ds-offload", a.ds_offload]
+    peers = a.peers.split(",") if a.peers else _default_peers()
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        p.error(f"unknown peers {unknown}; choose from {','.join(PEERS)}")
     root = Path(a.dir)
     out = root / "results"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, mode=0o700)
-    results = {peer: run_peer(a, peer, out) for peer in a.peers.split(",")}
-    for peer in list(results):
-        shutil.rmtree(root / f"swap-rank{peer}", ignore_errors=True)
-    _report(a, results, out)
+    results, errors = {}, {}
+    for peer in peers:
+        results[peer], errors[peer] = run_peer(a, peer, out)
+    for swap in [f"swap-rank{r}" for r in range(a.nproc)] + [DS_SWAP]:
+        shutil.rmtree(root / swap, ignore_errors=True)
+    _report(a, results, errors, out)
     return 0 if all(results.values()) else 1
 
 
-def _report(a: argparse.Namespace, results: Dict[str, List[Dict[str, Any]]], out: Path) -> None:
+def _default_peers() -> List[str]:
+    reason = deepspeed_import_error()
+    if reason is None:
+        return list(PEERS)
+    print(f"[deepspeed] skipped: `import deepspeed` failed: {reason}", flush=True)
+    return [peer for peer in PEERS if peer != "deepspeed"]
+
+
+def _report(a: argparse.Namespace, results: Dict[str, List[Dict[str, Any]]], errors: Dict[str, str],
+            out: Path) -> None:
     params = 12 * a.layers * a.d_model ** 2 + (a.vocab + a.seq_len) * a.d_model
+    ds = f"; deepspeed offloads to {a.ds_offload}" if "deepspeed" in results else ""
     print(f"\nGPT d_model={a.d_model} layers={a.layers}: {params / 1e6:,.1f}M parameters, "
           f"{16 * params / MiB:,.0f} MiB of fp32 AdamW state ({16 * params / a.nproc / MiB:,.0f} MiB per rank "
           f"sharded), {a.nproc} ranks, {a.batch}x{a.seq_len} tokens per rank per step; tierflow budget "
-          f"{a.budget_mib} MiB per rank")
+          f"{a.budget_mib} MiB per rank" + ds)
     rows = {}
     skip = 2 if a.steps > 4 else 1  # warm-up and tierflow's profiling
     for peer, ranks in results.items():
         if not ranks:
-            print(f"{peer:12s} failed")
+            print(f"{peer:12s} failed: {errors[peer]}")
             continue
         peak = max(r["peak_rss_bytes"] for r in ranks)
         step = statistics.median(t for r in ranks for t in r["step_s"][skip + 1:]) if a.steps > skip + 1 else \
             statistics.median(t for r in ranks for t in r["step_s"])
-        rows[peer] = (peak, step, ranks[0]["digest"])
+        rows[peer] = (peak, step, ranks[0]["digest"], ranks[0]["losses"])
         extra = ""
         if ranks[0]["offload"]:
             o = ranks[0]["offload"]
             extra = f"  steps {o['steps']}, tracked peak {o['device_peak_bytes'] / MiB:,.0f} MiB"
+        if peer == "deepspeed" and a.ds_offload == "nvme":
+            swapped = max(r["swap_bytes"] for r in ranks)
+            extra = f"  swap files {swapped / MiB:,.1f} MiB per rank" + ("" if swapped else
+                    " (nothing swapped: DeepSpeed keeps tensors under its 1 MiB aio minimum in memory)")
         print(f"{peer:12s} peak RSS per rank {peak / MiB:8,.0f} MiB (measured)  step {step:7.3f} s{extra}")
-    ref = rows.get("fsdp2")
-    if ref and "tierflow" in rows:
-        tf = rows["tierflow"]
-        print(f"\ntierflow bit-identical to FSDP2 alone: {tf[2] == ref[2]}")
-        for peer, (peak, step, _) in rows.items():
-            if peer != "tierflow":
-                print(f"{peer} / tierflow: peak RSS {peak / tf[0]:.2f}x, step time {step / tf[1]:.2f}x")
+    print()
+    fsdp2 = rows.get("fsdp2")
+    for peer, (_, _, digest, losses) in rows.items():
+        if fsdp2 and peer != "fsdp2":
+            same = digest == fsdp2[2]
+            gap = max(abs(x - y) / abs(y) for x, y in zip(losses, fsdp2[3]))
+            print(f"{peer} bit-identical to FSDP2 alone: {same}" +
+                  ("" if same else f" (rank 0's losses differ from FSDP2's by at most {gap:.1e}, relative)"))
+    base = "tierflow" if "tierflow" in rows else "fsdp2"
+    for peer, (peak, step, _, _) in rows.items():
+        if base in rows and peer != base:
+            print(f"{peer} / {base}: peak RSS {peak / rows[base][0]:.2f}x, step time {step / rows[base][1]:.2f}x")
     (out / "summary.json").write_text(json.dumps({k: {"peak_rss_bytes": v[0], "step_s": v[1]}
                                                   for k, v in rows.items()}))
+    if not rows:
+        return
     try:
         import matplotlib
         matplotlib.use("Agg")

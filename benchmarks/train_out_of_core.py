@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from _deepspeed import ZERO3_DEFAULTS
 from torch import nn
 
 from tierflow.trainer.model import GPT, GPTConfig
@@ -76,7 +77,8 @@ sys.exit(code)
 
 _DEEPSPEED = _STATUS + r"""
 import json, os, sys, time
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from _deepspeed import use_cpu_accelerator, zero3_config
+use_cpu_accelerator()
 for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
              ("MASTER_PORT", "29533")):
     os.environ.setdefault(k, v)
@@ -87,21 +89,8 @@ args = json.loads(sys.argv[1])
 baseline = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")
 deepspeed.init_distributed(dist_backend="gloo")
-ds = args["ds"]
-nvme = args["dir"]
-config = {"train_micro_batch_size_per_gpu": args["batch"], "gradient_accumulation_steps": 1, "steps_per_print": 10**6,
-          "gradient_clipping": args["clip"],
-          "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.1}},
-          "zero_optimization": {"stage": 3, "sub_group_size": ds["sub_group_size"],
-                                "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": ds["max_live"],
-                                "stage3_prefetch_bucket_size": ds["prefetch"],
-                                "offload_param": {"device": "nvme", "nvme_path": nvme, "pin_memory": ds["pin"],
-                                                  "buffer_count": ds["buffer_count"], "buffer_size": ds["buffer_size"],
-                                                  "max_in_cpu": ds["max_in_cpu"]},
-                                "offload_optimizer": {"device": "nvme", "nvme_path": nvme, "pin_memory": ds["pin"],
-                                                      "buffer_count": ds["opt_buffer_count"]}},
-          "aio": {"block_size": 1048576, "queue_depth": 8, "thread_count": 1, "single_submit": False,
-                  "overlap_events": True}}
+config = zero3_config(args["batch"], "nvme", args["dir"], lr=3e-4, weight_decay=0.1, clip=args["clip"],
+                      settings=args["ds"])
 t0 = time.perf_counter()
 with deepspeed.zero.Init(remote_device="nvme", config_dict_or_path=config):
     torch.manual_seed(0)
@@ -226,7 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                             "updates inside backward)")
     p.add_argument("--peers", default="tierflow,deepspeed")
     p.add_argument("--fio-gib", type=float, default=2.0)
-    p.add_argument("--ds", default="{}", help="DeepSpeed buffer settings as JSON (see DS_DEFAULTS)")
+    p.add_argument("--ds", default="{}", help="DeepSpeed buffer settings as JSON (see _deepspeed.ZERO3_DEFAULTS)")
     p.add_argument("--quick", action="store_true", help="a small model, seconds")
     p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     a = p.parse_args(argv)
@@ -246,7 +235,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         results["tierflow"] = run_tierflow(a, a.dir)
         print("tierflow", _line(results["tierflow"]), flush=True)
     if "deepspeed" in peers:
-        ds = {**DS_DEFAULTS, **json.loads(a.ds)}
+        ds = {**ZERO3_DEFAULTS, **json.loads(a.ds)}
         results["deepspeed_settings"] = ds
         results["deepspeed"] = run_deepspeed(a, a.dir, ds)
         print("deepspeed", _line(results["deepspeed"]), flush=True)
@@ -254,11 +243,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.out is not None:
         a.out.write_text(json.dumps(results, indent=1))
     return 0
-
-
-#: DeepSpeed's NVMe offload settings, sized for a small-RAM machine (its defaults were OOM-killed).
-DS_DEFAULTS = {"sub_group_size": 100_000_000, "max_live": 100_000_000, "prefetch": 50_000_000, "pin": False,
-               "buffer_count": 5, "buffer_size": 100_000_000, "max_in_cpu": 0, "opt_buffer_count": 4}
 
 
 def _line(r: Dict[str, Any]) -> str:
