@@ -88,7 +88,7 @@ def _write(a: argparse.Namespace, rank: int, world: int, baseline: int, times: L
     out = {"peer": a.worker, "rank": rank, "world_size": world, "peak_rss_bytes": _status("VmHWM") - baseline,
            "step_s": times, "losses": losses, "digest": digest.hexdigest(), "offload": offload,
            "swap_bytes": swap_bytes}
-    Path(a.out, f"{a.worker}-rank{rank}.json").write_text(json.dumps(out))
+    Path(a.out, f"{a.label or a.worker}-rank{rank}.json").write_text(json.dumps(out))
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -124,7 +124,7 @@ def worker(a: argparse.Namespace) -> None:
         swap = Path(a.dir) / f"swap-rank{rank}"
         swap.mkdir(parents=True, exist_ok=True)
         tiers = TiersConfig(host=HostTierConfig(enabled=False), nvme=NvmeTierConfig(enabled=True, dirs=[str(swap)]))
-        runtime = OffloadRuntime(model, optimizer, OffloadConfig(policy="lifetime", device_budget_bytes=a.budget_mib * MiB),
+        runtime = OffloadRuntime(model, optimizer, OffloadConfig(policy="lifetime", device_budget_bytes=int(a.budget_mib) * MiB),
                                  tiers=tiers)
         step = SubgroupStepper(optimizer, 64 * MiB, free_grads=True)
     times: List[float] = []
@@ -210,16 +210,18 @@ class _nothing:
         return None
 
 
-def run_peer(a: argparse.Namespace, peer: str, out: Path) -> Tuple[List[Dict[str, Any]], str]:
-    """Every rank's figures, or no figures and why the peer failed."""
+def run_peer(a: argparse.Namespace, label: str, out: Path) -> Tuple[List[Dict[str, Any]], str]:
+    """Every rank's figures, or no figures and why the peer failed (``tierflow@300``: tierflow at 300 MiB)."""
+    peer, _, budget = label.partition("@")
+    forwarded = a.forwarded + ["--budget-mib", budget or a.budgets[0], "--label", label]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
-           str(Path(__file__).resolve()), "--worker", peer, "--out", str(out), *a.forwarded]
-    print(f"[{peer}] {' '.join(cmd[-len(a.forwarded) - 4:])}", flush=True)
+           str(Path(__file__).resolve()), "--worker", peer, "--out", str(out), *forwarded]
+    print(f"[{label}] {' '.join(cmd[-len(forwarded) - 4:])}", flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
         return [], failure_reason(done.stderr) or f"torchrun exited with {done.returncode}"
-    return [json.loads(Path(out, f"{peer}-rank{r}.json").read_text()) for r in range(a.nproc)], ""
+    return [json.loads(Path(out, f"{label}-rank{r}.json").read_text()) for r in range(a.nproc)], ""
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -233,7 +235,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=4, help="sequences per rank per step")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--budget-mib", type=int, default=300, help="tierflow's budget per rank")
+    p.add_argument("--budget-mib", default="300", help="tierflow's budget per rank; several (200,800) run tierflow "
+                                                      "once per budget, reported as tierflow@200, tierflow@800")
     p.add_argument("--peers", default=None, help=f"comma-separated, of {','.join(PEERS)} (default: all; "
                                                    "deepspeed only where `import deepspeed` works)")
     p.add_argument("--ds-offload", choices=("cpu", "nvme"), default="cpu",
@@ -241,6 +244,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny model, to check the benchmark runs")
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--label", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         if a.worker == "deepspeed":
@@ -249,10 +253,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             worker(a)
         return 0
     if a.quick:
-        a.d_model, a.layers, a.heads, a.steps, a.budget_mib = 128, 2, 4, 6, 8
+        a.d_model, a.layers, a.heads, a.steps, a.budget_mib = 128, 2, 4, 6, "8"
+    a.budgets = [b.strip() for b in a.budget_mib.split(",") if b.strip()]
+    if not a.budgets or not all(b.isdigit() for b in a.budgets):
+        p.error(f"--budget-mib takes whole MiB, comma-separated: not {a.budget_mib!r}")
     a.forwarded = ["--dir", a.dir, "--d-model", str(a.d_model), "--layers", str(a.layers), "--heads", str(a.heads),
                    "--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--steps",
-                   str(a.steps), "--budget-mib", str(a.budget_mib), "--ds-offload", a.ds_offload]
+                   str(a.steps), "--ds-offload", a.ds_offload]
     peers = a.peers.split(",") if a.peers else _default_peers()
     unknown = sorted(set(peers) - set(PEERS))
     if unknown:
@@ -261,9 +268,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = root / "results"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, mode=0o700)
+    labels = [label for peer in peers for label in
+              ([f"tierflow@{b}" for b in a.budgets] if peer == "tierflow" and len(a.budgets) > 1 else [peer])]
     results, errors = {}, {}
-    for peer in peers:
-        results[peer], errors[peer] = run_peer(a, peer, out)
+    for label in labels:
+        results[label], errors[label] = run_peer(a, label, out)
     for swap in [f"swap-rank{r}" for r in range(a.nproc)] + [DS_SWAP]:
         shutil.rmtree(root / swap, ignore_errors=True)
     _report(a, results, errors, out)
@@ -285,7 +294,7 @@ def _report(a: argparse.Namespace, results: Dict[str, List[Dict[str, Any]]], err
     print(f"\nGPT d_model={a.d_model} layers={a.layers}: {params / 1e6:,.1f}M parameters, "
           f"{16 * params / MiB:,.0f} MiB of fp32 AdamW state ({16 * params / a.nproc / MiB:,.0f} MiB per rank "
           f"sharded), {a.nproc} ranks, {a.batch}x{a.seq_len} tokens per rank per step; tierflow budget "
-          f"{a.budget_mib} MiB per rank" + ds)
+          f"{', '.join(a.budgets)} MiB per rank" + ds)
     rows = {}
     skip = 2 if a.steps > 4 else 1  # warm-up and tierflow's profiling
     for peer, ranks in results.items():
@@ -313,10 +322,11 @@ def _report(a: argparse.Namespace, results: Dict[str, List[Dict[str, Any]]], err
             gap = max(abs(x - y) / abs(y) for x, y in zip(losses, fsdp2[3]))
             print(f"{peer} bit-identical to FSDP2 alone: {same}" +
                   ("" if same else f" (rank 0's losses differ from FSDP2's by at most {gap:.1e}, relative)"))
-    base = "tierflow" if "tierflow" in rows else "fsdp2"
-    for peer, (peak, step, _, _) in rows.items():
-        if base in rows and peer != base:
-            print(f"{peer} / {base}: peak RSS {peak / rows[base][0]:.2f}x, step time {step / rows[base][1]:.2f}x")
+    bases = [peer for peer in rows if peer.startswith("tierflow")] or ["fsdp2"]
+    for base in bases:
+        for peer, (peak, step, _, _) in rows.items():
+            if base in rows and peer not in bases:
+                print(f"{peer} / {base}: peak RSS {peak / rows[base][0]:.2f}x, step time {step / rows[base][1]:.2f}x")
     (out / "summary.json").write_text(json.dumps({k: {"peak_rss_bytes": v[0], "step_s": v[1]}
                                                   for k, v in rows.items()}))
     if not rows:
@@ -333,6 +343,8 @@ def _report(a: argparse.Namespace, results: Dict[str, List[Dict[str, Any]]], err
     axes[0].set_ylabel("peak RSS per rank (MiB, measured)")
     axes[1].bar(names, [rows[n][1] for n in names], color="#dd8452")
     axes[1].set_ylabel("median step (s)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=25)
     fig.suptitle(f"FSDP2 on {a.nproc} ranks, GPT d={a.d_model} x{a.layers}, tierflow budget {a.budget_mib} MiB/rank")
     fig.tight_layout()
     fig.savefig(out / "fsdp2_offload.png", dpi=120)
