@@ -99,8 +99,11 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
         if tier is not None:
             placed["tier"] = tier
         if sharded_build:
-            placed["sharded"], place = shard_on_meta(
-                meta_model, device=rt.device, tier=engine.tiers[tier_kind] if tier_kind else None)
+            try:
+                placed["sharded"], place = shard_on_meta(
+                    meta_model, device=rt.device, tier=engine.tiers[tier_kind] if tier_kind else None)
+            except ValueError as exc:
+                raise ConfigError(f"trainer.parallel=fsdp2 builds each rank's shards on the meta device: {exc}") from None
             if tier is not None:
                 placed["placement"] = place
             return place
