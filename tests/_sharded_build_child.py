@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from tierflow.offload import TierEngine
 from tierflow.offload.integrations.fsdp2 import shard_blocks, shard_on_meta
+from tierflow.offload.runtime import alias_bytes
 from tierflow.offload.runtime.materialize import materialize, record_init
 from tierflow.offload.tiers.config import NvmeTierConfig, TiersConfig
 from tierflow.profiling import local_tensor
@@ -23,8 +24,7 @@ from tierflow.trainer.model import GPT, GPTConfig
 def _padded(p: torch.Tensor) -> torch.Tensor:
     """The whole storage FSDP2 keeps this rank's shard in (its rows, then padding)."""
     local = local_tensor(p)
-    storage = local.untyped_storage()
-    return torch.empty(0, dtype=local.dtype).set_(storage, 0, (storage.nbytes() // local.element_size(),)).clone()
+    return alias_bytes(local.untyped_storage()).view(local.dtype).clone()
 
 
 def main(out: Path, swap: Path) -> None:

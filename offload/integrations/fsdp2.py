@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tierflow.offload.runtime import alias_bytes, settle_fsdp2
-from tierflow.offload.runtime.materialize import MaterializeError
+from tierflow.offload.runtime.materialize import MaterializeError, TierPlacement
 from tierflow.offload.tiers import trim_freed_memory
 from tierflow.profiling import local_tensor
 
@@ -165,19 +165,16 @@ def shard_on_meta(meta_model: nn.Module, *, device: torch.device, tier: Any = No
     return sharded, ShardPlacement(sharded, tier)
 
 
-class ShardPlacement:
+class ShardPlacement(TierPlacement):
     """A ``place`` for ``materialize`` that keeps this rank's rows of each tensor in an FSDP2 model's shard.
 
     Buffers and unsharded parameters are copied whole. With a ``tier``, each parameter shard is
-    written there once complete and its storage emptied; :attr:`slots` has the format of
-    :class:`~tierflow.offload.runtime.materialize.TierPlacement`'s, so the runtime adopts it the same way.
+    written there once complete and its storage emptied, into :class:`TierPlacement`'s slots, so
+    the runtime adopts it the same way.
     """
 
-    parameters_only = False
-
     def __init__(self, sharded: nn.Module, tier: Any = None) -> None:
-        self.tier = tier
-        self.slots: Dict[str, Tuple[Any, torch.Size, torch.dtype]] = {}
+        super().__init__(tier)
         self._targets: Dict[str, torch.Tensor] = dict(sharded.named_buffers(remove_duplicate=False))
         self._targets.update(sharded.named_parameters(remove_duplicate=False))
 
@@ -215,9 +212,7 @@ class ShardPlacement:
 
     def _send(self, name: str, local: torch.Tensor) -> None:
         storage = local.untyped_storage()  # FSDP2's padded shard, of which ``local`` is the unpadded rows
-        slot = self.tier.reserve(storage.nbytes())
-        self.tier.write(slot, alias_bytes(storage)).wait()  # an alias: Note [alias, not share]
-        self.slots[name] = (slot, torch.Size([storage.nbytes() // local.element_size()]), local.dtype)
+        self.write(name, alias_bytes(storage).view(local.dtype))  # an alias: Note [alias, not share]
         storage.resize_(0)
         trim_freed_memory()
 
@@ -225,9 +220,3 @@ class ShardPlacement:
         """Never: a rank holds only its rows of a placed tensor."""
         raise MaterializeError(f"the constructor computes a tensor from the loaded {name}, of which a sharded build "
                                "keeps only this rank's rows; this model cannot be built sharded from model.path")
-
-    def free(self) -> None:
-        """Free every slot not yet adopted."""
-        for slot, _, _ in self.slots.values():
-            self.tier.free(slot)
-        self.slots.clear()

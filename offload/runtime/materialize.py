@@ -360,12 +360,17 @@ class TierPlacement:
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         trim_freed_memory()  # the tensors placed before this one are gone: give their memory back
         src = tensor.detach().contiguous()
-        slot = self.tier.reserve(src.numel() * src.element_size())
-        self.tier.write(slot, src).wait()  # the tensor's memory is reused as soon as this returns
-        self.slots[name] = (slot, src.shape, src.dtype)
+        self.write(name, src)
         held = torch.empty(src.shape, dtype=src.dtype)
         held.untyped_storage().resize_(0)
         return held
+
+    def write(self, name: str, src: torch.Tensor) -> None:
+        """Copy the contiguous ``src`` into a new slot of the tier, kept under ``name``; waits, so
+        ``src``'s memory may be reused or freed as soon as this returns."""
+        slot = self.tier.reserve(src.numel() * src.element_size())
+        self.tier.write(slot, src).wait()
+        self.slots[name] = (slot, src.shape, src.dtype)
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor placed under ``name``, read back into a new CPU tensor."""
