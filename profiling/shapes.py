@@ -29,7 +29,7 @@ from typing import Dict, FrozenSet, Mapping, Tuple
 from tierflow.profiling.trace import Category, LifetimeTrace
 
 __all__ = ["SizeRange", "family_of", "observed_sizes", "merge_sizes", "plan_reservations", "reserved_sizes",
-           "reserve_sizes"]
+           "reserve_sizes", "temporary_scopes"]
 
 #: (smallest, largest) size in bytes a key was seen with.
 SizeRange = Tuple[int, int]
@@ -122,6 +122,35 @@ def plan_reservations(trace: LifetimeTrace, sizes: Mapping[str, SizeRange], head
 
         temporaries = {k: v for k, v in sizes.items() if categories.get(k) is Category.TEMPORARY and inside(k)}
         out.update(reserved_sizes(temporaries, headroom))
+    return out
+
+
+def temporary_scopes(trace: LifetimeTrace, reserved: Mapping[str, int]) -> Dict[str, str]:
+    """Per reserved temporary, the module whose saved activations its size follows: the outermost
+    module on its point's path whose family saves activations that vary.
+
+    Note [temporaries follow their scope]: nobody sees a temporary's real size on a planned step
+    (no operation is watched there), so the runtime accounts it as its scope's saved tensors turned
+    out: at the largest fraction of their reservations any of them used. The scope is the
+    outermost varying module, not the module the key names: a key names the last point before
+    the allocation, and what a MoE layer makes between two experts (the next expert's tokens,
+    gathered) is keyed after the previous expert. The largest fraction over the whole layer never
+    reads below a temporary that grows with the tokens of any of its experts
+    (``forward_post moe.experts.0[0]:tmp1`` has scope ``moe`` when ``moe`` saves varying tensors
+    of its own, else ``moe.experts.0``).
+    """
+    categories = {r.key: r.category for r in trace.tensors}
+    varying = {_module_family(k) for k in reserved if categories.get(k) is Category.ACTIVATION}
+    out: Dict[str, str] = {}
+    for key in reserved:
+        if categories.get(key) is not Category.TEMPORARY:
+            continue
+        parts = key.rpartition(" ")[2].partition("[")[0].split(".")
+        for n in range(1, len(parts) + 1):
+            scope = ".".join(parts[:n])
+            if family_of(scope) in varying:
+                out[key] = scope
+                break
     return out
 
 

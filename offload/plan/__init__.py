@@ -7,7 +7,7 @@ stalls and per-tier peaks of any plan; :func:`explain_plan` and :func:`plot_plan
 Nothing here needs a device, a tier or a file other than the one a caller names.
 """
 
-from tierflow.offload.plan._reruns import forward_spans, parse_block
+from tierflow.offload.plan._reruns import block_of, forward_spans, parse_block, with_reruns
 from tierflow.offload.plan.context import Budgets, PlanContext, feasible_minimum_bytes, finish_plan
 from tierflow.offload.plan.explain import explain_plan, plot_plan
 from tierflow.offload.plan.planner import POLICIES, make_plan
@@ -37,6 +37,7 @@ __all__ = [
     "PlanningError",
     "Simulation",
     "absent_intervals",
+    "block_of",
     "explain_plan",
     "feasible_minimum_bytes",
     "finish_plan",
@@ -48,4 +49,5 @@ __all__ = [
     "plot_plan",
     "simulate",
     "validate_plan",
+    "with_reruns",
 ]

@@ -12,8 +12,8 @@ it ran (its parameters; its inputs, which the checkpoint keeps anyway). What ``B
 re-created, not read: the recompute decisions account for those bytes.
 
 :func:`rerun_points` finds the point: the first use, in the backward pass after ``B``'s forward,
-of an activation saved inside ``B`` or of one of ``B``'s parameters (the first unpack happens in
-that interval). :func:`with_reruns` returns a copy of the trace with the re-run reads as uses;
+of an activation saved inside ``B`` (or, when none is, of one of ``B``'s parameters: a saved
+weight); the first unpack happens in that interval. :func:`with_reruns` returns a copy of the trace with the re-run reads as uses;
 policies plan on it, the validator checks a plan against it, the simulator re-runs the block there.
 """
 
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import replace
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
-from tierflow.profiling.trace import ROOT_PATH, PointKind
+from tierflow.profiling.trace import ROOT_PATH, Category, PointKind, TensorRecord
 
 __all__ = ["block_of", "forward_spans", "parse_block", "rerun_points", "with_reruns"]
 
@@ -78,7 +78,11 @@ def rerun_points(trace, blocks: Iterable[Block]) -> Dict[Block, int]:
         if lo is not None:
             hi = next((i for i in range(lo + 1, len(kinds)) if kinds[i] in _AFTER_BACKWARD), len(kinds))
             window[blk] = (lo, hi)
-    out: Dict[Block, int] = {}
+    # Parameters count only for a block none of whose saved activations is used there: a
+    # parameter the runtime may not move is "used" at every point of a planned trace (pinned:
+    # tierflow.offload.runtime._schedule.pin_unmovable), which put every re-run at the start of
+    # backward. An autograd node unpacks its saved weight and its saved input together.
+    found: Dict[str, Dict[Block, int]] = {"activation": {}, "param": {}}
     for r in trace.tensors:
         cat = r.category.value
         if cat == "activation":
@@ -90,6 +94,7 @@ def rerun_points(trace, blocks: Iterable[Block]) -> Dict[Block, int]:
             owners = [blk for blk in want if blk[0] == ROOT_PATH or r.key.startswith(blk[0] + ".")]
         else:
             continue
+        out = found[cat]
         for blk in owners:
             if blk not in window:
                 continue
@@ -97,31 +102,110 @@ def rerun_points(trace, blocks: Iterable[Block]) -> Dict[Block, int]:
             k = bisect.bisect_left(r.uses, lo)
             if k < len(r.uses) and r.uses[k] < min(hi, out.get(blk, hi)):
                 out[blk] = r.uses[k]
-    return out
+    return {**found["param"], **found["activation"]}
 
 
 def with_reruns(trace, blocks: Iterable[Block]):
-    """``trace`` with each block's re-run point added as a use of what its forward read.
+    """``trace`` as it runs with ``blocks`` re-run: what each re-run reads and re-makes is used at
+    its re-run point, what the checkpoint keeps lives until the block's backward ends, and the
+    re-run's own transient memory is a temporary of the re-run interval. Applying it twice changes
+    nothing more.
 
-    Read: used during the block's forward and created before it; still alive at the re-run point
-    (a tensor the trace freed earlier is not made to live longer here). An activation saved
-    inside the block is left out: checkpointed, the block saves nothing through the runtime's
-    hooks, so no decision moves it (Note [recompute regions] in :mod:`tierflow.offload.plan.context`).
+    Read: used during the block's forward and created before it. An activation saved inside the
+    block but made before it (an input the checkpoint keeps) is left out: checkpointed, the block
+    saves nothing through the runtime's hooks, so no decision moves it (Note [recompute regions]
+    in :mod:`tierflow.offload.plan.context`).
+
+    Note [a re-run re-makes the whole block]: ``torch.utils.checkpoint`` re-runs the block's
+    forward once, at the first unpack, and every activation it saved is on the device again from
+    there until its own backward use. The trace (made without checkpointing) shows each one
+    unused until its own use, so a recompute decision over that whole gap counted it away while
+    the re-run already held it (the runtime measured 1 MiB per block above its account, over the
+    budget, on a block of two 1 MiB activations). So:
+
+    * the re-run point is a use of every activation made and saved inside the block: a recompute
+      decision covers the gap up to it, and the rest (re-made, waiting for its backward) is on
+      the device in every model of the plan;
+    * what the block read that the trace frees before the re-run (its input, when only the
+      block used it: a dropout's) is held by the checkpoint until the block's backward ends,
+      used (pinned) all along: the runtime cannot move what the checkpoint holds;
+    * the re-run's forward makes more than it keeps (temporaries): its largest excess over the
+      activations it re-makes, up to the last of them (the checkpoint stops there: early stop),
+      is a temporary ``<block>:rerun`` live through the re-run interval (the event clock is
+      doubled to fit it in any interval).
     """
     points = rerun_points(trace, blocks)
     if not points:
         return trace
     spans = forward_spans(trace)
     tensors = list(trace.tensors)
+    have = {r.key for r in tensors}
+    n = len(trace.points)
+    ticks = [p.tick for p in trace.points]
+    extra: List[Tuple[Block, int, int]] = []  # (block, re-run point, transient bytes)
     for blk, at in points.items():
         a, b = spans[blk]
+        remade = [i for i, r in enumerate(tensors) if r.created is not None and a <= r.created < b
+                  and r.category.value == "activation" and _inside(spans, r.key, a, b)]
+        done = max((tensors[i].uses[-1] for i in remade if tensors[i].uses), default=at)
+        done = max(done, at)
         for i, r in enumerate(tensors):
-            if (r.created is not None and r.created >= a) or (r.freed is not None and r.freed < at):
+            if r.created is not None and r.created >= a:
+                if i in remade and r.created < b and at > r.created and at not in r.uses and \
+                        (r.freed is None or r.freed >= at):
+                    tensors[i] = replace(r, uses=tuple(sorted((*r.uses, at))))
                 continue
-            saver = spans.get(block_of(r.key)) if r.category.value == "activation" else None
-            if saver is not None and a <= saver[0] and saver[1] <= b:
+            if r.category.value == "activation" and _inside(spans, r.key, a, b):
                 continue
             k = bisect.bisect_left(r.uses, a)  # uses are sorted
-            if k < len(r.uses) and r.uses[k] < b and at not in r.uses:
+            if not (k < len(r.uses) and r.uses[k] < b):
+                continue  # not read by the block's forward
+            if r.freed is not None and r.freed < done and done + 1 < n:
+                held = range(r.freed, done + 1)  # Note [a re-run re-makes the whole block]: the checkpoint keeps it
+                r = replace(r, freed=done, freed_tick=ticks[done + 1] - 1, uses=tuple(sorted({*r.uses, *held})))
+                tensors[i] = r
+            if (r.freed is None or r.freed >= at) and at not in r.uses:
                 tensors[i] = replace(r, uses=tuple(sorted((*r.uses, at))))
+        key = f"{blk[0]}[{blk[1]}]:rerun"
+        if key not in have and at + 1 < n:
+            # Early stop (the runtime's checkpoint stops the re-run once it has re-made the last
+            # tensor the block saved): what the forward makes after that is not made again.
+            last = max((trace.tensors[i].created_tick for i in remade), default=ticks[a])
+            transient = _forward_excess(trace.tensors, ticks[a], last + 1) - sum(tensors[i].size_bytes for i in remade)
+            if transient > 0:
+                extra.append((blk, at, transient))
+    if extra:
+        # Double the clock: every interval then has a free tick after its point's and before the next one's.
+        dbl = lambda t: t if t is None or t < 0 else 2 * t  # noqa: E731
+        tensors = [replace(r, created_tick=dbl(r.created_tick), freed_tick=dbl(r.freed_tick)) for r in tensors]
+        points_ = tuple(replace(p, tick=2 * p.tick) for p in trace.points)
+        device = next((r.device for r in tensors), "cpu")
+        for blk, at, transient in extra:
+            it = trace.points[at].iteration
+            tensors.append(TensorRecord(key=f"{blk[0]}[{blk[1]}]:rerun", category=Category.TEMPORARY,
+                                        size_bytes=transient, dtype="uint8", device=device, iteration=it, created=at,
+                                        freed=at, uses=(at,), created_tick=2 * ticks[at],
+                                        freed_tick=2 * ticks[at + 1] - 1))
+        return replace(trace, points=points_, tensors=tuple(tensors))
     return replace(trace, tensors=tuple(tensors))
+
+
+def _inside(spans: Dict[Block, Tuple[int, int]], key: str, a: int, b: int) -> bool:
+    """Whether the activation ``key`` was saved by a module call inside the span ``a .. b``."""
+    saver = spans.get(block_of(key))
+    return saver is not None and a <= saver[0] and saver[1] <= b
+
+
+def _forward_excess(records, start_tick: int, end_tick: int) -> int:
+    """The most bytes allocated between two ticks that were live at once before ``end_tick``."""
+    events: List[Tuple[int, int]] = []
+    for r in records:
+        if start_tick <= r.created_tick < end_tick:
+            events.append((r.created_tick, r.size_bytes))
+            if r.freed_tick is not None and r.freed_tick < end_tick:
+                events.append((r.freed_tick, -r.size_bytes))
+    live = peak = 0
+    for _, delta in sorted(events, key=lambda e: (e[0], e[1] < 0)):
+        live += delta
+        peak = max(peak, live)
+    return peak

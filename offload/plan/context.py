@@ -18,9 +18,9 @@ import numpy as np
 
 from tierflow.offload.core.hardware import HardwareModel
 from tierflow.offload.core.names import kind_of
-from tierflow.offload.plan._reruns import block_of, forward_spans, parse_block, with_reruns
+from tierflow.offload.plan._reruns import block_of, forward_spans, parse_block, rerun_points, with_reruns
 from tierflow.offload.plan.simulate import simulate
-from tierflow.offload.plan.types import Decision, OffloadPlan, PlanningError
+from tierflow.offload.plan.types import Action, Decision, OffloadPlan, PlanningError
 from tierflow.profiling.idle import idle_intervals
 from tierflow.profiling.timeline import MemoryTimeline, memory_timeline
 from tierflow.profiling.trace import validate_trace
@@ -164,6 +164,7 @@ def feasible_minimum_bytes(ctx: PlanContext) -> Tuple[int, int]:
 
 def finish_plan(ctx: PlanContext, policy: str, decisions: Sequence[Decision], notes: Sequence[str] = ()) -> OffloadPlan:
     """Sort the decisions, simulate them, and return the plan with its predictions filled in."""
+    decisions = [*decisions, *_rest_of_reruns(ctx, decisions)]
     ordered = tuple(sorted(decisions, key=lambda d: (d.evict_point, d.key, d.deadline_point)))
     draft = OffloadPlan(policy=policy, hardware=ctx.hardware.name if ctx.hardware else "", num_points=ctx.num_points,
                         device_budget_bytes=ctx.device_budget, tier_budgets=tuple(sorted(ctx.tier_budgets.items())),
@@ -174,6 +175,45 @@ def finish_plan(ctx: PlanContext, policy: str, decisions: Sequence[Decision], no
     sim = simulate(ctx.trace, draft, ctx.hardware, timeline=ctx.timeline)
     return OffloadPlan(**{**draft.__dict__, "predicted_step_s": sim.step_s, "predicted_peak_bytes": sim.peak_bytes,
                           "predicted_stall_s": sim.stall_s})
+
+
+def _rest_of_reruns(ctx: PlanContext, decisions: Sequence[Decision]) -> List[Decision]:
+    """Recompute decisions for the activations a re-run block drops that no decision names.
+
+    Note [a re-run re-makes the whole block], the other way round: a block run under activation
+    checkpointing keeps none of what its forward made and saved, whether or not the policy needed
+    that tensor away; all of it is gone until the block re-runs. A policy stops deciding once the
+    peak fits, so the plan said less was away than was (a GPT MLP re-run for one tensor dropped
+    290 KiB more; the runtime's account read 4% above the memory). Each such gap, from the
+    activation's last forward use to the block's re-run point (a use of it in a trace planned
+    with re-runs: :func:`~tierflow.offload.plan._reruns.with_reruns`), gets a recompute decision.
+    """
+    blocks = {d.recompute_block for d in decisions if d.action is Action.RECOMPUTE}
+    if not blocks:
+        return []
+    trace = ctx.trace
+    parsed = {parse_block(b): b for b in blocks}
+    spans, rerun_at = forward_spans(trace), rerun_points(trace, parsed)
+    named = {(d.record, d.evict_point) for d in decisions}
+    out: List[Decision] = []
+    for iv in ctx.intervals:
+        if iv.category.value != "activation" or iv.wraps or (iv.record, iv.start_point) in named:
+            continue
+        saver, created = spans.get(block_of(iv.key)), trace.tensors[iv.record].created
+        if saver is None or created is None:
+            continue
+        for blk, name in parsed.items():
+            a, b = spans[blk]
+            if a <= saver[0] and saver[1] <= b and a <= created < b and iv.end_point == rerun_at.get(blk) \
+                    and created < iv.start_point < iv.end_point:
+                out.append(Decision(key=iv.key, record=iv.record, category=iv.category.value, size_bytes=iv.size_bytes,
+                                    action=Action.RECOMPUTE, tier="", evict_point=iv.start_point,
+                                    free_point=iv.start_point, prefetch_point=iv.end_point,
+                                    deadline_point=iv.end_point, recompute_block=name,
+                                    recompute_s=0.0, reason=f"made inside {name}, which is re-run: checkpointed, "
+                                                            "it keeps none of what it made"))
+                break
+    return out
 
 
 def plan_with_reruns(ctx: PlanContext,
@@ -202,9 +242,11 @@ def plan_with_reruns(ctx: PlanContext,
     while (chosen := frozenset(parse_block(b) for b in plan.recomputed_blocks)) != planned_for:
         planned_for = chosen
         trace = with_reruns(ctx.trace, chosen)
+        timeline = memory_timeline(trace)  # the re-runs hold more (Note [a re-run re-makes the whole block])
         try:
-            plan = policy(replace(ctx, trace=trace, intervals=[iv for iv in idle_intervals(trace) if iv.size_bytes > 0]),
-                          chosen)
+            plan = policy(replace(ctx, trace=trace, intervals=[iv for iv in idle_intervals(trace) if iv.size_bytes > 0],
+                                  timeline=timeline,
+                                  interval_peak=np.asarray(timeline.interval_peak_bytes, dtype=np.int64)), chosen)
         except PlanningError:
             return policy(ctx, frozenset())  # the reads do not fit beside the re-runs: swaps alone
     return plan
@@ -251,6 +293,9 @@ class RecomputeRegions:
                 stack.pop()
             self.parent[blk] = stack[-1] if stack else None
             stack.append(blk)
+        # Note [a re-run re-makes the whole block]: from its re-run point on, a block's activations
+        # are on the device again; only a gap that ends by then is recreated by re-running it.
+        self.rerun_at = rerun_points(trace, only) if only else {}
         self.chosen: Dict[Tuple[str, int], Tuple[int, int]] = {}
         # Activations decided on so far, by the point where the module that saved them starts: a
         # span starting inside another lies inside it. Values: the blocks they recompute through
@@ -270,7 +315,14 @@ class RecomputeRegions:
         blk = block_of(iv.key) if self.enabled and saver is not None and created is not None else None
         while blk is not None and not self.spans[blk][0] <= created < self.spans[blk][1]:
             blk = self.parent[blk]
-        return blk if self.only is None or blk in self.only else None
+        if blk is None or (self.only is not None and blk not in self.only):
+            return None
+        return blk if self._before_rerun(iv, blk) else None
+
+    def _before_rerun(self, iv, blk: Tuple[str, int]) -> bool:
+        """Whether ``iv``'s gap ends by ``blk``'s re-run (a gap after it holds the re-made tensor)."""
+        at = self.rerun_at.get(blk)
+        return at is None or iv.start_point < at
 
     def saved_inside(self, iv, blocks) -> bool:
         """Whether ``iv``'s activation was saved during the forward of one of ``blocks``."""
@@ -286,7 +338,7 @@ class RecomputeRegions:
         if saver is None or created is None:
             return None
         return next((blk for blk, (a, b) in self.chosen.items()
-                     if a <= saver[0] and saver[1] <= b and a <= created < b), None)
+                     if a <= saver[0] and saver[1] <= b and a <= created < b and self._before_rerun(iv, blk)), None)
 
     def allows(self, iv, block: Optional[Tuple[str, int]] = None) -> bool:
         """Whether a decision on ``iv`` (recompute through ``block``; a swap when None) keeps clear

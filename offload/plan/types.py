@@ -342,7 +342,8 @@ def validate_plan(plan: OffloadPlan, trace: Any, hardware: Any = None, *, timeli
             if a1 < b0:
                 p.append(f"decisions {i0} and {i1} ({trace.tensors[record].key!r}) overlap in intervals {a1}..{b0 - 1}")
     budgets = {"device": plan.device_budget_bytes, **dict(plan.tier_budgets)}
-    timeline = timeline if timeline is not None else memory_timeline(trace)
+    if timeline is None or plan.recomputed_blocks:  # a timeline handed in is of the trace without re-runs
+        timeline = memory_timeline(trace)
     mem = plan_memory(timeline.interval_peak_bytes, plan.decisions, [t for t in budgets if t != "device"])
     for tier, series in mem.items():
         worst = max(range(len(series)), key=series.__getitem__) if series else 0

@@ -25,11 +25,12 @@ from tierflow.offload.plan import (
                                    make_plan,
                                    parse_block,
                                    validate_plan,
+                                   with_reruns,
 )
 from tierflow.offload.runtime._schedule import Schedule, make_schedule, one_iteration, pin_unmovable
 from tierflow.offload.runtime.config import OffloadConfig
 from tierflow.profiling import check_stability, memory_timeline
-from tierflow.profiling.shapes import SizeRange, plan_reservations, reserve_sizes
+from tierflow.profiling.shapes import SizeRange, plan_reservations, reserve_sizes, temporary_scopes
 from tierflow.profiling.trace import LifetimeTrace
 
 __all__ = ["Planned", "plan_trace"]
@@ -95,7 +96,12 @@ def plan_trace(trace: LifetimeTrace, sizes: Mapping[str, SizeRange], config: Off
     if problems:
         raise PlanError(f"the {plan.policy} plan is invalid ({len(problems)} problems): " + "; ".join(problems[:5]))
     recompute = {parse_block(b) for b in plan.recomputed_blocks}
-    return Planned(plan=plan, trace=one, schedule=make_schedule(one, plan, timeline=timeline), recompute=recompute,
+    # The schedule accounts the iteration as it runs: with its re-runs (Note [a re-run re-makes the
+    # whole block]); the executor follows the points and keys of ``one``, which re-runs leave alone.
+    executed = with_reruns(one, recompute) if recompute else one
+    schedule = make_schedule(executed, plan, timeline=memory_timeline(executed) if recompute else timeline,
+                             reserved=frozenset(reserved), scopes=temporary_scopes(one, reserved))
+    return Planned(plan=plan, trace=one, schedule=schedule, recompute=recompute,
                    skipped=_inside_recomputed(one, plan, recompute),
                    num_reserved=sum(1 for r in one.tensors if r.key in reserved))
 
