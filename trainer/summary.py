@@ -80,11 +80,12 @@ def _offload_lines(o: Optional[Dict[str, Any]], *, cuda: bool) -> List[str]:
         f"  offloading  {o['policy']} on {o['hardware']}: budget {o['device_budget_bytes'] / mib:,.1f} MiB = "
         f"{o['device_budget_bytes'] / max(o['unconstrained_peak_bytes'], 1):.0%} of the unconstrained peak "
         f"{o['unconstrained_peak_bytes'] / mib:,.1f} MiB",
-        # On CUDA the allocator measures the device peak; on a CPU it is computed from the trace and
-        # the runtime's residency (the process's measured figure is the peak RSS line above).
+        # On CUDA the allocator measures the device peak; on a CPU it is computed (Note [every step
+        # is measured]): live storages counted after every operation, the trace replayed on planned
+        # steps. The process's measured figure is the peak RSS line above.
         f"              {'measured' if cuda else 'computed'} peak {o['device_peak_bytes'] / mib:,.1f} MiB over every "
         f"step ({_peaks_by_mode(o.get('peak_by_mode', {}))}; "
-        + ("CUDA allocator" if cuda else "from the trace and residency") + ")",
+        + ("CUDA allocator" if cuda else "live storages per operation, the plan's trace on planned steps") + ")",
         f"              moved {moved / mib:,.1f} MiB ({', '.join(sorted(o['bytes_out'])) or 'nothing'}); "
         f"stall {o['stall_s'] * 1e3:,.1f} ms",
         f"              steps: {steps.get('warmup', 0)} warm-up and {steps.get('profile', 0)} profiled (no plan yet: "

@@ -24,6 +24,11 @@ optimizer states: a lower bound of the peak) until the plan replaces it with the
 traced peak; only a budget in bytes is enforced strictly before the plan (the summary's peak covers
 every step either way). Without a budget below the peak nothing moves before the plan.
 
+Note [every step is measured]: every step kind reports the peak its memory held (``StepReport.
+device_peak_bytes``; on CPU it equals a tracer's measurement of the same step within 1%:
+``tests/test_accounting.py``). Warm-up and profiled steps are counted by the online executor, which
+sees every operation; so it runs them even without a budget (an unbounded one: it never evicts).
+
 A model whose parameters were materialised straight into a tier (``TierPlacement``) is adopted
 with :meth:`OffloadRuntime.adopt`: its parameters stay there until a step needs them.
 """
@@ -58,6 +63,8 @@ from tierflow.offload.tiers.config import HostTierConfig, TiersConfig
 from tierflow.offload.tiers.engine import TierEngine
 from tierflow.profiling import TraceWindow, held_storage, local_tensor, save_trace
 from tierflow.profiling.shapes import SizeRange, merge_sizes, observed_sizes
+
+UNBOUNDED = sys.maxsize // 4  # the online executor's budget when there is none: it only counts
 
 __all__ = ["BudgetExceededError", "OffloadRuntime", "StepReport", "nominal_hardware"]
 
@@ -148,13 +155,15 @@ class OffloadRuntime:
         self._closed = False
         self._online: Optional[Executor] = None  # Note [budget from step 0]
         self._out_of_core = False  # the state does not fit the budget: never bring it all back
+        self._budget_before_plan: Optional[int] = None
         if config.policy != "none":
-            budget, strict = self._online_budget()
-            if budget is not None:
-                self._online = Executor(model, optimizer, self.residency, None, None, recompute=set(), skipped=set(),
-                                        budget_bytes=budget, on_divergence=self._on_divergence,
-                                        movable=self._movable, tier=self._online_tier(), strict=strict)
-                self._out_of_core = budget < self._state_bytes()
+            self._budget_before_plan, strict = self._online_budget()
+            # Note [every step is measured]
+            budget = self._budget_before_plan if self._budget_before_plan is not None else UNBOUNDED
+            self._online = Executor(model, optimizer, self.residency, None, None, recompute=set(), skipped=set(),
+                                    budget_bytes=budget, on_divergence=self._on_divergence,
+                                    movable=self._movable, tier=self._online_tier(), strict=strict)
+            self._out_of_core = budget < self._state_bytes()
             if self.device.type == "cpu":
                 map_large_allocations()  # the device is RAM: a freed tensor's memory must leave RSS
 
@@ -418,8 +427,8 @@ class OffloadRuntime:
     def summary(self) -> Dict[str, Any]:
         """Totals over every step so far, with the plan's budget and the unconstrained peak."""
         out = {"policy": self.config.policy, **{k: (dict(v) if isinstance(v, dict) else v) for k, v in self.totals.items()}}
-        if self._online is not None:
-            out["online_budget_bytes"] = self._online.state.budget_bytes
+        if self._budget_before_plan is not None:
+            out["online_budget_bytes"] = self._budget_before_plan
             out["out_of_core"] = self._out_of_core
         if self.plan is not None:
             out.update(device_budget_bytes=self.plan.device_budget_bytes,
