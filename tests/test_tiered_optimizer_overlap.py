@@ -138,3 +138,37 @@ def test_overlap_redoes_a_step_whose_gradients_changed_and_turns_itself_off(tmp_
         assert _same(plain_model, tiered_model)
         assert _same_state(plain.state_dict(), opt.state_dict())
         assert not opt.overlap_backward and opt.counters["redone_steps"] == 1
+
+
+def test_the_runtime_never_shrinks_what_an_early_update_reads(tmp_path):
+    # Note [no shrinking under an early step] (tierflow.offload.runtime.offload_runtime): the early
+    # update reads gradients and parameters on its own thread while backward runs; the runtime's
+    # plan would shrink those storages at their free points meanwhile. With an overlapping tiered
+    # optimizer the runtime moves activations only, and the run stays exact.
+    from tierflow.offload import OffloadConfig, OffloadRuntime
+
+    plain_model, tiered_model = _Net(), _Net()
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2)
+    cfg = TieredOptimizerConfig(paths=["host"], subgroup_bytes=3 * KiB, overlap_backward=True)
+    early = _EarlyUpdates()
+    with TieredOptimizer(early.wrap(torch.optim.AdamW, tiered_model.parameters(), lr=1e-2), config=cfg,
+                         tiers=_tiers(tmp_path, "host")) as opt:
+        tiered_model.opt, tiered_model.early = opt, early
+        with pytest.warns(UserWarning, match="parameters and gradients stay on the device"):
+            rt = OffloadRuntime(tiered_model, opt, OffloadConfig(policy="lifetime", device_budget_fraction=0.9),
+                                tiers=_tiers(tmp_path / "rt", "host"))
+        _accumulating_train(plain_model, plain, steps=6, passes=1)
+        gen = torch.Generator().manual_seed(1)
+        with rt:
+            for _ in range(6):
+                opt.zero_grad(set_to_none=True)
+                tiered_model.early_at_step_start = early.count
+                x = torch.randint(0, 50, (4, 6), generator=gen)
+                tiered_model.armed = True
+                with rt.step(x):
+                    torch.nn.functional.cross_entropy(tiered_model(x).flatten(0, 1), x.roll(1, 1).flatten()).backward()
+                    opt.step()
+            assert rt.plan is not None and {d.category for d in rt.plan.decisions} == {"activation"}
+            assert rt.summary()["steps"]["planned"] >= 3
+        assert _same(plain_model, tiered_model)
+        assert opt.counters["early_updates"] >= 6 and opt.overlap_backward

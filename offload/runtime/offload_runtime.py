@@ -124,7 +124,16 @@ class OffloadRuntime:
             hardware = nominal_hardware(self.engine, self.device)
         self.hardware = hardware
         self._tracer_config = tracer_config
-        self._movable = movable if movable is not None else MOVABLE
+        self._movable = frozenset(movable if movable is not None else MOVABLE)
+        if getattr(optimizer, "overlap_backward", False) and self._movable & {"param", "grad"}:
+            # Note [no shrinking under an early step]: a tiered optimizer that overlaps backward
+            # reads gradients and parameters on its own thread while backward runs; a storage the
+            # executor shrank at its free point meanwhile would be read empty, or half-copied.
+            # Those stay on the device; activations (and states, which the optimizer streams
+            # itself) still move.
+            self._movable -= {"param", "grad"}
+            warnings.warn("tierflow offload: the optimizer updates during backward (overlap_backward); parameters "
+                          "and gradients stay on the device, activations still move", stacklevel=2)
         self.trace = None  # the profiled trace (all profiled iterations)
         self.plan: Optional[OffloadPlan] = None
         self.planning_trace = None  # the one iteration the plan was made for
