@@ -201,6 +201,10 @@ def test_a_recomputed_iteration_holds_what_it_is_accounted_and_stays_within_the_
     assert rt.plan.recomputed_blocks
     assert [r.mode for r, _ in steps][3:] == ["planned"] * 3
     assert_honest(steps, rt.plan.device_budget_bytes)
+    # The planner's own prediction (its simulator, on the trace as it runs with its re-runs) is
+    # what the memory held too.
+    for _, peak in steps[3:]:
+        assert rt.plan.predicted_device_peak_bytes == pytest.approx(peak, rel=0.01)
     assert_identical(trained_without_offloading(Net, regression_step, vectors(6)), rt.trained)
 
 
