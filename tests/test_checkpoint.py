@@ -358,27 +358,31 @@ def test_snapshot_copy_hashes_exactly_the_payload(tmp_path, snapshot_store_dir):
 
 @pytest.mark.cuda
 def test_snapshot_of_device_state_restores_bit_identically(tmp_path, snapshot_store_dir):
-    """The CUDA copy path: a side stream waits for the step's event, then the host hashes the payload."""
+    """The CUDA copy path: a side stream of the state's own device waits for the step's event there,
+    then the host hashes the payload (Note [a stream per device]: on the last GPU, not device 0)."""
     store = StoreClient(snapshot_store_dir, "n")
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.cuda.set_device(device)
     model, _, _ = _parts()
-    model.cuda()
+    model.to(device)
     from tierflow.trainer.config import OptimizerConfig
     from tierflow.trainer.optim import build_optimizer
 
     opt, sched = build_optimizer(model, OptimizerConfig(warmup_steps=2), 50)
     snap = _snapshotter(store, model, opt, sched, tmp_path)
     for s in range(3):
-        loss = model(torch.randn(4, 8, device="cuda")).square().mean()
+        loss = model(torch.randn(4, 8, device=device)).square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
         sched.step()
         snap.snapshot(s + 1)
     snap.drain()
+    assert set(snap._streams) == {device}
     want = _state(model, opt)
     snap.close()
     model2, _, _ = _parts(seed=99)
-    model2.cuda()
+    model2.to(device)
     opt2, sched2 = build_optimizer(model2, OptimizerConfig(warmup_steps=2), 50)
     res, *_ = _restore(store, tmp_path, parts=(model2, opt2, sched2))
     got = _state(model2, opt2)

@@ -140,6 +140,7 @@ class Snapshotter:
         self.holders, self.k, self.m, self.group = holders, k, m, group
         self.persist_dir, self.keep = Path(persist_dir), keep
         self._copy_hook = copy_hook  # fault injection for tests: called before each tensor copy
+        self._streams: Dict[torch.device, Any] = {}  # the copy thread's stream per CUDA device (Note [a stream per device])
         self._queue: "queue.Queue[Optional[Tuple]]" = queue.Queue()
         self._last: Optional[SnapshotHandle] = None
         self.error: Optional[BaseException] = None
@@ -185,10 +186,7 @@ class Snapshotter:
         body_len = payload_len + len(meta_bytes)
         seg = self._pick_slot([self._full_name(0), self._full_name(1)], HEADER_BYTES + body_len + len(meta_bytes))
         invalidate(seg.buf)
-        event = None
-        if any(t.is_cuda for _, t in cap.tensors):
-            event = torch.cuda.Event()
-            event.record()  # the copy stream waits for the optimizer step that produced the state
+        event = _step_events(cap.tensors)  # the copy streams wait for the optimizer step that produced the state
         handle = SnapshotHandle(step, Future(), Future())
         self._last = handle
         self.num_snapshots += 1
@@ -303,17 +301,33 @@ class Snapshotter:
         digest.update(view[hashed:len(dst)])
         return digest
 
-    def _copy_cuda(self, step: int, cap: Captured, entries: List[TensorEntry], payload: torch.Tensor, event):
-        """Device tensors: copy on a side stream that waits for the step's event, then hash on the host."""
+    def _copy_cuda(self, step: int, cap: Captured, entries: List[TensorEntry], payload: torch.Tensor, events):
+        """Device tensors: copy on a side stream of their own device that waits for the step's event
+        there, then hash on the host.
+
+        Note [a stream per device]: a stream made without a device is on the thread's current
+        device, and this copy thread's is device 0 whatever the rank's is. On a rank using
+        ``cuda:N`` the copies then ran on ``cuda:N``'s current stream, unordered with the side
+        stream that was synchronized, and the payload could be hashed before they landed.
+        """
         views = views_from_payload(entries, payload)
-        stream = torch.cuda.Stream()
-        stream.wait_event(event)
-        with torch.cuda.stream(stream):
-            for i, (key, tensor) in enumerate(cap.tensors):
-                if self._copy_hook is not None:
-                    self._copy_hook(step, i)
-                views[key].copy_(tensor, non_blocking=True)
-        stream.synchronize()
+        streams = {}
+        for device, event in events.items():
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device=device)
+            stream.wait_event(event)
+            streams[device] = stream
+        for i, (key, tensor) in enumerate(cap.tensors):
+            if self._copy_hook is not None:
+                self._copy_hook(step, i)
+            if tensor.is_cuda:
+                with torch.cuda.stream(streams[tensor.device]):
+                    views[key].copy_(tensor, non_blocking=True)
+            else:
+                views[key].copy_(tensor)
+        for stream in streams.values():
+            stream.synchronize()
         digest = hasher()
         digest.update(memoryview(payload.numpy()))
         return digest
@@ -410,3 +424,16 @@ class Snapshotter:
                 and ("-shard-" not in n or f"-h{self.rank}-" in n)]
         self.store.free(mine)
 
+
+def _step_events(tensors) -> Optional[Dict[torch.device, Any]]:
+    """Per CUDA device the captured tensors are on, an event recorded now on its current stream
+    (Note [a stream per device]); None when every tensor is on the host."""
+    devices = {t.device for _, t in tensors if t.is_cuda}
+    if not devices:
+        return None
+    events = {}
+    for device in devices:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        events[device] = event
+    return events
