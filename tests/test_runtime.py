@@ -320,6 +320,12 @@ def test_cuda_exact_and_allocator_peak_within_budget(policy):
     rt = got[2]
     assert rt.last_report.mode == "planned"
     assert rt.last_report.device_peak_bytes <= rt.plan.device_budget_bytes * 1.05
+    # Allocated and reserved peaks of every step, and the run's: the largest over every step.
+    reports = got[3]
+    assert all(r.device_reserved_peak_bytes >= r.device_peak_bytes > 0 for r in reports)
+    summary = rt.summary()
+    assert summary["device_peak_bytes"] == max(r.device_peak_bytes for r in reports)
+    assert summary["device_reserved_peak_bytes"] == max(r.device_reserved_peak_bytes for r in reports)
 
 
 def test_budget_settings_that_do_nothing_warn():

@@ -84,7 +84,8 @@ def _offload_lines(o: Optional[Dict[str, Any]], *, cuda: bool) -> List[str]:
         # is measured]): live storages counted after every operation, the trace replayed on planned
         # steps. The process's measured figure is the peak RSS line above.
         f"              {'measured' if cuda else 'computed'} peak {o['device_peak_bytes'] / mib:,.1f} MiB over every "
-        f"step ({_peaks_by_mode(o.get('peak_by_mode', {}))}; "
+        f"step ({_peaks_by_mode(o.get('peak_by_mode', {}))}"
+        + (f"; {o.get('device_reserved_peak_bytes', 0) / mib:,.1f} MiB reserved" if cuda else "") + "; "
         + ("CUDA allocator" if cuda else "live storages per operation, the plan's trace on planned steps") + ")",
         f"              moved {moved / mib:,.1f} MiB ({', '.join(sorted(o['bytes_out'])) or 'nothing'}); "
         f"stall {o['stall_s'] * 1e3:,.1f} ms",

@@ -172,6 +172,10 @@ def _add_offload_and_profile(cfg: TrainConfig, rt: Runtime, summary: Dict[str, A
     offload_summary = offload.summary()
     if offload_summary is not None:
         summary["offload"] = offload_summary
+        if rt.device.type == "cuda":
+            # The runtime resets the allocator's peak at every step to report each one: the run's
+            # peak is the larger of every step's and the allocator's since the last reset.
+            summary["peak_memory_bytes"] = max(summary["peak_memory_bytes"], offload_summary["device_peak_bytes"])
         if rt.is_main:  # plan.json, plan.txt (its explanation), plan.png, trace.tftrace
             offload_summary["files"] = {k: str(v) for k, v in offload.save_plan(run_dir, plot=cfg.logging.plot).items()}
     trace = window.trace if window.trace is not None else (offload.trace if cfg.trainer.profile_iterations else None)

@@ -149,7 +149,8 @@ class OffloadRuntime:
         self.last_report: Optional[StepReport] = None
         self.totals: Dict[str, Any] = {"steps": {}, "bytes_out": {}, "bytes_in": {}, "stall_s": 0.0, "plan_hits": 0,
                                        "fallbacks": 0, "divergent_iterations": 0, "reprofiles": 0, "replans": 0,
-                                       "device_peak_bytes": 0, "peak_by_mode": {}}
+                                       "device_peak_bytes": 0, "device_reserved_peak_bytes": 0,
+                                       "peak_by_mode": {}}
         params = dict(model.named_parameters())
 
         def version_of(key: str) -> Optional[int]:
@@ -251,6 +252,8 @@ class OffloadRuntime:
         start = time.perf_counter()
         self.residency.stats = TransferStats()
         if self.device.type == "cuda":
+            # Each step reports its own allocated and reserved peaks; the run's are the largest of
+            # them (``summary()``): code that reads the allocator's peak across steps takes those.
             torch.cuda.reset_peak_memory_stats(self.device)
         executor, mode = self._executor, "off"
         if self.config.policy == "none":
@@ -414,9 +417,11 @@ class OffloadRuntime:
             hits, fallbacks, reason = executor.hits, fallbacks + executor.fallback_evictions, executor.reason
             if self.device.type == "cuda":
                 peak = int(torch.cuda.max_memory_allocated(self.device))
+        reserved = int(torch.cuda.max_memory_reserved(self.device)) if self.device.type == "cuda" else 0
         report = StepReport(step=self.step_index, mode=mode, bytes_out=tuple(sorted(stats.bytes_out.items())),
                             bytes_in=tuple(sorted(stats.bytes_in.items())), stall_s=stats.stall_s, step_s=step_s,
-                            device_peak_bytes=peak, plan_hits=hits, fallbacks=fallbacks,
+                            device_peak_bytes=peak, device_reserved_peak_bytes=reserved, plan_hits=hits,
+                            fallbacks=fallbacks,
                             plan_missed=executor.missed if executor is not None else 0, divergence=reason,
                             fallback_evicted=tuple(sorted(fb.evicted_bytes.items())) if fb is not None else (),
                             fallback_settled_peak_bytes=fb.settled_peak if fb is not None else 0,
@@ -430,6 +435,7 @@ class OffloadRuntime:
         t["plan_hits"] += hits
         t["fallbacks"] += fallbacks
         t["device_peak_bytes"] = max(t["device_peak_bytes"], peak)
+        t["device_reserved_peak_bytes"] = max(t["device_reserved_peak_bytes"], reserved)
         t["peak_by_mode"][mode] = max(t["peak_by_mode"].get(mode, 0), peak)
         return report
 

@@ -30,6 +30,8 @@ class StepReport:
         bytes_in: ``(tier, bytes)`` copied back.
         stall_s: Seconds compute waited for transfers.
         step_s: Wall seconds of the step.
+        device_reserved_peak_bytes: On CUDA, the caching allocator's reserved high-water mark of
+            the step (what the device really gave up, fragmentation included); 0 on CPU.
         device_peak_bytes: Device peak as the runtime accounts it: on CUDA the allocator's
             high-water mark; on CPU the trace's peak per interval minus the bytes held away during
             it and the planned activations its checkpointed blocks did not keep (and, after a
@@ -56,6 +58,7 @@ class StepReport:
     stall_s: float = 0.0
     step_s: float = 0.0
     device_peak_bytes: int = 0
+    device_reserved_peak_bytes: int = 0
     plan_hits: int = 0
     plan_missed: int = 0
     fallbacks: int = 0
@@ -74,6 +77,8 @@ class StepReport:
         out: Dict[str, float] = {"offload/stall_s": self.stall_s, "offload/device_peak_bytes": self.device_peak_bytes,
                                  "offload/plan_hits": self.plan_hits, "offload/fallbacks": self.fallbacks,
                                  "offload/diverged": float(bool(self.divergence))}
+        if self.device_reserved_peak_bytes:
+            out["offload/device_reserved_peak_bytes"] = self.device_reserved_peak_bytes
         for tier, b in self.bytes_out:
             out[f"offload/bytes_out/{tier}"] = b
         for tier, b in self.bytes_in:
