@@ -40,20 +40,30 @@ class BranchyTiedLM(nn.Module):
 
 
 class DataDependentLM(nn.Module):
-    """Control flow that changes per step: an extra block runs only when the batch's token sum is odd."""
+    """Control flow that changes per step: an extra block runs only when the batch's token sum is
+    odd; with ``reorder``, both blocks always run and an odd sum runs the extra one first.
 
-    def __init__(self, vocab_size: int, hidden: int = 32) -> None:
+    A step that skips the extra block the trace has stays on the plan (Note [module calls not
+    made]); one that runs a call the trace lacks, or the calls in another order, leaves it."""
+
+    def __init__(self, vocab_size: int, hidden: int = 32, reorder: bool = False) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab_size, hidden)
         self.body = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
         self.extra = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.Tanh(), nn.Linear(2 * hidden, hidden))
         self.out = nn.Linear(hidden, vocab_size)
+        self.reorder = reorder
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.emb(tokens)
-        h = h + self.body(h)
-        if int(tokens.sum()) % 2:
-            h = h + self.extra(h)
+        odd = int(tokens.sum()) % 2
+        if self.reorder:
+            for block in (self.extra, self.body) if odd else (self.body, self.extra):
+                h = h + block(h)
+        else:
+            h = h + self.body(h)
+            if odd:
+                h = h + self.extra(h)
         return self.out(h)
 
 

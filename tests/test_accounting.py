@@ -243,7 +243,7 @@ def test_a_moe_step_is_accounted_at_its_own_sizes():
 
 def test_fallback_steps_are_accounted_as_measured():
     data = tokens(8, length=16)
-    steps, _ = run(lambda: DataDependentLM(VOCAB), lm_step, data,
+    steps, _ = run(lambda: DataDependentLM(VOCAB, reorder=True), lm_step, data,
                    OffloadConfig(policy="lifetime", device_budget_fraction=0.85, reprofile_after=4))
     assert "fallback" in [r.mode for r, _ in steps]
     assert_honest(steps)

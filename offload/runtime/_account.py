@@ -12,7 +12,10 @@ peak of this iteration's own sizes, wherever in the interval it falls:
   *slack*);
 * a temporary planned at a reservation, which nobody sees on a planned step, is replayed at the
   largest fraction of their reservations its scope's saved tensors used in this iteration (Note
-  [temporaries follow their scope] in :mod:`tierflow.profiling.shapes`).
+  [temporaries follow their scope] in :mod:`tierflow.profiling.shapes`);
+* what a module call the iteration did not make would have saved, and its parameters'
+  gradients, are replayed at no size (Note [module calls not made]; temporaries keep theirs:
+  a temporary's key names the point before it, which may be another module's).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class SizeAccount:
         self.excess_bytes = 0  # bytes above reservations, taken from the slack
         self.outgrown: Dict[str, int] = {}  # key -> bytes seen above its reservation (the runtime re-plans)
         self.used: Dict[str, float] = {}  # module path -> the largest fraction of a reservation its saved tensors used
+        self.not_made: Set[str] = set()  # modules whose calls the iteration skipped (Note [module calls not made])
 
     def saved(self, key: str, nbytes: int, following: bool) -> Optional[str]:
         """A saved tensor of ``nbytes`` got ``key``; returns why it leaves the plan, or None.
@@ -96,8 +100,12 @@ class SizeAccount:
             used = max((f for path, f in self.used.items() if path == scope or path.startswith(inner)), default=1.0)
             if used < 1.0:
                 sizes[key] = math.ceil(used * reserved)
-        if not sizes or schedule.trace is None:
-            return schedule.interval_peak
         trace = schedule.trace
+        if self.not_made and trace is not None:  # what calls not made would have saved never existed
+            prefixes = tuple(p for m in self.not_made for p in (m + ".", m + "["))
+            sizes.update({r.key: 0 for r in trace.tensors
+                          if r.category.value in ("activation", "grad") and r.key.startswith(prefixes)})
+        if not sizes or trace is None:
+            return schedule.interval_peak
         tensors = tuple(replace(r, size_bytes=sizes[r.key]) if r.key in sizes else r for r in trace.tensors)
         return memory_timeline(replace(trace, tensors=tensors)).interval_peak_bytes

@@ -19,12 +19,6 @@ everything at the optimizer step), any tensor an operation touches is brought ba
 under the budget it evicts with the layer-aware LRU of :mod:`tierflow.offload.runtime._fallback`; when
 nothing is left to evict it raises BudgetExceededError.
 
-Note [unobservable graph tasks]: the tracer's dispatch mode sees operations that run in a
-backward callback after the graph task (DistributedDataParallel's reducer copying buckets into
-``.grad``) as an empty graph task of their own: a ``backward_start``/``backward_end`` pair with
-nothing between. The runtime has no hook there; where such a pair is expected and a different
-point comes, it acts on both points at once and counts the graph task, instead of diverging.
-
 Note [saved tensors held weakly]: the executor finds a planned activation through a weak
 reference to its storage; only autograd (and, while it is away, the residency entry) holds it.
 A strong reference would keep a saved tensor alive past its last backward use, and a key with
@@ -180,6 +174,7 @@ class Executor:
         self.pending: Dict[str, int] = {}  # planned key -> decision waiting for its tensor (Note [late offload])
         self.late_release: List[str] = []
         self.account.begin()
+        self.account.not_made = self.not_run = set()  # modules whose calls it skipped (Note [module calls not made])
         self._thread = threading.get_ident()
         self.active = True
         self.residency.drop_dead()
@@ -224,12 +219,17 @@ class Executor:
             label = point_label(kind, name, call)
             expected = self.schedule.labels[self.pos] if self.pos < self.schedule.num_points else "the end"
             while label != expected and self.pos in self.schedule.unobservable:
-                # Note [unobservable graph tasks]: pass the empty graph task the trace has here.
+                # Note [unobservable graph tasks] (in _schedule): pass the empty graph task the trace has here.
                 self._advance()
                 self._advance()
                 self._next_call(PointKind.BACKWARD_START, "backward")
                 expected = self.schedule.labels[self.pos] if self.pos < self.schedule.num_points else "the end"
-            if label == expected:
+            skip = None if label == expected else self.schedule.calls_not_made(self.pos, label, self.not_run)
+            if skip is not None:  # Note [module calls not made]
+                self.not_run |= skip[1]
+                while self.pos < skip[0]:
+                    self._advance()
+            if label == expected or skip is not None:
                 self._advance()
                 return
             self._diverge(f"point {label!r} where the trace had {expected!r}")
@@ -261,9 +261,10 @@ class Executor:
         while self.late_release:
             r.release(self.late_release.pop())
         for i in s.evicts[p]:
-            if i in self.skipped:
-                continue
             d = decisions[i]
+            if i in self.skipped or (self.not_run and d.category in ("activation", "grad") and
+                                     any(d.key.startswith((m + ".", m + "[")) for m in self.not_run)):
+                continue  # inside a recomputed block, or made by a call not made (Note [module calls not made])
             storage = self._storage(d.key, d.category)
             if storage is None and d.category in ("activation", "grad"):
                 if d.wraps:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from tierflow.offload.plan import block_of, forward_spans
 from tierflow.offload.plan.types import Action, OffloadPlan, absent_intervals
@@ -130,7 +130,7 @@ class Schedule:
         interval_peak: The trace's unplanned device peak per interval.
         index_of: Per point label, its index (where a diverged iteration is, when labels match).
         unobservable: Points that start an empty graph task (Note [unobservable graph tasks] in
-            :mod:`tierflow.offload.runtime._exec`).
+            :func:`_empty_graph_tasks`).
         recomputed: Per recomputed block (``module[call]``), per interval the bytes of the plan's
             recompute decisions through it: what its checkpointed forward did not keep.
         varying: Activation keys planned at a reservation (their real sizes scale temporaries).
@@ -157,6 +157,37 @@ class Schedule:
     varying: FrozenSet[str] = frozenset()
     scaled: Dict[str, Tuple[str, int]] = field(default_factory=dict)
     trace: Any = field(default=None, repr=False)
+    forward_end: Dict[int, int] = field(default_factory=dict)
+
+    def calls_not_made(self, pos: int, label: str, not_run: Set[str]) -> Optional[Tuple[int, Set[str]]]:
+        """Where point ``label`` is, when the points from ``pos`` up to it are only those of module
+        calls this iteration did not make: ``(its index, the modules skipped)``; None otherwise.
+
+        Note [module calls not made]: a model may skip a module call the trace has (an expert no
+        token was routed to: ``if idx.numel(): expert(x[idx])``; a branch not taken). Its points
+        never come, so the next point reads as another than the trace's: the iteration diverged,
+        and with many experts nearly every step did. When every point between here and the one
+        that came is of whole forward calls (their forward_pre .. forward_post), or in backward of
+        the modules (and their parameters) already skipped in this iteration's forward, the calls
+        were simply not made: the executor acts at the skipped points (what they evict does not
+        exist and is passed over; what they prefetch comes back) and goes on with the plan.
+        """
+        q, skipped = pos, set()
+        labels, n = self.labels, self.num_points
+        while q < n and labels[q] != label:
+            end = self.forward_end.get(q)
+            if end is not None:  # a whole forward call: forward_pre .. its forward_post
+                skipped.add(labels[q].partition(" ")[2].partition("[")[0])
+                q = end + 1
+                continue
+            kind, _, name = labels[q].partition(" ")
+            path = name.partition("[")[0]
+            scope = not_run | skipped
+            if kind in _BACKWARD_KINDS and any(path == m or path.startswith(m + ".") for m in scope):
+                q += 1
+                continue
+            return None
+        return (q, skipped) if q < n and q > pos else None
 
     @property
     def num_points(self) -> int:
@@ -170,6 +201,9 @@ class Schedule:
         i = bisect.bisect_right(uses, point)
         return uses[i] - point if i < len(uses) else uses[0] + self.num_points - point
 
+
+#: Points of a module's backward, and of its parameters' gradients (Note [module calls not made]).
+_BACKWARD_KINDS = frozenset(k.value for k in (PointKind.BACKWARD_PRE, PointKind.BACKWARD_POST, PointKind.GRAD_READY))
 
 #: The schedule of no plan (the online executor's): no point expected, no decision, no hint.
 EMPTY_SCHEDULE = Schedule(labels=(), evicts=(), frees=(), prefetches=(), deadlines=(), absent_at_start=(),
@@ -228,13 +262,22 @@ def make_schedule(trace, plan: OffloadPlan, *, timeline: Optional[MemoryTimeline
                     index_of={p.label: i for i, p in reversed(list(enumerate(trace.points)))},
                     unobservable=frozenset(_empty_graph_tasks(trace.points)),
                     recomputed={blk: tuple(v) for blk, v in recomputed.items()},
+                    forward_end={a: b for a, b in forward_spans(trace).values()},
                     varying=frozenset(k for k in reserved if k in activations),
                     scaled={r.key: (scopes[r.key], r.size_bytes) for r in trace.tensors if r.key in (scopes or {})},
                     trace=trace)
 
 
 def _empty_graph_tasks(points) -> List[int]:
-    """Indices of ``backward_start`` points directly followed by their own ``backward_end``."""
+    """Indices of ``backward_start`` points directly followed by their own ``backward_end``.
+
+    Note [unobservable graph tasks]: the tracer's dispatch mode sees operations that run in a
+    backward callback after the graph task (DistributedDataParallel's reducer copying buckets into
+    ``.grad``) as an empty graph task of their own: a ``backward_start``/``backward_end`` pair with
+    nothing between. The runtime has no hook there; where such a pair is expected and a different
+    point comes, the executor acts on both points at once and counts the graph task, instead of
+    diverging.
+    """
 
     return [i for i, (a, b) in enumerate(zip(points, points[1:]))
             if a.kind is PointKind.BACKWARD_START and b.kind is PointKind.BACKWARD_END and a.call_index == b.call_index]
