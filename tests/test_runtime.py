@@ -326,6 +326,10 @@ def test_cuda_exact_and_allocator_peak_within_budget(policy):
     summary = rt.summary()
     assert summary["device_peak_bytes"] == max(r.device_peak_bytes for r in reports)
     assert summary["device_reserved_peak_bytes"] == max(r.device_reserved_peak_bytes for r in reports)
+    # Reserved within the documented margin of the budget (Note [reserved above the budget]).
+    from tierflow.offload.runtime.report import RESERVED_MARGIN
+    assert all(r.device_reserved_peak_bytes <= rt.plan.device_budget_bytes * RESERVED_MARGIN
+               for r in reports if r.mode == "planned")
 
 
 def test_budget_settings_that_do_nothing_warn():
@@ -337,3 +341,13 @@ def test_budget_settings_that_do_nothing_warn():
         warnings.simplefilter("error")
         config = OffloadConfig(policy="lifetime", device_budget_fraction=0.5, device_budget_bytes=1 << 20)
     assert config.budgets().device_bytes == 1 << 20
+
+
+def test_reserved_far_above_the_budget_is_reported_with_what_to_do():
+    # Note [reserved above the budget] (the CUDA caching allocator's reserved bytes; on CPU it is 0).
+    from tierflow.offload.runtime.report import RESERVED_MARGIN, warn_reserved_above
+
+    budget = 1000
+    assert not warn_reserved_above(3, 900, int(budget * RESERVED_MARGIN), budget)
+    with pytest.warns(UserWarning, match=r"reserved 1200 bytes .*expandable_segments:True"):
+        assert warn_reserved_above(3, 900, 1200, budget)

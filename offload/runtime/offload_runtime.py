@@ -56,7 +56,7 @@ from tierflow.offload.runtime._residency import Residency, TransferStats
 from tierflow.offload.runtime._schedule import MOVABLE
 from tierflow.offload.runtime.config import OffloadConfig
 from tierflow.offload.runtime.materialize import TierPlacement
-from tierflow.offload.runtime.report import StepReport, nominal_hardware
+from tierflow.offload.runtime.report import StepReport, add_to_totals, new_totals, nominal_hardware, warn_reserved_above
 from tierflow.offload.tiers._memory import map_large_allocations
 from tierflow.offload.tiers.base import Tier
 from tierflow.offload.tiers.config import HostTierConfig, TiersConfig
@@ -144,13 +144,10 @@ class OffloadRuntime:
         self._divergent_since_plan = 0
         self._reprofile_after = config.reprofile_after
         self._sizes: Dict[str, SizeRange] = {}  # every size each key was seen with (Note [size reservations])
-        self._warned = False
+        self._warned = self._warned_reserved = False
         self.step_index = 0
         self.last_report: Optional[StepReport] = None
-        self.totals: Dict[str, Any] = {"steps": {}, "bytes_out": {}, "bytes_in": {}, "stall_s": 0.0, "plan_hits": 0,
-                                       "fallbacks": 0, "divergent_iterations": 0, "reprofiles": 0, "replans": 0,
-                                       "device_peak_bytes": 0, "device_reserved_peak_bytes": 0,
-                                       "peak_by_mode": {}}
+        self.totals: Dict[str, Any] = new_totals()
         params = dict(model.named_parameters())
 
         def version_of(key: str) -> Optional[int]:
@@ -418,6 +415,8 @@ class OffloadRuntime:
             if self.device.type == "cuda":
                 peak = int(torch.cuda.max_memory_allocated(self.device))
         reserved = int(torch.cuda.max_memory_reserved(self.device)) if self.device.type == "cuda" else 0
+        if mode == "planned" and self.plan is not None and not self._warned_reserved:
+            self._warned_reserved = warn_reserved_above(self.step_index, peak, reserved, self.plan.device_budget_bytes)
         report = StepReport(step=self.step_index, mode=mode, bytes_out=tuple(sorted(stats.bytes_out.items())),
                             bytes_in=tuple(sorted(stats.bytes_in.items())), stall_s=stats.stall_s, step_s=step_s,
                             device_peak_bytes=peak, device_reserved_peak_bytes=reserved, plan_hits=hits,
@@ -426,17 +425,7 @@ class OffloadRuntime:
                             fallback_evicted=tuple(sorted(fb.evicted_bytes.items())) if fb is not None else (),
                             fallback_settled_peak_bytes=fb.settled_peak if fb is not None else 0,
                             resident_by_interval=resident, absent_by_interval=absent)
-        t = self.totals
-        t["steps"][mode] = t["steps"].get(mode, 0) + 1
-        for name, pairs in (("bytes_out", report.bytes_out), ("bytes_in", report.bytes_in)):
-            for tier, b in pairs:
-                t[name][tier] = t[name].get(tier, 0) + b
-        t["stall_s"] += report.stall_s
-        t["plan_hits"] += hits
-        t["fallbacks"] += fallbacks
-        t["device_peak_bytes"] = max(t["device_peak_bytes"], peak)
-        t["device_reserved_peak_bytes"] = max(t["device_reserved_peak_bytes"], reserved)
-        t["peak_by_mode"][mode] = max(t["peak_by_mode"].get(mode, 0), peak)
+        add_to_totals(self.totals, report)
         return report
 
     def summary(self) -> Dict[str, Any]:

@@ -6,8 +6,9 @@ Kept apart from the runtime's control flow: these change when reports or link fi
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -15,7 +16,13 @@ from tierflow.offload.core.hardware import HardwareModel, LinkModel, TierModel
 from tierflow.offload.core.names import TierName
 from tierflow.offload.tiers.engine import TierEngine
 
-__all__ = ["StepReport", "nominal_hardware"]
+__all__ = ["RESERVED_MARGIN", "StepReport", "add_to_totals", "new_totals", "nominal_hardware", "warn_reserved_above"]
+
+# Note [reserved above the budget]: the plan keeps allocated bytes under the budget; the caching
+# allocator reserves more (blocks split and cached). Reserved beyond this factor of the budget on a
+# planned step is reported once, with the allocator setting that bounds fragmentation. (A margin
+# not yet measured on a GPU: no GPU was lent to the sessions that wrote it.)
+RESERVED_MARGIN = 1.10
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,39 @@ class StepReport:
         for tier, b in self.bytes_in:
             out[f"offload/bytes_in/{tier}"] = b
         return out
+
+
+def new_totals() -> Dict[str, Any]:
+    """The run's totals before its first step (``OffloadRuntime.summary()`` reads them)."""
+    return {"steps": {}, "bytes_out": {}, "bytes_in": {}, "stall_s": 0.0, "plan_hits": 0, "fallbacks": 0,
+            "divergent_iterations": 0, "reprofiles": 0, "replans": 0, "device_peak_bytes": 0,
+            "device_reserved_peak_bytes": 0, "peak_by_mode": {}}
+
+
+def add_to_totals(t: Dict[str, Any], report: StepReport) -> None:
+    """Count one step's report into the run's totals."""
+    t["steps"][report.mode] = t["steps"].get(report.mode, 0) + 1
+    for name, pairs in (("bytes_out", report.bytes_out), ("bytes_in", report.bytes_in)):
+        for tier, b in pairs:
+            t[name][tier] = t[name].get(tier, 0) + b
+    t["stall_s"] += report.stall_s
+    t["plan_hits"] += report.plan_hits
+    t["fallbacks"] += report.fallbacks
+    t["device_peak_bytes"] = max(t["device_peak_bytes"], report.device_peak_bytes)
+    t["device_reserved_peak_bytes"] = max(t["device_reserved_peak_bytes"], report.device_reserved_peak_bytes)
+    t["peak_by_mode"][report.mode] = max(t["peak_by_mode"].get(report.mode, 0), report.device_peak_bytes)
+
+
+def warn_reserved_above(step: int, allocated: int, reserved: int, budget: int) -> bool:
+    """Warn (and return True) when a planned step's reserved bytes passed the budget by more than
+    :data:`RESERVED_MARGIN` (Note [reserved above the budget])."""
+    if reserved <= budget * RESERVED_MARGIN:
+        return False
+    warnings.warn(f"tierflow offload: step {step} kept {allocated} bytes allocated within the budget of {budget} "
+                  f"bytes, but the CUDA caching allocator reserved {reserved} bytes (more than "
+                  f"{RESERVED_MARGIN - 1:.0%} above it: fragmentation); set "
+                  "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, or lower the budget by that much", stacklevel=4)
+    return True
 
 
 def nominal_hardware(engine: TierEngine, device: torch.device) -> HardwareModel:
