@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
-from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _gpt_step import train_step  # noqa: E402
 
 from tierflow.offload import HostTierConfig, NvmeTierConfig, OffloadConfig, OffloadRuntime, TiersConfig  # noqa: E402
 from tierflow.offload.tiers.engine import TierEngine  # noqa: E402
@@ -92,22 +92,6 @@ def make(args, device):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
-def step(model, opt, x, per_block_checkpoint=False):
-    if per_block_checkpoint:
-        t = x.shape[1]
-        h = model.drop(model.tok_emb(x) + model.pos_emb(torch.arange(t, device=x.device)))
-        for block in model.blocks:
-            h = checkpoint(block, h, use_reentrant=False)
-        logits = model.head(model.ln_f(h))
-    else:
-        logits = model(x)
-    loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -130,7 +114,7 @@ def run_variant(name: str, args, device, data, *, budget: Optional[float] = None
             sync(device)
             t0 = time.perf_counter()
             with rt.step(x) if rt is not None else (context() if context else nullcontext()):
-                losses.append(step(model, opt, x, per_block))
+                losses.append(train_step(model, opt, x, per_block))
             sync(device)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)

@@ -23,8 +23,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from _gpt_step import train_step
 
 from tierflow.offload import HostTierConfig, NvmeTierConfig, OffloadConfig, OffloadRuntime, TiersConfig
 from tierflow.profiling import Category, LifetimeTracer, TracerConfig, memory_timeline
@@ -43,22 +42,6 @@ def batches(args, n):
     return [torch.randint(0, 256, (args.batch, args.seq), generator=gen) for _ in range(n)]
 
 
-def step(model, opt, x, per_block_checkpoint=False):
-    if per_block_checkpoint:
-        t = x.shape[1]
-        h = model.drop(model.tok_emb(x) + model.pos_emb(torch.arange(t)))
-        for block in model.blocks:
-            h = checkpoint(block, h, use_reentrant=False)
-        logits = model.head(model.ln_f(h))
-    else:
-        logits = model(x)
-    loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
 class Variant:
     def __init__(self, name, args, tiers=None, save_on_cpu=False, per_block=False):
         self.name, self.args, self.tiers = name, args, tiers
@@ -75,7 +58,7 @@ class Variant:
         t0 = time.perf_counter()
         ctx = self.rt.step(x) if self.rt else (torch.autograd.graph.save_on_cpu() if self.save_on_cpu else nullcontext())
         with ctx:
-            loss = step(self.model, self.opt, x, self.per_block)
+            loss = train_step(self.model, self.opt, x, self.per_block)
         if timed:
             self.times.append(time.perf_counter() - t0)
         self.losses.append(loss)
@@ -83,12 +66,12 @@ class Variant:
 
 def traced_peak(args, per_block, data):
     model, opt = make(args)
-    step(model, opt, data[0], per_block)  # optimizer state exists, as in every later step
+    train_step(model, opt, data[0], per_block)  # optimizer state exists, as in every later step
     tracer = LifetimeTracer(model, opt, TracerConfig(subtract_dispatch_cost=False))
     with tracer:
         with tracer.iteration():
             tracer.mark_inputs(data[1])
-            step(model, opt, data[1], per_block)
+            train_step(model, opt, data[1], per_block)
     return memory_timeline(tracer.trace()).peak
 
 
