@@ -13,8 +13,9 @@ re-created, not read: the recompute decisions account for those bytes.
 
 :func:`rerun_points` finds the point: the first use, in the backward pass after ``B``'s forward,
 of an activation saved inside ``B`` (or, when none is, of one of ``B``'s parameters: a saved
-weight); the first unpack happens in that interval. :func:`with_reruns` returns a copy of the trace with the re-run reads as uses;
-policies plan on it, the validator checks a plan against it, the simulator re-runs the block there.
+weight); the first unpack happens in that interval. :func:`with_reruns` returns a copy of the
+trace with the re-run reads as uses; policies plan on it, the validator checks a plan against it,
+the simulator re-runs the block there.
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ def with_reruns(trace, blocks: Iterable[Block]):
     extra: List[Tuple[Block, int, int]] = []  # (block, re-run point, transient bytes)
     for blk, at in points.items():
         a, b = spans[blk]
-        remade = [i for i, r in enumerate(tensors) if r.created is not None and a <= r.created < b
-                  and r.category.value == "activation" and _inside(spans, r.key, a, b)]
+        remade = {i for i, r in enumerate(tensors) if r.created is not None and a <= r.created < b
+                  and r.category.value == "activation" and _inside(spans, r.key, a, b)}
         done = max((tensors[i].uses[-1] for i in remade if tensors[i].uses), default=at)
         done = max(done, at)
         for i, r in enumerate(tensors):
@@ -176,8 +177,8 @@ def with_reruns(trace, blocks: Iterable[Block]):
                 extra.append((blk, at, transient))
     if extra:
         # Double the clock: every interval then has a free tick after its point's and before the next one's.
-        dbl = lambda t: t if t is None or t < 0 else 2 * t  # noqa: E731
-        tensors = [replace(r, created_tick=dbl(r.created_tick), freed_tick=dbl(r.freed_tick)) for r in tensors]
+        tensors = [replace(r, created_tick=_doubled(r.created_tick), freed_tick=_doubled(r.freed_tick))
+                   for r in tensors]
         points_ = tuple(replace(p, tick=2 * p.tick) for p in trace.points)
         device = next((r.device for r in tensors), "cpu")
         for blk, at, transient in extra:
@@ -188,6 +189,11 @@ def with_reruns(trace, blocks: Iterable[Block]):
                                         freed_tick=2 * ticks[at + 1] - 1))
         return replace(trace, points=points_, tensors=tuple(tensors))
     return replace(trace, tensors=tuple(tensors))
+
+
+def _doubled(tick: Optional[int]) -> Optional[int]:
+    """A tick on the doubled clock (None and the -1 of a pre-existing tensor stay as they are)."""
+    return tick if tick is None or tick < 0 else 2 * tick
 
 
 def _inside(spans: Dict[Block, Tuple[int, int]], key: str, a: int, b: int) -> bool:
