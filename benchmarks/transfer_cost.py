@@ -36,8 +36,9 @@ def main() -> None:
     n = args.tensors
     print(f"{n} tensors per round, host tier, median of {args.rounds} rounds; microseconds per tensor")
     print(f"{'size':>8} {'offload':>8} {'free':>6} {'prefetch':>9} {'arrive':>7} {'round trip':>11}")
-    cfg = TiersConfig(host=HostTierConfig(enabled=True, budget_bytes=1 << 30, slab_bytes=1 << 24))
     for size in (int(b) for b in args.bytes.split(",")):
+        budget = -(-2 * n * size // (1 << 24)) << 24
+        cfg = TiersConfig(host=HostTierConfig(enabled=True, budget_bytes=budget, slab_bytes=1 << 24))
         with TierEngine(cfg) as engine:
             table = Residency(lambda name: engine.tiers["host"])
             tensors = [torch.randn(size // 4) for _ in range(n)]

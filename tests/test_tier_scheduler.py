@@ -240,9 +240,12 @@ def test_a_process_never_hangs_at_exit_and_removes_its_swap_files(tmp_path, subp
 
 
 def test_a_tier_that_owns_its_scheduler_cleans_up_on_close():
+    from tierflow.offload.tiers._pool import SMALL_COPY_BYTES
+
     before = set(_tierflow_threads())
     host = HostTier(HostTierConfig(budget_bytes=MiB, slab_bytes=MiB))
-    host.write(host.reserve(4096), torch.zeros(1024)).wait(timeout=TIMEOUT_S)
+    big = torch.zeros(2 * SMALL_COPY_BYTES // 4)  # a worker's copy (a small one runs on this thread)
+    host.write(host.reserve(big.numel() * 4), big).wait(timeout=TIMEOUT_S)
     assert set(_tierflow_threads()) - before
     host.close()
     assert set(_tierflow_threads()) <= before
@@ -267,3 +270,22 @@ def test_handles_can_be_polled():
 
 if sys.platform != "linux":  # pragma: no cover
     pytest.skip("the tier engine targets Linux", allow_module_level=True)
+
+
+def test_a_small_host_copy_runs_on_the_calling_thread_unless_a_transfer_is_queued_ahead():
+    # Note [small copies run here]: no worker hand-off (about 1 ms per tensor out and back on a
+    # busy machine), the link's counters still count it, and nothing overtakes a queued transfer.
+    before = set(_tierflow_threads())
+    with HostTier(HostTierConfig(budget_bytes=MiB, slab_bytes=MiB)) as host, _Gate() as gate:
+        src = torch.arange(1024, dtype=torch.float32)
+        h = host.write(host.reserve(4096), src)
+        assert h.done() and set(_tierflow_threads()) <= before  # no worker was started for it
+        assert host.scheduler.stats()["host"].nbytes == 4096
+        limit = host.scheduler.register_link("host")
+        for _ in range(limit):  # every slot of the link busy: the next copy waits in line
+            host.scheduler.submit("host", gate.transfer, kind=TransferKind.OFFLOAD)
+        gate.wait_started(limit)
+        queued = host.write(host.reserve(4096), src)
+        assert not queued.done()
+        gate.open()
+        assert queued.exception(timeout=TIMEOUT_S) is None

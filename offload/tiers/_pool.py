@@ -22,6 +22,9 @@ from tierflow.offload.tiers._memory import ExtentAllocator, MappedMemory
 from tierflow.offload.tiers.base import Tier, TransferHandle
 from tierflow.offload.tiers.scheduler import TransferKind, TransferScheduler, WorkerContext
 
+#: Host copies up to this size run on the calling thread (Note [small copies run here]).
+SMALL_COPY_BYTES = 256 << 10
+
 __all__ = ["PooledTier", "SlabPool"]
 
 
@@ -183,6 +186,10 @@ class PooledTier(Tier):
         def run(ctx: WorkerContext) -> None:
             dst.copy_(src)
 
+        if nbytes <= SMALL_COPY_BYTES:  # Note [small copies run here] (in the scheduler)
+            done = self.scheduler.run_here(self.name, run, nbytes=nbytes)
+            if done is not None:
+                return TransferHandle.gather(f"{self.name} copy", nbytes, [done])
         future = self.scheduler.submit(self.name, run, kind=kind, deadline=deadline, nbytes=nbytes, inline=True)
         return TransferHandle.gather(f"{self.name} copy", nbytes, [future],
                                      lambda: self.scheduler.run_inline(future))

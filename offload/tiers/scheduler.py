@@ -229,6 +229,42 @@ class TransferScheduler:
         _run(self._shared, state, task, WorkerContext(state.name, caller=True))
         return True
 
+    def run_here(self, link: str, fn: Callable[[WorkerContext], None], *, nbytes: int = 0) -> Optional[Future]:
+        """Run ``fn`` on this thread now, as one of ``link``'s transfers, when the link has room and
+        nothing queued ahead of it; returns its (done) future, or None (then :meth:`submit` it).
+
+        Note [small copies run here]: handing a small host copy to a worker costs far more than the
+        copy (about 1 ms per tensor out and back here, most of it the training thread waiting for
+        the GIL the worker holds: ``benchmarks/transfer_cost.py``). A copy of a few hundred KiB
+        takes microseconds, so the caller makes it itself; the link's limit and counters still
+        hold, and nothing overtakes a transfer already queued on the link.
+        """
+        with self._cond:
+            if self._shared.closed:
+                raise TransferCancelled(f"cannot run a transfer on link {link!r}: the scheduler is closed")
+            state = self._link(link, None)
+            if state.queue or state.running >= state.limit:
+                return None
+            state.running += 1
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        start = time.perf_counter()
+        try:
+            fn(WorkerContext(state.name, caller=True))
+        except BaseException as exc:  # noqa: BLE001 - the caller's handle reports it
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+        finally:
+            with self._cond:
+                state.running -= 1
+                state.completed += 1
+                state.nbytes += nbytes
+                state.busy_s += time.perf_counter() - start
+                if state.queue or self._shared.closed:  # only then can anyone be waiting for this slot
+                    self._cond.notify_all()
+        return future
+
     def stats(self) -> Dict[str, LinkStats]:
         """Counters per link."""
         with self._cond:
