@@ -109,8 +109,8 @@ def rerun_points(trace, blocks: Iterable[Block]) -> Dict[Block, int]:
 def with_reruns(trace, blocks: Iterable[Block]):
     """``trace`` as it runs with ``blocks`` re-run: what each re-run reads and re-makes is used at
     its re-run point, what the checkpoint keeps lives until the block's backward ends, and the
-    re-run's own transient memory is a temporary of the re-run interval. Applying it twice changes
-    nothing more.
+    re-run's own transient memory is a temporary of the re-run interval. Applying it to its own
+    result returns that result itself (a caller may then keep its memory timeline).
 
     Read: used during the block's forward and created before it. An activation saved inside the
     block but made before it (an input the checkpoint keeps) is left out: checkpointed, the block
@@ -175,6 +175,8 @@ def with_reruns(trace, blocks: Iterable[Block]):
             transient = _forward_excess(trace.tensors, ticks[a], last + 1) - sum(tensors[i].size_bytes for i in remade)
             if transient > 0:
                 extra.append((blk, at, transient))
+    if not extra and all(a is b for a, b in zip(tensors, trace.tensors)):
+        return trace
     if extra:
         # Double the clock: every interval then has a free tick after its point's and before the next one's.
         tensors = [replace(r, created_tick=_doubled(r.created_tick), freed_tick=_doubled(r.freed_tick))

@@ -329,7 +329,7 @@ def validate_plan(plan: OffloadPlan, trace: Any, hardware: Any = None, *, timeli
     if plan.num_points != n:
         return [f"plan is for a trace of {plan.num_points} points; this trace has {n}: re-plan from this trace"]
     # Note [recompute reads parameters early]: a re-run block reads what its forward read.
-    trace = with_reruns(trace, [parse_block(b) for b in plan.recomputed_blocks])
+    given, trace = trace, with_reruns(trace, [parse_block(b) for b in plan.recomputed_blocks])
     held_by: Dict[int, List[Tuple[int, int, int]]] = {}
     for i, d in enumerate(plan.decisions):
         before = len(p)
@@ -342,7 +342,7 @@ def validate_plan(plan: OffloadPlan, trace: Any, hardware: Any = None, *, timeli
             if a1 < b0:
                 p.append(f"decisions {i0} and {i1} ({trace.tensors[record].key!r}) overlap in intervals {a1}..{b0 - 1}")
     budgets = {"device": plan.device_budget_bytes, **dict(plan.tier_budgets)}
-    if timeline is None or plan.recomputed_blocks:  # a timeline handed in is of the trace without re-runs
+    if timeline is None or trace is not given:  # a timeline handed in is of the trace without its re-runs
         timeline = memory_timeline(trace)
     mem = plan_memory(timeline.interval_peak_bytes, plan.decisions, [t for t in budgets if t != "device"])
     for tier, series in mem.items():

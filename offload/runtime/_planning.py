@@ -92,15 +92,17 @@ def plan_trace(trace: LifetimeTrace, sizes: Mapping[str, SizeRange], config: Off
             f"{plan.device_budget_bytes} bytes, the plan's peak {plan.predicted_device_peak_bytes} bytes "
             f"(unconstrained peak {plan.unconstrained_peak_bytes} bytes); raise offload.device_budget_bytes/"
             f"device_budget_fraction or use offload.policy=lifetime")
-    problems = validate_plan(plan, one, hardware, timeline=timeline)
+    recompute = {parse_block(b) for b in plan.recomputed_blocks}
+    # Validated and accounted as the iteration runs: with its re-runs (Note [a re-run re-makes the
+    # whole block]); the executor follows the points and keys of ``one``, which re-runs leave alone.
+    executed = with_reruns(one, recompute)
+    if executed is not one:
+        timeline = memory_timeline(executed)
+    problems = validate_plan(plan, executed, hardware, timeline=timeline)
     if problems:
         raise PlanError(f"the {plan.policy} plan is invalid ({len(problems)} problems): " + "; ".join(problems[:5]))
-    recompute = {parse_block(b) for b in plan.recomputed_blocks}
-    # The schedule accounts the iteration as it runs: with its re-runs (Note [a re-run re-makes the
-    # whole block]); the executor follows the points and keys of ``one``, which re-runs leave alone.
-    executed = with_reruns(one, recompute) if recompute else one
-    schedule = make_schedule(executed, plan, timeline=memory_timeline(executed) if recompute else timeline,
-                             reserved=frozenset(reserved), scopes=temporary_scopes(one, reserved))
+    schedule = make_schedule(executed, plan, timeline=timeline, reserved=frozenset(reserved),
+                             scopes=temporary_scopes(one, reserved))
     return Planned(plan=plan, trace=one, schedule=schedule, recompute=recompute,
                    skipped=_inside_recomputed(one, plan, recompute),
                    num_reserved=sum(1 for r in one.tensors if r.key in reserved))
