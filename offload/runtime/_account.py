@@ -24,7 +24,7 @@ import math
 from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Set
 
-from tierflow.offload.runtime._schedule import Schedule
+from tierflow.offload.runtime._schedule import Schedule, made_within
 from tierflow.profiling.timeline import memory_timeline
 
 __all__ = ["SizeAccount"]
@@ -102,9 +102,8 @@ class SizeAccount:
                 sizes[key] = math.ceil(used * reserved)
         trace = schedule.trace
         if self.not_made and trace is not None:  # what calls not made would have saved never existed
-            prefixes = tuple(p for m in self.not_made for p in (m + ".", m + "["))
             sizes.update({r.key: 0 for r in trace.tensors
-                          if r.category.value in ("activation", "grad") and r.key.startswith(prefixes)})
+                          if r.category.value in ("activation", "grad") and made_within(r.key, self.not_made)})
         if not sizes or trace is None:
             return schedule.interval_peak
         tensors = tuple(replace(r, size_bytes=sizes[r.key]) if r.key in sizes else r for r in trace.tensors)

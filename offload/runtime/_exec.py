@@ -49,7 +49,7 @@ from tierflow.offload.runtime._fallback import BudgetExceededError, Fallback
 from tierflow.offload.runtime._iteration import IterationState
 from tierflow.offload.runtime._recompute import Reruns
 from tierflow.offload.runtime._residency import Residency
-from tierflow.offload.runtime._schedule import EMPTY_SCHEDULE, MOVABLE, Schedule
+from tierflow.offload.runtime._schedule import EMPTY_SCHEDULE, MOVABLE, Schedule, made_within
 from tierflow.profiling import flat_tensors, held_storage, torch_compat
 from tierflow.profiling.keys import StorageMap, own_parameters
 from tierflow.profiling.trace import ROOT_PATH, PointKind, point_label
@@ -263,7 +263,7 @@ class Executor:
         for i in s.evicts[p]:
             d = decisions[i]
             if i in self.skipped or (self.not_run and d.category in ("activation", "grad") and
-                                     any(d.key.startswith((m + ".", m + "[")) for m in self.not_run)):
+                                     made_within(d.key, self.not_run)):
                 continue  # inside a recomputed block, or made by a call not made (Note [module calls not made])
             storage = self._storage(d.key, d.category)
             if storage is None and d.category in ("activation", "grad"):

@@ -75,9 +75,9 @@ def pin_unmovable(trace, movable: FrozenSet[str] = MOVABLE):
     Note [pinned until saved]: a tensor saved by the operation that made it (the noise a CPU
     dropout multiplies by, made and saved in one interval) has no use after its creation until
     backward, so "until its first use after creation" pinned it through the whole forward and
-    backward gap: no plan could move a dropout mask, and GPT-2's feasible floor rose from 39.7% to
-    59.2% of its peak with dropout on. The runtime knows the key once the saving module's forward
-    returns, whatever the next use.
+    backward gap: no plan could move a dropout mask, a softmax's or a tanh's output (GPT-2's
+    feasible floor with dropout: 62.9% of its peak, 25.8% since; ``benchmarks/feasible_floor.py``).
+    The runtime knows the key once the saving module's forward returns, whatever the next use.
     """
 
     last = len(trace.points) - 1
@@ -181,9 +181,7 @@ class Schedule:
                 q = end + 1
                 continue
             kind, _, name = labels[q].partition(" ")
-            path = name.partition("[")[0]
-            scope = not_run | skipped
-            if kind in _BACKWARD_KINDS and any(path == m or path.startswith(m + ".") for m in scope):
+            if kind in _BACKWARD_KINDS and made_within(name.partition("[")[0], not_run | skipped):
                 q += 1
                 continue
             return None
@@ -200,6 +198,12 @@ class Schedule:
             return None
         i = bisect.bisect_right(uses, point)
         return uses[i] - point if i < len(uses) else uses[0] + self.num_points - point
+
+
+def made_within(name: str, modules: Set[str]) -> bool:
+    """Whether ``name`` (a module path, a parameter's or saved tensor's key) belongs to one of
+    ``modules`` or their submodules: ``m``, ``m.w:grad``, ``m[0]:saved1``, ``m.sub``..."""
+    return any(name == m or name.startswith((m + ".", m + "[")) for m in modules)
 
 
 #: Points of a module's backward, and of its parameters' gradients (Note [module calls not made]).
@@ -221,6 +225,7 @@ def make_schedule(trace, plan: OffloadPlan, *, timeline: Optional[MemoryTimeline
     """
 
     n = len(trace.points)
+    scopes = scopes or {}
     tables: Dict[str, List[List[int]]] = {k: [[] for _ in range(n)] for k in ("evict", "free", "prefetch", "deadline")}
     absent_at_start, writing_at_start = [], []
     recomputed: Dict[str, List[int]] = {}
@@ -264,7 +269,7 @@ def make_schedule(trace, plan: OffloadPlan, *, timeline: Optional[MemoryTimeline
                     recomputed={blk: tuple(v) for blk, v in recomputed.items()},
                     forward_end={a: b for a, b in forward_spans(trace).values()},
                     varying=frozenset(k for k in reserved if k in activations),
-                    scaled={r.key: (scopes[r.key], r.size_bytes) for r in trace.tensors if r.key in (scopes or {})},
+                    scaled={r.key: (scopes[r.key], r.size_bytes) for r in trace.tensors if r.key in scopes},
                     trace=trace)
 
 
