@@ -246,24 +246,9 @@ class TransferScheduler:
             if state.queue or state.running >= state.limit:
                 return None
             state.running += 1
-        future: Future = Future()
-        future.set_running_or_notify_cancel()
-        start = time.perf_counter()
-        try:
-            fn(WorkerContext(state.name, caller=True))
-        except BaseException as exc:  # noqa: BLE001 - the caller's handle reports it
-            future.set_exception(exc)
-        else:
-            future.set_result(None)
-        finally:
-            with self._cond:
-                state.running -= 1
-                state.completed += 1
-                state.nbytes += nbytes
-                state.busy_s += time.perf_counter() - start
-                if state.queue or self._shared.closed:  # only then can anyone be waiting for this slot
-                    self._cond.notify_all()
-        return future
+        task = _Task((0, 0.0, 0), fn, Future(), nbytes, False)
+        _run(self._shared, state, task, WorkerContext(state.name, caller=True))
+        return task.future
 
     def stats(self) -> Dict[str, LinkStats]:
         """Counters per link."""
@@ -339,7 +324,8 @@ def _worker(shared: _Shared, state: _Link) -> None:
 
 
 def _run(shared: _Shared, state: _Link, task: _Task, ctx: WorkerContext) -> None:
-    """Run one claimed task and settle its future (on a worker or a helping caller)."""
+    """Run one claimed task and settle its future (on a worker, a helping caller, or a caller
+    running a small copy itself)."""
     start = time.perf_counter()
     try:
         if task.future.set_running_or_notify_cancel():
