@@ -14,19 +14,18 @@ import weakref
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tests.faults.test_planner_recompute import Net, slow_host
 from tests.helpers import DataDependentLM
-from tests.test_dynamic_shapes import MoELM, host
+from tests.test_dynamic_shapes import VOCAB, MoELM, host, tokens
+from tests.test_dynamic_shapes import step as lm_step
 from tierflow.offload import OffloadConfig, OffloadRuntime
 from tierflow.profiling import LifetimeTracer, TracerConfig, memory_timeline
 from tierflow.trainer.model import GPT, GPTConfig
 
 FAST_TRACER = TracerConfig(subtract_dispatch_cost=False)
-VOCAB = 50
 
 
 class LiveBytes(TorchDispatchMode):
@@ -77,14 +76,6 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def lm_step(model, opt, x):
-    loss = F.cross_entropy(model(x).reshape(-1, VOCAB), x.flatten())
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
 def regression_step(model, opt, x):
     loss = model(x).square().mean()
     loss.backward()
@@ -95,11 +86,6 @@ def regression_step(model, opt, x):
 
 def gpt():
     return GPT(GPTConfig(vocab_size=VOCAB, seq_len=64, n_layer=2, n_head=2, d_model=32))
-
-
-def tokens(n, length=64, batch=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (batch, length), generator=g) for _ in range(n)]
 
 
 def vectors(n):
@@ -160,7 +146,7 @@ def assert_honest(steps, budget=None):
 
 
 def test_the_census_measures_what_the_tracer_measures():
-    data = tokens(2)
+    data = tokens([64] * 2)
     torch.manual_seed(0)
     model = gpt()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -175,7 +161,7 @@ def test_the_census_measures_what_the_tracer_measures():
 
 def test_every_step_kind_is_measured_without_a_budget():
     # Note [every step is measured]: warm-up and profiled steps used to report 0 without a budget.
-    steps, rt = run(gpt, lm_step, tokens(5), OffloadConfig(policy="lifetime"))
+    steps, rt = run(gpt, lm_step, tokens([64] * 5), OffloadConfig(policy="lifetime"))
     assert [r.mode for r, _ in steps] == ["warmup", "profile", "profile", "planned", "planned"]
     assert_honest(steps)
     assert rt.summary()["peak_by_mode"].keys() == {"warmup", "profile", "planned"}
@@ -183,7 +169,7 @@ def test_every_step_kind_is_measured_without_a_budget():
 
 @pytest.mark.parametrize("fraction", [0.8, 0.5])
 def test_a_static_model_is_accounted_as_measured_on_every_step_kind(fraction):
-    data = tokens(5)
+    data = tokens([64] * 5)
     budget = int(fraction * measured_peak(gpt, lm_step, data[0]))
     steps, rt = run(gpt, lm_step, data, OffloadConfig(policy="lifetime", device_budget_bytes=budget))
     assert [r.mode for r, _ in steps] == ["warmup", "profile", "profile", "planned", "planned"]
@@ -218,7 +204,7 @@ def test_dropout_masks_move_and_a_dropout_block_re_runs_exactly():
     def make():
         return GPT(GPTConfig(vocab_size=VOCAB, seq_len=64, n_layer=2, n_head=2, d_model=32, dropout=0.1))
 
-    data = tokens(5)
+    data = tokens([64] * 5)
     steps, rt = run(make, lm_step, data, OffloadConfig(policy="lifetime", device_budget_fraction=0.8), slow_host(),
                     movable=frozenset({"activation", "grad"}))
     assert rt.plan.recomputed_blocks
@@ -233,7 +219,7 @@ def test_a_moe_step_is_accounted_at_its_own_sizes():
     # [temporaries follow their scope]); at their reservations the account read 1.6% high.
     # The warm-up's peak falls inside the optimizer's first step, between two points (Note [the
     # level is live bytes]); counted only at points it read 1% low.
-    data = tokens(5)
+    data = tokens([64] * 5)
     budget = int(0.8 * measured_peak(MoELM, lm_step, data[0]))
     steps, rt = run(MoELM, lm_step, data, OffloadConfig(policy="lifetime", device_budget_bytes=budget))
     assert rt.summary()["reserved_keys"] > 0
@@ -242,7 +228,7 @@ def test_a_moe_step_is_accounted_at_its_own_sizes():
 
 
 def test_fallback_steps_are_accounted_as_measured():
-    data = tokens(8, length=16)
+    data = tokens([16] * 8)
     steps, _ = run(lambda: DataDependentLM(VOCAB, reorder=True), lm_step, data,
                    OffloadConfig(policy="lifetime", device_budget_fraction=0.85, reprofile_after=4))
     assert "fallback" in [r.mode for r, _ in steps]

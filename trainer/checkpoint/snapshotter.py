@@ -186,11 +186,11 @@ class Snapshotter:
         body_len = payload_len + len(meta_bytes)
         seg = self._pick_slot([self._full_name(0), self._full_name(1)], HEADER_BYTES + body_len + len(meta_bytes))
         invalidate(seg.buf)
-        event = _step_events(cap.tensors)  # the copy streams wait for the optimizer step that produced the state
+        events = _step_events(cap.tensors)  # the copy streams wait for the optimizer step that produced the state
         handle = SnapshotHandle(step, Future(), Future())
         self._last = handle
         self.num_snapshots += 1
-        self._queue.put((handle, cap, entries, payload_len, meta_bytes, seg, event, persist))
+        self._queue.put((handle, cap, entries, payload_len, meta_bytes, seg, events, persist))
         self.stall_s += time.perf_counter() - t0
         return handle
 
@@ -241,13 +241,13 @@ class Snapshotter:
                         fut.set_exception(exc)
 
     def _run(self, handle: SnapshotHandle, cap: Captured, entries: List[TensorEntry], payload_len: int,
-             meta_bytes: bytes, seg: Segment, event, persist: bool) -> None:
+             meta_bytes: bytes, seg: Segment, events, persist: bool) -> None:
         t0 = time.perf_counter()
         payload = seg.tensor()[HEADER_BYTES:HEADER_BYTES + payload_len]
-        if event is None:
+        if events is None:
             digest = self._copy_and_hash(handle.step, cap, entries, payload)
         else:
-            digest = self._copy_cuda(handle.step, cap, entries, payload, event)
+            digest = self._copy_cuda(handle.step, cap, entries, payload, events)
         handle.safe.set_result(handle.step)
         self.copy_s += time.perf_counter() - t0
         # Durable: meta, checksum, then the commit marker last (Note [commit marker last]).
