@@ -67,3 +67,24 @@ def test_device_tensor_round_trips_through_kvikio(tmp_path):
         assert tier.device_path.startswith("kvikio")
         t = torch.randn(3 * MiB + 5, device="cuda")
         assert torch.equal(_device_roundtrip(tier, t), t)
+
+
+@pytest.mark.cuda
+def test_the_runtime_table_moves_a_tensor_out_and_back_without_blocking_the_host():
+    from tierflow.offload.runtime._residency import Residency
+
+    with HostTier(HostTierConfig(budget_bytes=64 * MiB, slab_bytes=16 * MiB)) as host:
+        table = Residency(lambda name: host)
+        t = torch.randn(4 * MiB, device="cuda")
+        want = t.clone()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of queued compute the copies must wait behind
+        t.mul_(2)
+        table.offload("t", t.untyped_storage(), "host")
+        table.release("t")
+        table.prefetch("t")
+        table.arrive("t")
+        # The host queued all of it and got here while the compute stream was still asleep.
+        assert not torch.cuda.current_stream().query()
+        assert torch.equal(t, want * 2)  # the compute stream waited for the copy back
+        assert table.stats.stall_s < 0.05

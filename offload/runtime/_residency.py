@@ -68,7 +68,7 @@ class TransferStats:
 
 
 class _Entry:
-    __slots__ = ("key", "storage", "sid", "ref", "nbytes", "tier_name", "tier", "slot", "handle", "state")
+    __slots__ = ("key", "storage", "sid", "ref", "nbytes", "tier_name", "tier", "slot", "handle", "state", "streams")
 
     def __init__(self, key: str, storage: torch.UntypedStorage, tier_name: str, tier: Tier) -> None:
         self.key, self.storage, self.sid, self.nbytes = key, storage, id(storage), storage.nbytes()
@@ -77,6 +77,16 @@ class _Entry:
         self.slot: Optional[Slot] = None
         self.handle: Optional[TransferHandle] = None
         self.state = WRITING
+        self.streams = tier.device_streams(storage)  # None: host transfers (Note [stream-ordered copies])
+
+    def resize(self, storage: torch.UntypedStorage, nbytes: int) -> None:
+        """Shrink or grow the device storage, on the compute stream when streams order its copies."""
+        if self.streams is None:
+            storage.resize_(nbytes)
+        elif nbytes:
+            self.streams.grow(storage, nbytes)
+        else:
+            self.streams.free(storage)
 
 
 def alias_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -185,8 +195,8 @@ class Residency:
         entry = self.entries.get(key)
         if entry is None or entry.state != WRITING:
             return
-        self._wait(entry)
-        entry.storage.resize_(0)
+        self._wait(entry, ordered=True)
+        entry.resize(entry.storage, 0)
         entry.ref, entry.storage = weakref.ref(entry.storage), None  # Note [absent is weak]
         entry.state = ABSENT
         self.absent_bytes += entry.nbytes
@@ -203,7 +213,7 @@ class Residency:
             return
         entry.storage, entry.ref = storage, None
         self._make_room()
-        entry.storage.resize_(entry.nbytes)
+        entry.resize(entry.storage, entry.nbytes)
         self._set_absent(self.absent_bytes - entry.nbytes)
         entry.handle = entry.tier.read(entry.slot, alias_bytes(entry.storage))
         entry.state = READING
@@ -224,7 +234,7 @@ class Residency:
             if key not in self.entries:
                 return  # it was dead
             self.stats.on_demand += 1
-        self._wait(entry)
+        self._wait(entry, ordered=True)
         version = self._version_of(key) if self._version_of is not None else None
         if version is not None:  # the slot holds what the storage holds now (Note [clean copies])
             self.clean[key] = (entry.slot, entry.tier_name, entry.tier, entry.nbytes, version)
@@ -340,7 +350,9 @@ class Residency:
         entry = self.entries.pop(key, None)
         if entry is None:
             return
-        if entry.handle is not None:
+        if entry.handle is not None and entry.handle.stream_ordered:
+            entry.handle.order_compute()  # the storage may die now: its memory is reused after the copy
+        elif entry.handle is not None:
             entry.handle.exception()  # settle it; nobody needs the bytes any more
         if entry.state == ABSENT:
             self._set_absent(self.absent_bytes - entry.nbytes)
@@ -366,8 +378,15 @@ class Residency:
         self.absent_bytes = value
         self.absent_min = min(self.absent_min, value)
 
-    def _wait(self, entry: _Entry) -> None:
+    def _wait(self, entry: _Entry, ordered: bool = False) -> None:
+        """Wait for the entry's transfer. With ``ordered``, a stream-ordered copy is not waited for
+        on the host: the compute stream waits for it instead (Note [stream-ordered copies])."""
         handle = entry.handle
+        if ordered and handle is not None and handle.stream_ordered:
+            handle.order_compute()
+            entry.handle = None
+            self._inflight.pop(entry.key, None)
+            return
         self.transferring += 1  # a copy run on this thread (Note [help while waiting]) is ours, not the model's
         try:
             if handle is not None and not handle.done():
@@ -392,7 +411,7 @@ class Residency:
         (a tensor in it raises on use instead of computing with bytes that failed their check)."""
         entry.handle.exception()  # settle the other chunks of the read
         entry.handle = None
-        entry.storage.resize_(0)
+        entry.resize(entry.storage, 0)
         entry.ref, entry.storage = weakref.ref(entry.storage), None
         entry.state = ABSENT
         self._set_absent(self.absent_bytes + entry.nbytes)

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import torch
 
 from tierflow.offload.core.errors import TierFullError
 from tierflow.offload.core.units import align_up, format_bytes
-from tierflow.offload.tiers import _cuda
 from tierflow.offload.tiers._memory import ExtentAllocator, MappedMemory
 from tierflow.offload.tiers.base import Tier, TransferHandle
 from tierflow.offload.tiers.scheduler import TransferKind, TransferScheduler, WorkerContext
+from tierflow.offload.tiers.streams import IN, OUT, CudaStreams, StreamHandle, Streams
 
 #: Host copies up to this size run on the calling thread (Note [small copies run here]).
 SMALL_COPY_BYTES = 256 << 10
@@ -130,14 +130,17 @@ class SlabPool:
 class PooledTier(Tier):
     """A Tier whose slots live in a :class:`SlabPool` of host memory.
 
-    Copies run on scheduler links: ``<name>`` for CPU tensors (a memcpy: one link, since both
-    directions share memory bandwidth), ``device-><name>`` and ``<name>->device`` for CUDA tensors
-    (PCIe is full duplex), each on the worker's own CUDA stream.
+    Copies of CPU tensors run on the scheduler link ``<name>`` (a memcpy: one link, since both
+    directions share memory bandwidth). Copies of device tensors are queued by the caller on a side
+    stream per direction and ordered by events (Note [stream-ordered copies]); ``streams`` replaces
+    the CUDA streams made on first use (the tests pass a simulator).
     """
 
-    def __init__(self, name: str, pool: SlabPool, scheduler: TransferScheduler | None) -> None:
+    def __init__(self, name: str, pool: SlabPool, scheduler: TransferScheduler | None,
+                 streams: Optional[Streams] = None) -> None:
         super().__init__(name, scheduler)
         self.pool = pool
+        self.streams = streams
 
     @property
     def capacity_bytes(self) -> int:
@@ -152,6 +155,13 @@ class PooledTier(Tier):
         """Memory held by the pool's slabs (at most capacity + one slab, Note [pool bound])."""
         return self.pool.pool_bytes
 
+    def device_streams(self, t: Any) -> Optional[Streams]:
+        if self.streams is None:
+            if t.device.type != "cuda":
+                return None
+            self.streams = CudaStreams()
+        return self.streams if self.streams.is_device(t) else None
+
     def _allocate(self, nbytes: int) -> _Extent:
         return self.pool.alloc(nbytes)
 
@@ -162,27 +172,25 @@ class PooledTier(Tier):
         self.pool.close()
 
     def _start_write(self, storage: _Extent, src: torch.Tensor, deadline: float, ready: Any) -> TransferHandle:
-        view = self.pool.view(storage, src.numel())
-        return self._copy(view, src, f"device->{self.name}", TransferKind.OFFLOAD, deadline, ready)
+        return self._copy(self.pool.view(storage, src.numel()), src, TransferKind.OFFLOAD, deadline)
 
     def _start_read(self, storage: _Extent, dst: torch.Tensor, deadline: float, ready: Any) -> TransferHandle:
-        view = self.pool.view(storage, dst.numel())
-        return self._copy(dst, view, f"{self.name}->device", TransferKind.PREFETCH, deadline, ready)
+        return self._copy(dst, self.pool.view(storage, dst.numel()), TransferKind.PREFETCH, deadline)
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor, cuda_link: str, kind: TransferKind,
-              deadline: float, ready: Any) -> TransferHandle:
-        nbytes = src.numel()
-        gpu = dst if dst.is_cuda else src if src.is_cuda else None
-        if gpu is not None:
-            def run(ctx: WorkerContext) -> None:
-                _cuda.copy_on_worker_stream(ctx.cuda_stream(gpu.device), ready,
-                                            lambda: dst.copy_(src, non_blocking=True))
+    def _ordered_write(self, storage: _Extent, src: torch.Tensor, streams: Streams, waits: List[Any],
+                       what: str) -> TransferHandle:
+        return _queue_copy(streams, OUT, self.pool.view(storage, src.numel()), src, src.device, waits, what)
 
-            future = self.scheduler.submit(cuda_link, run, kind=kind, deadline=deadline, nbytes=nbytes)
-            return TransferHandle.gather(f"{cuda_link} copy", nbytes, [future])
+    def _ordered_read(self, storage: _Extent, dst: torch.Tensor, streams: Streams, waits: List[Any],
+                      what: str) -> TransferHandle:
+        return _queue_copy(streams, IN, dst, self.pool.view(storage, dst.numel()), dst.device, waits, what)
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, kind: TransferKind, deadline: float) -> TransferHandle:
         # A host copy is one torch copy_ (itself parallel over the intra-op threads). A caller that
         # waits for it while it is still queued runs it on its own thread (Note [help while
         # waiting]), which saves the worker's wake-up: as long as an 8 MiB copy on a busy machine.
+        nbytes = src.numel()
+
         def run(ctx: WorkerContext) -> None:
             dst.copy_(src)
 
@@ -193,3 +201,13 @@ class PooledTier(Tier):
         future = self.scheduler.submit(self.name, run, kind=kind, deadline=deadline, nbytes=nbytes, inline=True)
         return TransferHandle.gather(f"{self.name} copy", nbytes, [future],
                                      lambda: self.scheduler.run_inline(future))
+
+
+def _queue_copy(streams: Streams, direction: str, dst: torch.Tensor, src: torch.Tensor, device: Any,
+                waits: List[Any], what: str) -> StreamHandle:
+    """Queue ``dst.copy_(src)`` on ``device``'s side stream for ``direction`` after ``waits``."""
+    stream = streams.side(device, direction)
+    for event in waits:
+        streams.wait(stream, event)
+    streams.copy(stream, dst, src)
+    return StreamHandle(what, src.numel(), streams, streams.record(stream), device)

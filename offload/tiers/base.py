@@ -6,12 +6,14 @@ Call order for one slot (every tier, host, NUMA or NVMe, behaves the same way)::
     h = tier.write(slot, tensor)         # asynchronous; leave `tensor` unmodified until h is done
     h.wait()                             # or poll h.done()
     h = tier.read(slot, out)             # asynchronous; `out` holds the bytes once h is done
-    tier.free(slot)                      # waits for the slot's transfers, returns its space
+    tier.free(slot)                      # returns its space once the slot's transfers are done
     tier.close()                         # or `with tier:`; frees every slot, removes swap files
 
 Operations on one slot run in submission order (a read submitted right after a write sees the
 written bytes without the caller waiting in between); operations on different slots run
-concurrently, ordered by the scheduler. A failed write leaves the slot without valid data: a later
+concurrently, ordered by the scheduler. A pooled tier queues a CUDA tensor's copies on side
+streams instead, ordered by events (Note [stream-ordered copies] in ``streams.py``): its handle's
+``wait`` blocks the host, and a freed slot is handed out again only after its copies ran. A failed write leaves the slot without valid data: a later
 read raises instead of returning stale bytes, and every other slot stays readable.
 
 Implementations provide storage (``_allocate``/``_release``) and the two transfers
@@ -26,11 +28,11 @@ import math
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from tierflow.offload.core.errors import TierError, TierIOError
+from tierflow.offload.core.errors import TierError, TierFullError, TierIOError
 from tierflow.offload.tiers import _cuda
 from tierflow.offload.tiers.config import SchedulerConfig
 from tierflow.offload.tiers.scheduler import TransferScheduler
@@ -59,6 +61,8 @@ class TransferHandle:
     A handle may stand for many pieces (an NVMe transfer is split into chunks); it is done when all
     are, and :meth:`wait` raises the first piece's error.
     """
+
+    stream_ordered = False  # True for a copy queued on a device stream (Note [stream-ordered copies])
 
     def __init__(self, what: str, nbytes: int) -> None:
         self.what = what
@@ -173,6 +177,9 @@ class Tier(abc.ABC):
         self._slots: Dict[int, _SlotState] = {}
         self._next_id = 0
         self._closed = False
+        # Freed slots whose last device copy may still run: (its handle, the storage), released
+        # once the copy is done (Note [stream-ordered copies] 4).
+        self._later: List[Tuple[TransferHandle, Any]] = []
 
     # --- the interface ------------------------------------------------------------------------
 
@@ -196,7 +203,14 @@ class Tier(abc.ABC):
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
             raise ValueError(f"{self.name}: reserve(nbytes={nbytes!r}) needs a positive integer byte count, e.g. tensor.nbytes")
         self._check_open()
-        storage = self._allocate(nbytes)
+        self._reclaim()
+        try:
+            storage = self._allocate(nbytes)
+        except TierFullError:
+            if not self._later:
+                raise
+            self._reclaim(block=True)  # the room is there once the copies still reading it are done
+            storage = self._allocate(nbytes)
         with self._lock:
             slot = Slot(self.name, self._next_id, nbytes)
             self._next_id += 1
@@ -217,6 +231,12 @@ class Tier(abc.ABC):
         state = self._state(slot)
         src_bytes = _as_bytes(self.name, "write", slot, src.contiguous(), writable=False)
         what = f"write {self.name} slot {slot.slot_id}"
+        streams = self.device_streams(src_bytes)
+        if streams is not None:
+            handle = self._ordered(state, streams, src_bytes, lambda waits: self._ordered_write(
+                state.storage, src_bytes, streams, waits, what))
+            state.written, state.last_write, state.error = True, handle, None
+            return handle
         ready = _cuda.ready_event(src_bytes)  # recorded on the caller's stream, now
 
         def start() -> TransferHandle:
@@ -251,6 +271,13 @@ class Tier(abc.ABC):
             raise ValueError(f"{self.name}: read into a non-contiguous tensor; pass a contiguous one (e.g. torch.empty(t.shape, dtype=t.dtype))")
         dst_bytes = _as_bytes(self.name, "read", slot, dst, writable=True)
         what = f"read {self.name} slot {slot.slot_id}"
+        streams = self.device_streams(dst_bytes)
+        if streams is not None:
+            if state.error is not None:
+                raise TierIOError(f"{self.name}: slot {slot.slot_id} holds no valid data: its last write failed "
+                                  f"({state.error}); write it again")
+            return self._ordered(state, streams, dst_bytes, lambda waits: self._ordered_read(
+                state.storage, dst_bytes, streams, waits, what))
         ready = _cuda.ready_event(dst_bytes)  # earlier work that still uses `dst` finishes first
 
         def start() -> TransferHandle:
@@ -267,9 +294,15 @@ class Tier(abc.ABC):
             state = self._slots.pop(slot.slot_id, None)
         if state is None or state.slot != slot:
             raise KeyError(f"{self.name}: slot {slot.slot_id} is not live in this tier (freed twice, or from another tier)")
-        if state.last is not None:
-            state.last.exception()  # waits; errors were reported through the handle
+        last = state.last
+        if last is not None and last.stream_ordered and not last.done():
+            with self._lock:  # a device copy may still use it: released later (Note [stream-ordered copies] 4)
+                self._later.append((last, state.storage))
+            return
+        if last is not None:
+            last.exception()  # waits; errors were reported through the handle
         self._release(state.storage)
+        self._reclaim()
 
     def close(self) -> None:
         """Release every slot and the tier's memory or files. Idempotent.
@@ -290,6 +323,7 @@ class Tier(abc.ABC):
             for state in states:
                 if state.last is not None:
                     state.last.exception()  # settled: done, failed or cancelled
+            self._reclaim(block=True)
         finally:
             self._close_storage()
 
@@ -302,6 +336,12 @@ class Tier(abc.ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def device_streams(self, t: Any) -> Optional[Any]:
+        """The :class:`~tierflow.offload.tiers.streams.Streams` that order this tier's copies of
+        ``t`` (a device tensor or storage), or None when they are host transfers (every tier but
+        the pooled ones on CUDA)."""
+        return None
 
     # --- what an implementation provides ------------------------------------------------------
 
@@ -329,7 +369,47 @@ class Tier(abc.ABC):
     def _close_storage(self) -> None:
         """Release everything the tier holds (slabs, files); called once, after the slots are freed."""
 
+    def _ordered_write(self, storage: Any, src: torch.Tensor, streams: Any, waits: List[Any], what: str) -> TransferHandle:
+        """Queue the copy of device ``src`` into ``storage`` on a stream after ``waits`` (events);
+        only for tiers whose :meth:`device_streams` returns streams."""
+        raise NotImplementedError(f"{type(self).__name__} has no stream-ordered copies")
+
+    def _ordered_read(self, storage: Any, dst: torch.Tensor, streams: Any, waits: List[Any], what: str) -> TransferHandle:
+        """Queue the copy of ``storage`` into device ``dst``, as :meth:`_ordered_write`."""
+        raise NotImplementedError(f"{type(self).__name__} has no stream-ordered copies")
+
     # --- helpers ------------------------------------------------------------------------------
+
+    def _ordered(self, state: _SlotState, streams: Any, device_tensor: torch.Tensor,
+                 issue: Callable[[List[Any]], TransferHandle]) -> TransferHandle:
+        """Issue a stream-ordered copy on this thread now (Note [stream-ordered copies]): it waits
+        for the compute stream's work so far and for the slot's previous copy, on the device."""
+        waits = [streams.record(streams.compute(device_tensor.device))]
+        previous = state.last
+        if previous is not None and not previous.done():
+            if previous.stream_ordered:
+                waits.append(previous.event)
+            else:
+                previous.exception()  # a host transfer on this slot finishes first (a mixed slot)
+        handle = issue(waits)
+        state.last = handle
+        return handle
+
+    def _reclaim(self, block: bool = False) -> None:
+        """Release the freed slots whose device copies are done (all of them, waiting, if ``block``)."""
+        with self._lock:
+            later, self._later = self._later, []
+        keep = []
+        for handle, storage in later:
+            if block:
+                handle.wait()
+            if handle.done():
+                self._release(storage)
+            else:
+                keep.append((handle, storage))
+        if keep:
+            with self._lock:
+                self._later[:0] = keep
 
     def _check_open(self) -> None:
         if self._closed:

@@ -176,7 +176,7 @@ class SchedulerConfig:
     Attributes:
         max_inflight_per_link: transfers (or NVMe chunks) running at once on a link unless the
             tier or ``link_limits`` says otherwise. More overlaps latency; too many contend.
-        link_limits: per-link overrides by name, e.g. ``{"nvme:0": 8, "device->host": 2}``.
+        link_limits: per-link overrides by name, e.g. ``{"nvme:0": 8, "host": 2}``.
     """
 
     KEY: ClassVar[str] = "tiers.scheduler"

@@ -1,8 +1,7 @@
 """The transfer scheduler: per-link priority queues served by a bounded set of worker threads.
 
 A *link* is one path that transfers contend for: ``host`` (memory copies into the host pool),
-``device->host`` and ``host->device`` (the two directions of PCIe), ``numa``, ``nvme:<index>`` (one
-per swap directory). Each link has its own queue and at most ``limit`` transfers running at once
+``numa:<node>``, ``nvme:<index>`` (one per swap directory). Each link has its own queue and at most ``limit`` transfers running at once
 (concurrent offloads contend for the same bandwidth, so an unbounded number only adds queueing
 inside the OS or the driver, where nobody can reorder them).
 
@@ -10,9 +9,10 @@ Note [prefetch before offload]: a queue is ordered by ``(kind, deadline, submiss
 prefetches ahead of offloads: a prefetch that misses its deadline stalls compute, an offload that
 runs late only holds memory a little longer. Among prefetches the earliest deadline goes first.
 
-On CPU a worker runs the transfer itself (memcpy and file I/O release the GIL). On CUDA a worker
-issues the copy on its own stream and waits for it on an event, so at most ``limit`` copies per
-direction are on the device at once and the queue order is the issue order.
+A worker runs the transfer itself (memcpy and file I/O release the GIL); an NVMe transfer of a
+CUDA tensor stages it on the worker's own stream. Copies between a CUDA tensor and the host or NUMA
+pool never come here: the caller queues them on a side stream (Note [stream-ordered copies] in
+``streams.py``).
 
 Clean shutdown: :meth:`TransferScheduler.close` cancels what is still queued (their handles raise
 :class:`~tierflow.offload.core.errors.TransferCancelled`), lets running transfers finish and joins every worker.
