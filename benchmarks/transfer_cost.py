@@ -4,7 +4,9 @@ move per step, and the per-transfer work runs on the training thread).
 
     python benchmarks/transfer_cost.py [--tensors 2000] [--bytes 4096,65536] [--rounds 3]
 
-Prints microseconds per tensor for each action and the round trip, the median of the rounds.
+Prints microseconds per tensor for each action and the round trip, the median of the rounds, two
+ways in one run: one tensor per transfer, and the way the executor moves a point's tensors, its
+offloads and its prefetches each in one batch (Note [packs]: the small ones share one transfer).
 Small tensors make the copy itself negligible: what is left is bookkeeping, the tier worker's
 hand-off and the GIL.
 """
@@ -12,10 +14,12 @@ hand-off and the GIL.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 import torch
 
@@ -35,28 +39,38 @@ def main() -> None:
     args = ap.parse_args()
     n = args.tensors
     print(f"{n} tensors per round, host tier, median of {args.rounds} rounds; microseconds per tensor")
-    print(f"{'size':>8} {'offload':>8} {'free':>6} {'prefetch':>9} {'arrive':>7} {'round trip':>11}")
+    print(f"{'size':>8} {'how':>9} {'offload':>8} {'free':>6} {'prefetch':>9} {'arrive':>7} {'round trip':>11} {'ratio':>6}")
     for size in (int(b) for b in args.bytes.split(",")):
-        budget = -(-2 * n * size // (1 << 24)) << 24
-        cfg = TiersConfig(host=HostTierConfig(enabled=True, budget_bytes=budget, slab_bytes=1 << 24))
-        with TierEngine(cfg) as engine:
-            table = Residency(lambda name: engine.tiers["host"])
-            tensors = [torch.randn(size // 4) for _ in range(n)]
-            keep = [t.clone() for t in tensors]
-            rows = []
-            for _ in range(args.rounds):
-                marks = [time.perf_counter()]
+        single = _measure(n, size, args.rounds, batched=False)
+        packed = _measure(n, size, args.rounds, batched=True)
+        for how, med in (("single", single), ("batched", packed)):
+            ratio = f"{sum(med) / sum(single):.2f}" if how == "batched" else ""
+            print(f"{size:>8} {how:>9} {med[0]:>8.1f} {med[1]:>6.1f} {med[2]:>9.1f} {med[3]:>7.1f} {sum(med):>11.1f} {ratio:>6}")
+
+
+def _measure(n: int, size: int, rounds: int, batched: bool) -> List[float]:
+    budget = -(-2 * n * size // (1 << 24)) << 24
+    cfg = TiersConfig(host=HostTierConfig(enabled=True, budget_bytes=budget, slab_bytes=1 << 24))
+    with TierEngine(cfg) as engine:
+        table = Residency(lambda name: engine.tiers["host"])
+        batch = table.batch if batched else contextlib.nullcontext
+        tensors = [torch.randn(size // 4) for _ in range(n)]
+        keep = [t.clone() for t in tensors]
+        rows = []
+        for _ in range(rounds):
+            marks = [time.perf_counter()]
+            with batch():
                 for i, t in enumerate(tensors):
                     table.offload(f"t{i}", t.untyped_storage(), "host")
-                marks.append(time.perf_counter())
-                for action in (table.release, table.prefetch, table.arrive):
+            marks.append(time.perf_counter())
+            for action, batched_action in ((table.release, False), (table.prefetch, True), (table.arrive, False)):
+                with batch() if batched_action else contextlib.nullcontext():
                     for i in range(n):
                         action(f"t{i}")
-                    marks.append(time.perf_counter())
-                rows.append([(b - a) / n * 1e6 for a, b in zip(marks, marks[1:])])
-            assert all(torch.equal(a, b) for a, b in zip(tensors, keep))  # every byte came back
-            med = [statistics.median(col) for col in zip(*rows)]
-            print(f"{size:>8} {med[0]:>8.1f} {med[1]:>6.1f} {med[2]:>9.1f} {med[3]:>7.1f} {sum(med):>11.1f}")
+                marks.append(time.perf_counter())
+            rows.append([(b - a) / n * 1e6 for a, b in zip(marks, marks[1:])])
+        assert all(torch.equal(a, b) for a, b in zip(tensors, keep))  # every byte came back
+        return [statistics.median(col) for col in zip(*rows)]
 
 
 if __name__ == "__main__":

@@ -166,8 +166,7 @@ class Executor:
         self.pos, self.diverged = 0, False
         self.state.begin(inputs)
         self.point_calls: Dict[Tuple[PointKind, str], int] = {}
-        # Planned activations of this iteration, held weakly: autograd alone decides when one dies
-        # (Note [saved tensors held weakly]).
+        # Planned activations, held weakly: autograd alone decides when one dies (Note [saved tensors held weakly]).
         self.saved: Dict[str, "weakref.ref[torch.UntypedStorage]"] = {}
         self.hits = self.missed = 0
         self.fallback: Optional[Fallback] = None
@@ -260,31 +259,32 @@ class Executor:
         s, r, decisions = self.schedule, self.residency, self.plan.decisions
         while self.late_release:
             r.release(self.late_release.pop())
-        for i in s.evicts[p]:
-            d = decisions[i]
-            if i in self.skipped or (self.not_run and d.category in ("activation", "grad") and
-                                     made_within(d.key, self.not_run)):
-                continue  # inside a recomputed block, or made by a call not made (Note [module calls not made])
-            storage = self._storage(d.key, d.category)
-            if storage is None and d.category in ("activation", "grad"):
-                if d.wraps:
-                    self.missed += 1
-                else:
-                    self.pending[d.key] = i  # Note [late offload]: not saved / not a .grad yet
-                continue
-            if storage is None:
-                self._diverge(f"planned tensor {d.key!r} does not exist at point {p}")
-                return
-            if not self.account.fits(d.key, storage.nbytes(), d.size_bytes):  # Note [size reservations]
-                self._diverge(f"planned tensor {d.key!r} has {storage.nbytes()} bytes, the plan reserved {d.size_bytes}")
-                return
-            self.hits += r.offload(d.key, storage, d.tier)
+        with r.batch():  # the small tensors of this point leave together (Note [packs])
+            for i in s.evicts[p]:
+                d = decisions[i]
+                if i in self.skipped or (self.not_run and d.category in ("activation", "grad") and
+                                         made_within(d.key, self.not_run)):
+                    continue  # inside a recomputed block, or made by a call not made (Note [module calls not made])
+                storage = self._storage(d.key, d.category)
+                if storage is None and d.category in ("activation", "grad"):
+                    if d.wraps:
+                        self.missed += 1
+                    else:
+                        self.pending[d.key] = i  # Note [late offload]: not saved / not a .grad yet
+                    continue
+                if storage is None:
+                    return self._diverge(f"planned tensor {d.key!r} does not exist at point {p}")
+                if not self.account.fits(d.key, storage.nbytes(), d.size_bytes):  # Note [size reservations]
+                    return self._diverge(f"planned tensor {d.key!r} has {storage.nbytes()} bytes, "
+                                         f"the plan reserved {d.size_bytes}")
+                self.hits += r.offload(d.key, storage, d.tier)
         for i in s.frees[p]:
             r.release(decisions[i].key)
-        for i in s.prefetches[p]:
-            if self.pending.pop(decisions[i].key, None) is not None:
-                self.missed += 1  # it never became available while it could leave: it stayed
-            r.prefetch(decisions[i].key)
+        with r.batch():  # and those it prefetches come back together
+            for i in s.prefetches[p]:
+                if self.pending.pop(decisions[i].key, None) is not None:
+                    self.missed += 1  # it never became available while it could leave: it stayed
+                r.prefetch(decisions[i].key)
         for i in s.deadlines[p]:
             r.arrive(decisions[i].key)
 

@@ -32,16 +32,18 @@ runs out of room frees every clean copy before it gives up.
 from __future__ import annotations
 
 import collections
-import ctypes
+import contextlib
 import functools
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
 from tierflow.offload.core.errors import TierError, TierFullError
+from tierflow.offload.runtime._bytes import alias_bytes
+from tierflow.offload.runtime._packs import PACK_BYTES, Pack, by_tier, layout
 from tierflow.offload.tiers.base import Slot, Tier, TransferHandle
 
 __all__ = ["Residency", "TransferStats", "alias_bytes"]
@@ -68,7 +70,8 @@ class TransferStats:
 
 
 class _Entry:
-    __slots__ = ("key", "storage", "sid", "ref", "nbytes", "tier_name", "tier", "slot", "handle", "state", "streams")
+    __slots__ = ("key", "storage", "sid", "ref", "nbytes", "tier_name", "tier", "slot", "handle", "state", "streams",
+                 "pack", "offset")
 
     def __init__(self, key: str, storage: torch.UntypedStorage, tier_name: str, tier: Tier) -> None:
         self.key, self.storage, self.sid, self.nbytes = key, storage, id(storage), storage.nbytes()
@@ -78,6 +81,8 @@ class _Entry:
         self.handle: Optional[TransferHandle] = None
         self.state = WRITING
         self.streams = tier.device_streams(storage)  # None: host transfers (Note [stream-ordered copies])
+        self.pack: Optional[Pack] = None  # the slot it shares with others of its point (Note [packs])
+        self.offset = 0  # its bytes' place in the pack's slot
 
     def resize(self, storage: torch.UntypedStorage, nbytes: int) -> None:
         """Shrink or grow the device storage, on the compute stream when streams order its copies."""
@@ -87,34 +92,6 @@ class _Entry:
             self.streams.grow(storage, nbytes)
         else:
             self.streams.free(storage)
-
-
-def alias_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
-    """The whole storage as a flat uint8 tensor that aliases its memory without owning it.
-
-    Note [alias, not share]: the tensor handed to a tier views the storage's memory through a
-    separate, non-owning storage object, for two reasons. (1) The tier's transfer closures can
-    outlive the transfer (a worker thread keeps its last task until it takes the next one; a copy
-    run by a waiting caller stays queued until a worker skips it): a view that owned the model's
-    storage would keep a saved activation alive after autograd let go of it, and the device would
-    hold it past its last use (the tracer saw exactly that). (2) NVMe I/O hands its buffer to
-    numpy, which marks that storage non-resizable for good; the model's storage must stay
-    resizable (Note [storage swap]). It is safe because the residency entry holds the real
-    storage until every transfer on it has finished (``arrive`` and ``discard`` wait), the
-    storage is never resized while one is in flight, and a stale closure never runs again.
-    """
-    n = storage.nbytes()
-    if storage.device.type == "cuda":
-        return torch.as_tensor(_CudaBytes(storage.data_ptr(), n), device=storage.device)
-    raw = (ctypes.c_uint8 * n).from_address(storage.data_ptr())
-    return torch.frombuffer(raw, dtype=torch.uint8)
-
-
-class _CudaBytes:
-    """``n`` bytes of device memory at ``ptr`` through ``__cuda_array_interface__`` (no ownership)."""
-
-    def __init__(self, ptr: int, n: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (ptr, False), "version": 2}
 
 
 def _ours(method):
@@ -158,6 +135,18 @@ class Residency:
         self.absent_bytes = 0  # device bytes held away now
         self.absent_min = 0  # the least absent_bytes since the runtime last reset it (a point)
         self.waited_total_s = 0.0  # every stall since the table was made (the tracer subtracts it)
+        self._batch: Optional[Tuple[List[_Entry], List[_Entry]]] = None  # offloads, prefetches (Note [packs])
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Offloads and prefetches asked for inside the block move small storages together; their
+        transfers start when the block ends (Note [packs]). Blocks do not nest."""
+        self._batch = ([], [])
+        try:
+            yield
+        finally:
+            self._flush()
+            self._batch = None
 
     # --- the four plan actions ------------------------------------------------------------
 
@@ -174,18 +163,15 @@ class Residency:
             self.entries[key] = entry
             self._by_storage[entry.sid] = key
             return True
-        self._make_room()
-        try:
-            entry.slot = entry.tier.reserve(entry.nbytes)
-        except TierFullError:
-            if not self.clean:
-                raise
-            self.free_clean()  # clean copies are a convenience: give their room to what must leave now
-            entry.slot = entry.tier.reserve(entry.nbytes)
-        entry.handle = entry.tier.write(entry.slot, alias_bytes(storage))
+        if self._batch is not None and self._packable(entry):
+            self._batch[0].append(entry)  # written at the end of the batch
+        else:
+            self._make_room()
+            entry.slot = self._reserve(entry.tier, entry.nbytes)
+            entry.handle = entry.tier.write(entry.slot, alias_bytes(storage))
+            self._inflight[key] = None
         self.entries[key] = entry
         self._by_storage[entry.sid] = key
-        self._inflight[key] = None
         self.stats.bytes_out[tier_name] += entry.nbytes
         return True
 
@@ -195,6 +181,7 @@ class Residency:
         entry = self.entries.get(key)
         if entry is None or entry.state != WRITING:
             return
+        self._flush()
         self._wait(entry, ordered=True)
         entry.resize(entry.storage, 0)
         entry.ref, entry.storage = weakref.ref(entry.storage), None  # Note [absent is weak]
@@ -215,10 +202,13 @@ class Residency:
         self._make_room()
         entry.resize(entry.storage, entry.nbytes)
         self._set_absent(self.absent_bytes - entry.nbytes)
-        entry.handle = entry.tier.read(entry.slot, alias_bytes(entry.storage))
         entry.state = READING
-        self._inflight[key] = None
         self.stats.bytes_in[entry.tier_name] += entry.nbytes
+        if self._batch is not None and entry.pack is not None:
+            self._batch[1].append(entry)  # read with the others of its pack at the end of the batch
+            return
+        entry.handle = self._read(entry.tier, entry.slot, [entry])
+        self._inflight[key] = None
 
     @_ours
     def arrive(self, key: str) -> None:
@@ -234,12 +224,13 @@ class Residency:
             if key not in self.entries:
                 return  # it was dead
             self.stats.on_demand += 1
+        self._flush()
         self._wait(entry, ordered=True)
         version = self._version_of(key) if self._version_of is not None else None
-        if version is not None:  # the slot holds what the storage holds now (Note [clean copies])
+        if version is not None and entry.pack is None:  # the slot holds what the storage holds now (Note [clean copies])
             self.clean[key] = (entry.slot, entry.tier_name, entry.tier, entry.nbytes, version)
         else:
-            entry.tier.free(entry.slot)
+            self._let_go(entry)
         self._forget(key, entry)
 
     def _reuse_clean(self, entry: _Entry) -> bool:
@@ -356,7 +347,9 @@ class Residency:
             entry.handle.exception()  # settle it; nobody needs the bytes any more
         if entry.state == ABSENT:
             self._set_absent(self.absent_bytes - entry.nbytes)
-        entry.tier.free(entry.slot)
+        self._drop_pending(entry)
+        if entry.slot is not None:
+            self._let_go(entry)
         self._inflight.pop(key, None)
         self._forget(key, entry)
 
@@ -416,6 +409,80 @@ class Residency:
         entry.state = ABSENT
         self._set_absent(self.absent_bytes + entry.nbytes)
         self._inflight.pop(entry.key, None)
+
+    # --- packs (Note [packs]) ---------------------------------------------------------------------
+
+    def _packable(self, entry: _Entry) -> bool:
+        return entry.nbytes <= PACK_BYTES and entry.tier.packs and (
+            self._version_of is None or self._version_of(entry.key) is None)
+
+    def _reserve(self, tier: Tier, nbytes: int) -> Slot:
+        try:
+            return tier.reserve(nbytes)
+        except TierFullError:
+            if not self.clean:
+                raise
+            self.free_clean()  # clean copies are a convenience: give their room to what must leave now
+            return tier.reserve(nbytes)
+
+    def _read(self, tier: Tier, slot: Slot, entries: List[_Entry]) -> TransferHandle:
+        if entries[0].pack is None:
+            return tier.read(slot, alias_bytes(entries[0].storage))
+        return tier.read_packed(slot, [(e.offset, alias_bytes(e.storage)) for e in entries])
+
+    @_ours
+    def _flush(self) -> None:
+        """Start the transfers a batch collected: each group of small offloads as packs, each pack's
+        prefetched members as one read."""
+        if self._batch is None or not (self._batch[0] or self._batch[1]):
+            return
+        offloads, prefetches = self._batch
+        self._batch = ([], [])
+        reads: Dict[int, List[_Entry]] = {}  # prefetches first (Note [prefetch before offload])
+        for entry in prefetches:
+            reads.setdefault(id(entry.pack), []).append(entry)
+        for members in reads.values():
+            handle = self._read(members[0].tier, members[0].pack.slot, members)
+            for entry in members:
+                entry.handle = handle
+                self._inflight[entry.key] = None
+        try:
+            for group in by_tier(offloads).values():
+                for members, offsets, size in layout(group) if len(group) > 1 else [(group, [0], group[0].nbytes)]:
+                    self._write(members[0].tier, members, offsets, size)
+        except BaseException:
+            for entry in offloads:  # what did not start never left: resident, as if never asked to move
+                if entry.slot is None and self.entries.get(entry.key) is entry:
+                    self.stats.bytes_out[entry.tier_name] -= entry.nbytes
+                    self._forget(entry.key, entry)
+            raise
+
+    def _write(self, tier: Tier, members: List[_Entry], offsets: List[int], size: int) -> None:
+        slot = self._reserve(tier, size)
+        if len(members) == 1:
+            handle = tier.write(slot, alias_bytes(members[0].storage))
+        else:
+            pack = Pack(tier, slot, len(members))
+            for entry, offset in zip(members, offsets):
+                entry.pack, entry.offset = pack, offset
+            handle = tier.write_packed(slot, [(o, alias_bytes(e.storage)) for e, o in zip(members, offsets)])
+        for entry in members:
+            entry.slot, entry.handle = slot, handle
+            self._inflight[entry.key] = None
+
+    def _drop_pending(self, entry: _Entry) -> None:
+        if self._batch is not None:
+            for pending in self._batch:
+                if entry in pending:
+                    pending.remove(entry)
+
+    @staticmethod
+    def _let_go(entry: _Entry) -> None:
+        """The entry no longer needs its tier copy: free its slot, or its share of a pack."""
+        if entry.pack is not None:
+            entry.pack.leave()
+        else:
+            entry.tier.free(entry.slot)
 
     def _make_room(self) -> None:
         while self.max_inflight and len(self._inflight) >= self.max_inflight:

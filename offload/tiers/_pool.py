@@ -9,9 +9,10 @@ until the tier closes: each is mapped, placed and registered with CUDA exactly o
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -136,6 +137,8 @@ class PooledTier(Tier):
     the CUDA streams made on first use (the tests pass a simulator).
     """
 
+    packs = True
+
     def __init__(self, name: str, pool: SlabPool, scheduler: TransferScheduler | None,
                  streams: Optional[Streams] = None) -> None:
         super().__init__(name, scheduler)
@@ -172,27 +175,45 @@ class PooledTier(Tier):
         self.pool.close()
 
     def _start_write(self, storage: _Extent, src: torch.Tensor, deadline: float, ready: Any) -> TransferHandle:
-        return self._copy(self.pool.view(storage, src.numel()), src, TransferKind.OFFLOAD, deadline)
+        return self._copy([(self.pool.view(storage, src.numel()), src)], TransferKind.OFFLOAD, deadline)
 
     def _start_read(self, storage: _Extent, dst: torch.Tensor, deadline: float, ready: Any) -> TransferHandle:
-        return self._copy(dst, self.pool.view(storage, dst.numel()), TransferKind.PREFETCH, deadline)
+        return self._copy([(dst, self.pool.view(storage, dst.numel()))], TransferKind.PREFETCH, deadline)
+
+    def _start_pack(self, storage: _Extent, pieces: List[Tuple[int, torch.Tensor]], write: bool) -> TransferHandle:
+        return self._copy(self._pack_pairs(storage, pieces, write),
+                          TransferKind.OFFLOAD if write else TransferKind.PREFETCH, math.inf)
 
     def _ordered_write(self, storage: _Extent, src: torch.Tensor, streams: Streams, waits: List[Any],
                        what: str) -> TransferHandle:
-        return _queue_copy(streams, OUT, self.pool.view(storage, src.numel()), src, src.device, waits, what)
+        return _queue_copies(streams, OUT, [(self.pool.view(storage, src.numel()), src)], src.device, waits, what)
 
     def _ordered_read(self, storage: _Extent, dst: torch.Tensor, streams: Streams, waits: List[Any],
                       what: str) -> TransferHandle:
-        return _queue_copy(streams, IN, dst, self.pool.view(storage, dst.numel()), dst.device, waits, what)
+        return _queue_copies(streams, IN, [(dst, self.pool.view(storage, dst.numel()))], dst.device, waits, what)
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor, kind: TransferKind, deadline: float) -> TransferHandle:
-        # A host copy is one torch copy_ (itself parallel over the intra-op threads). A caller that
-        # waits for it while it is still queued runs it on its own thread (Note [help while
-        # waiting]), which saves the worker's wake-up: as long as an 8 MiB copy on a busy machine.
-        nbytes = src.numel()
+    def _ordered_pack(self, storage: _Extent, pieces: List[Tuple[int, torch.Tensor]], write: bool, streams: Streams,
+                      waits: List[Any], what: str) -> TransferHandle:
+        return _queue_copies(streams, OUT if write else IN, self._pack_pairs(storage, pieces, write),
+                             pieces[0][1].device, waits, what)
+
+    def _pack_pairs(self, storage: _Extent, pieces: List[Tuple[int, torch.Tensor]],
+                    write: bool) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(dst, src) byte tensors of a pack's copies: tensors into the slot, or its parts out."""
+        end = max(offset + t.numel() for offset, t in pieces)
+        whole = self.pool.view(storage, end)
+        parts = [(whole[offset:offset + t.numel()], t) for offset, t in pieces]
+        return parts if write else [(t, part) for part, t in parts]
+
+    def _copy(self, pairs: List[Tuple[torch.Tensor, torch.Tensor]], kind: TransferKind, deadline: float) -> TransferHandle:
+        # A host copy is one torch copy_ per tensor (itself parallel over the intra-op threads). A
+        # caller that waits for it while it is still queued runs it on its own thread (Note [help
+        # while waiting]), which saves the worker's wake-up: as long as an 8 MiB copy on a busy machine.
+        nbytes = sum(src.numel() for _, src in pairs)
 
         def run(ctx: WorkerContext) -> None:
-            dst.copy_(src)
+            for dst, src in pairs:
+                dst.copy_(src)
 
         if nbytes <= SMALL_COPY_BYTES:  # Note [small copies run here] (in the scheduler)
             done = self.scheduler.run_here(self.name, run, nbytes=nbytes)
@@ -203,11 +224,13 @@ class PooledTier(Tier):
                                      lambda: self.scheduler.run_inline(future))
 
 
-def _queue_copy(streams: Streams, direction: str, dst: torch.Tensor, src: torch.Tensor, device: Any,
-                waits: List[Any], what: str) -> StreamHandle:
-    """Queue ``dst.copy_(src)`` on ``device``'s side stream for ``direction`` after ``waits``."""
+def _queue_copies(streams: Streams, direction: str, pairs: List[Tuple[torch.Tensor, torch.Tensor]], device: Any,
+                  waits: List[Any], what: str) -> StreamHandle:
+    """Queue each ``dst.copy_(src)`` of ``pairs`` on ``device``'s side stream for ``direction``
+    after ``waits``; one event for them all."""
     stream = streams.side(device, direction)
     for event in waits:
         streams.wait(stream, event)
-    streams.copy(stream, dst, src)
-    return StreamHandle(what, src.numel(), streams, streams.record(stream), device)
+    for dst, src in pairs:
+        streams.copy(stream, dst, src)
+    return StreamHandle(what, sum(src.numel() for _, src in pairs), streams, streams.record(stream), device)

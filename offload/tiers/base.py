@@ -26,125 +26,17 @@ from __future__ import annotations
 import abc
 import math
 import threading
-from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from tierflow.offload.core.errors import TierError, TierFullError, TierIOError
 from tierflow.offload.tiers import _cuda
+from tierflow.offload.tiers._handle import Slot, TransferHandle
 from tierflow.offload.tiers.config import SchedulerConfig
 from tierflow.offload.tiers.scheduler import TransferScheduler
 
 __all__ = ["Slot", "Tier", "TransferHandle"]
-
-
-@dataclass(frozen=True)
-class Slot:
-    """A reservation in a tier.
-
-    Attributes:
-        tier: name of the tier that owns it.
-        slot_id: unique within the tier.
-        nbytes: bytes a tensor written to it must have.
-    """
-
-    tier: str
-    slot_id: int
-    nbytes: int
-
-
-class TransferHandle:
-    """A transfer in flight: wait on it or poll it.
-
-    A handle may stand for many pieces (an NVMe transfer is split into chunks); it is done when all
-    are, and :meth:`wait` raises the first piece's error.
-    """
-
-    stream_ordered = False  # True for a copy queued on a device stream (Note [stream-ordered copies])
-
-    def __init__(self, what: str, nbytes: int) -> None:
-        self.what = what
-        self.nbytes = nbytes
-        self._future: Future = Future()
-        self._future.set_running_or_notify_cancel()
-        self._inner: Optional["TransferHandle"] = None  # the handle this one follows (slot order)
-        self._helper: Optional[Callable[[], None]] = None  # runs queued work on the waiting thread
-
-    @classmethod
-    def gather(cls, what: str, nbytes: int, parts: Sequence[Future],
-               helper: Optional[Callable[[], None]] = None) -> "TransferHandle":
-        """One handle completed when every future in ``parts`` is.
-
-        ``helper``, if given, is called by :meth:`wait` before blocking (Note [help while waiting]).
-        """
-        handle = cls(what, nbytes)
-        handle._helper = helper
-        if not parts:
-            handle._future.set_result(None)
-            return handle
-        lock = threading.Lock()
-        state = {"left": len(parts), "error": None}
-
-        def on_part(f: Future) -> None:
-            exc = f.exception()
-            with lock:
-                if exc is not None and state["error"] is None:
-                    state["error"] = exc
-                state["left"] -= 1
-                last = state["left"] == 0
-            if last:
-                handle._settle(state["error"])
-
-        for part in parts:
-            part.add_done_callback(on_part)
-        return handle
-
-    def done(self) -> bool:
-        """True once the transfer finished, successfully or not (never blocks)."""
-        return self._future.done()
-
-    def wait(self, timeout: Optional[float] = None) -> None:
-        """Block until done. A CPU copy still queued is run on this thread rather than waited for.
-
-        Raises:
-            TimeoutError: when ``timeout`` seconds pass first (a copy run here is not interrupted).
-            TierIOError, TransferCancelled, ...: the transfer's own error.
-        """
-        handle: Optional[TransferHandle] = self
-        while handle is not None and not self._future.done():
-            if handle._helper is not None:
-                handle._helper()
-            handle = handle._inner
-        self._future.result(timeout)
-
-    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
-        """The transfer's error (None on success), waiting up to ``timeout`` seconds."""
-        return self._future.exception(timeout)
-
-    def add_done_callback(self, fn: Callable[["TransferHandle"], None]) -> None:
-        """Call ``fn(handle)`` when done (at once if already done), on the completing thread."""
-        self._future.add_done_callback(lambda _: fn(self))
-
-    def _settle(self, error: Optional[BaseException]) -> None:
-        if error is None:
-            self._future.set_result(None)
-        else:
-            self._future.set_exception(error)
-
-    def _follow(self, start: Callable[[], "TransferHandle"]) -> None:
-        try:
-            inner = start()
-        except BaseException as exc:  # noqa: BLE001 - the caller sees it through this handle
-            self._settle(exc)
-            return
-        self._inner = inner
-        inner.add_done_callback(lambda h: self._settle(h._future.exception()))
-
-    def __repr__(self) -> str:
-        state = "done" if self.done() else "pending"
-        return f"TransferHandle({self.what}, {self.nbytes} B, {state})"
 
 
 class _SlotState:
@@ -168,6 +60,7 @@ class Tier(abc.ABC):
     """
 
     kind: str = ""
+    packs = False  # write_packed/read_packed work (Note [packs])
 
     def __init__(self, name: str, scheduler: Optional[TransferScheduler] = None) -> None:
         self.name = name
@@ -230,28 +123,22 @@ class Tier(abc.ABC):
         """
         state = self._state(slot)
         src_bytes = _as_bytes(self.name, "write", slot, src.contiguous(), writable=False)
-        what = f"write {self.name} slot {slot.slot_id}"
-        streams = self.device_streams(src_bytes)
-        if streams is not None:
-            handle = self._ordered(state, streams, src_bytes, lambda waits: self._ordered_write(
-                state.storage, src_bytes, streams, waits, what))
-            state.written, state.last_write, state.error = True, handle, None
-            return handle
-        ready = _cuda.ready_event(src_bytes)  # recorded on the caller's stream, now
+        return self._write(state, f"write {self.name} slot {slot.slot_id}", src_bytes,
+                           lambda streams, waits, what: self._ordered_write(state.storage, src_bytes, streams, waits, what),
+                           lambda ready: self._start_write(state.storage, src_bytes, deadline, ready))
 
-        def start() -> TransferHandle:
-            return self._start_write(state.storage, src_bytes, deadline, ready)
+    def write_packed(self, slot: Slot, pieces: Sequence[Tuple[int, torch.Tensor]]) -> TransferHandle:
+        """Copy several tensors into one slot, each at its byte offset, as one transfer (Note [packs]
+        in ``offload/runtime/_packs.py``). Only tiers with ``packs = True`` (the pooled ones).
 
-        handle = self._then(state, what, start)
-        state.written, state.last_write = True, handle
-
-        def record(h: TransferHandle) -> None:
-            # Runs before any read queued behind this write starts (callbacks run in order).
-            if state.last_write is h:
-                state.error = h._future.exception()
-
-        handle.add_done_callback(record)
-        return handle
+        Args:
+            pieces: ``(offset, tensor)`` pairs; each tensor contiguous, within the slot, all on one device.
+        """
+        state = self._state(slot)
+        flat = self._pieces(slot, pieces, "write_packed")
+        return self._write(state, f"write {self.name} slot {slot.slot_id} ({len(flat)} tensors)", flat[0][1],
+                           lambda streams, waits, what: self._ordered_pack(state.storage, flat, True, streams, waits, what),
+                           lambda ready: self._start_pack(state.storage, flat, True))
 
     def read(self, slot: Slot, dst: torch.Tensor, *, deadline: float = math.inf) -> TransferHandle:
         """Copy the slot's bytes into ``dst`` asynchronously (a prefetch).
@@ -265,28 +152,24 @@ class Tier(abc.ABC):
             ValueError: wrong size, device or layout; TierError: the slot was never written.
         """
         state = self._state(slot)
-        if not state.written:
-            raise TierError(f"{self.name}: slot {slot.slot_id} was never written; call write(slot, tensor) first")
         if not dst.is_contiguous():
             raise ValueError(f"{self.name}: read into a non-contiguous tensor; pass a contiguous one (e.g. torch.empty(t.shape, dtype=t.dtype))")
         dst_bytes = _as_bytes(self.name, "read", slot, dst, writable=True)
-        what = f"read {self.name} slot {slot.slot_id}"
-        streams = self.device_streams(dst_bytes)
-        if streams is not None:
-            if state.error is not None:
-                raise TierIOError(f"{self.name}: slot {slot.slot_id} holds no valid data: its last write failed "
-                                  f"({state.error}); write it again")
-            return self._ordered(state, streams, dst_bytes, lambda waits: self._ordered_read(
-                state.storage, dst_bytes, streams, waits, what))
-        ready = _cuda.ready_event(dst_bytes)  # earlier work that still uses `dst` finishes first
+        return self._read(state, f"read {self.name} slot {slot.slot_id}", dst_bytes,
+                          lambda streams, waits, what: self._ordered_read(state.storage, dst_bytes, streams, waits, what),
+                          lambda ready: self._start_read(state.storage, dst_bytes, deadline, ready))
 
-        def start() -> TransferHandle:
-            if state.error is not None:
-                raise TierIOError(f"{self.name}: slot {slot.slot_id} holds no valid data: its last write failed "
-                                  f"({state.error}); write it again")
-            return self._start_read(state.storage, dst_bytes, deadline, ready)
+    def read_packed(self, slot: Slot, pieces: Sequence[Tuple[int, torch.Tensor]]) -> TransferHandle:
+        """Copy parts of a slot written by :meth:`write_packed` into several tensors, as one transfer.
 
-        return self._then(state, what, start)
+        Args:
+            pieces: ``(offset, tensor)`` pairs: each tensor is filled from its offset in the slot.
+        """
+        state = self._state(slot)
+        flat = self._pieces(slot, pieces, "read_packed")
+        return self._read(state, f"read {self.name} slot {slot.slot_id} ({len(flat)} tensors)", flat[0][1],
+                          lambda streams, waits, what: self._ordered_pack(state.storage, flat, False, streams, waits, what),
+                          lambda ready: self._start_pack(state.storage, flat, False))
 
     def free(self, slot: Slot) -> None:
         """Return the slot's space, after its transfers finish (their errors are not re-raised)."""
@@ -369,6 +252,15 @@ class Tier(abc.ABC):
     def _close_storage(self) -> None:
         """Release everything the tier holds (slabs, files); called once, after the slots are freed."""
 
+    def _start_pack(self, storage: Any, pieces: List[Tuple[int, torch.Tensor]], write: bool) -> TransferHandle:
+        """Queue the host copies of a pack (``write``: tensors into ``storage``); tiers with ``packs``."""
+        raise NotImplementedError(f"{type(self).__name__} does not move packs")
+
+    def _ordered_pack(self, storage: Any, pieces: List[Tuple[int, torch.Tensor]], write: bool, streams: Any,
+                      waits: List[Any], what: str) -> TransferHandle:
+        """Queue the device copies of a pack on a stream after ``waits``; tiers with ``packs``."""
+        raise NotImplementedError(f"{type(self).__name__} does not move packs")
+
     def _ordered_write(self, storage: Any, src: torch.Tensor, streams: Any, waits: List[Any], what: str) -> TransferHandle:
         """Queue the copy of device ``src`` into ``storage`` on a stream after ``waits`` (events);
         only for tiers whose :meth:`device_streams` returns streams."""
@@ -379,6 +271,67 @@ class Tier(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} has no stream-ordered copies")
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _write(self, state: _SlotState, what: str, device_tensor: torch.Tensor, ordered: Callable[..., TransferHandle],
+               start: Callable[[Any], TransferHandle]) -> TransferHandle:
+        """Queue a write: ``ordered(streams, waits, what)`` when streams order this tier's copies of
+        ``device_tensor``, else ``start(ready)`` after the slot's previous transfer."""
+        streams = self.device_streams(device_tensor)
+        if streams is not None:
+            handle = self._ordered(state, streams, device_tensor, lambda waits: ordered(streams, waits, what))
+            state.written, state.last_write, state.error = True, handle, None
+            return handle
+        ready = _cuda.ready_event(device_tensor)  # recorded on the caller's stream, now
+        handle = self._then(state, what, lambda: start(ready))
+        state.written, state.last_write = True, handle
+
+        def record(h: TransferHandle) -> None:
+            # Runs before any read queued behind this write starts (callbacks run in order).
+            if state.last_write is h:
+                state.error = h._future.exception()
+
+        handle.add_done_callback(record)
+        return handle
+
+    def _read(self, state: _SlotState, what: str, device_tensor: torch.Tensor, ordered: Callable[..., TransferHandle],
+              start: Callable[[Any], TransferHandle]) -> TransferHandle:
+        """Queue a read, as :meth:`_write`; a slot whose last write failed raises instead."""
+        slot = state.slot
+        if not state.written:
+            raise TierError(f"{self.name}: slot {slot.slot_id} was never written; call write(slot, tensor) first")
+
+        def valid() -> None:
+            if state.error is not None:
+                raise TierIOError(f"{self.name}: slot {slot.slot_id} holds no valid data: its last write failed "
+                                  f"({state.error}); write it again")
+
+        streams = self.device_streams(device_tensor)
+        if streams is not None:
+            valid()
+            return self._ordered(state, streams, device_tensor, lambda waits: ordered(streams, waits, what))
+        ready = _cuda.ready_event(device_tensor)  # earlier work that still uses the tensor finishes first
+
+        def begin() -> TransferHandle:
+            valid()
+            return start(ready)
+
+        return self._then(state, what, begin)
+
+    def _pieces(self, slot: Slot, pieces: Sequence[Tuple[int, torch.Tensor]], op: str) -> List[Tuple[int, torch.Tensor]]:
+        if not self.packs:
+            raise NotImplementedError(f"{self.name}: {type(self).__name__} does not move packs; use write/read per tensor")
+        if not pieces:
+            raise ValueError(f"{self.name}: {op} needs at least one (offset, tensor) piece")
+        flat = []
+        for offset, t in pieces:
+            if not t.is_contiguous():
+                raise ValueError(f"{self.name}: {op} of a non-contiguous tensor; pass contiguous ones")
+            b = t.detach().reshape(-1).view(torch.uint8)
+            if offset < 0 or offset + b.numel() > slot.nbytes:
+                raise ValueError(f"{self.name}: {op}: {b.numel()} bytes at offset {offset} do not fit slot "
+                                 f"{slot.slot_id} of {slot.nbytes} bytes")
+            flat.append((offset, b))
+        return flat
 
     def _ordered(self, state: _SlotState, streams: Any, device_tensor: torch.Tensor,
                  issue: Callable[[List[Any]], TransferHandle]) -> TransferHandle:

@@ -34,7 +34,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from tierflow.offload.tiers.base import TransferHandle
+from tierflow.offload.tiers._handle import TransferHandle
 
 __all__ = ["CudaStreams", "StreamHandle", "Streams"]
 
