@@ -103,5 +103,13 @@ else
 fi
 log "benchmark exit status ${PIPESTATUS[0]}"
 
+section "Python cost per transfer (benchmarks/transfer_cost.py)"
+if [ "$DRY" = 1 ]; then
+    timeout 120 "$PY" benchmarks/transfer_cost.py --tensors 200 --rounds 1 2>&1 | tee -a "$RESULTS"
+else
+    timeout 45 "$PY" benchmarks/transfer_cost.py --device cuda --tensors 1000 --rounds 3 2>&1 | tee -a "$RESULTS"
+fi
+log "transfer cost exit status ${PIPESTATUS[0]}"
+
 section "done"
 log "results: $RESULTS (figures also in $OUT_DIR/gpu_offload.json)"

@@ -26,3 +26,4 @@ def test_the_gpu_check_dry_run_collects_the_cuda_tests_and_runs_every_benchmark_
     assert all(row["bit_identical"] for row in figures["tokens"])  # every variant trains the same steps
     assert figures["bandwidth"]["tier_read_gbps"] > 0 and "write_gbps" in figures["nvme"]["posix"]
     assert "benchmark exit status 0" in results
+    assert "transfer cost exit status 0" in results and "batched" in results
