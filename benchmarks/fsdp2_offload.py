@@ -33,9 +33,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import cProfile
 import hashlib
 import json
 import os
+import pstats
 import shutil
 import statistics
 import subprocess
@@ -48,6 +50,7 @@ from _deepspeed import deepspeed_import_error, failure_reason
 
 PEERS = ("fsdp2", "cpu_offload", "tierflow", "deepspeed")
 MiB = 2 ** 20
+PROFILE_FROM = 3  # the first step after tierflow's warm-up and two profiled steps
 DS_SWAP = "deepspeed-nvme"  # under --dir; DeepSpeed makes a folder per rank inside
 
 
@@ -129,7 +132,10 @@ def worker(a: argparse.Namespace) -> None:
         step = SubgroupStepper(optimizer, 64 * MiB, free_grads=True)
     times: List[float] = []
     losses: List[float] = []
-    for inputs, targets in _batches(a, rank):
+    profiler = cProfile.Profile() if a.profile and rank == 0 else None
+    for i, (inputs, targets) in enumerate(_batches(a, rank)):
+        if profiler is not None and i == PROFILE_FROM:
+            profiler.enable()  # the steps after tierflow's warm-up and profiling
         t0 = time.perf_counter()
         with runtime.step(inputs) if runtime is not None else _nothing():
             loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
@@ -138,6 +144,10 @@ def worker(a: argparse.Namespace) -> None:
             optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+    if profiler is not None:
+        profiler.disable()
+        with open(Path(a.out) / f"{a.label}-rank0-profile.txt", "w") as f:
+            pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(60)
     digest = hashlib.sha256()
     with runtime.resident() if runtime is not None else _nothing():
         for name, p in sorted(model.named_parameters()):
@@ -242,6 +252,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--ds-offload", choices=("cpu", "nvme"), default="cpu",
                    help=f"where the deepspeed peer keeps parameters and AdamW states (nvme: --dir/{DS_SWAP})")
     p.add_argument("--quick", action="store_true", help="a tiny model, to check the benchmark runs")
+    p.add_argument("--profile", action="store_true", help=f"cProfile rank 0 from step {PROFILE_FROM} on: "
+                                                          "results/<peer>-rank0-profile.txt under --dir")
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--label", help=argparse.SUPPRESS)
@@ -259,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--budget-mib takes whole MiB, comma-separated: not {a.budget_mib!r}")
     a.forwarded = ["--dir", a.dir, "--d-model", str(a.d_model), "--layers", str(a.layers), "--heads", str(a.heads),
                    "--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--steps",
-                   str(a.steps), "--ds-offload", a.ds_offload]
+                   str(a.steps), "--ds-offload", a.ds_offload] + (["--profile"] if a.profile else [])
     peers = a.peers.split(",") if a.peers else _default_peers()
     unknown = sorted(set(peers) - set(PEERS))
     if unknown:

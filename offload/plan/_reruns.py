@@ -109,7 +109,7 @@ def rerun_points(trace, blocks: Iterable[Block]) -> Dict[Block, int]:
 def with_reruns(trace, blocks: Iterable[Block]):
     """``trace`` as it runs with ``blocks`` re-run: what each re-run reads and re-makes is used at
     its re-run point, what the checkpoint keeps lives until the block's backward ends, and the
-    re-run's own transient memory is a temporary of the re-run interval. Applying it to its own
+    re-run's own transient memory is a temporary at the start of the re-run interval. Applying it to its own
     result returns that result itself (a caller may then keep its memory timeline).
 
     Read: used during the block's forward and created before it. An activation saved inside the
@@ -132,8 +132,12 @@ def with_reruns(trace, blocks: Iterable[Block]):
       used (pinned) all along: the runtime cannot move what the checkpoint holds;
     * the re-run's forward makes more than it keeps (temporaries): its largest excess over the
       activations it re-makes, up to the last of them (the checkpoint stops there: early stop),
-      is a temporary ``<block>:rerun`` live through the re-run interval (the event clock is
-      doubled to fit it in any interval).
+      is a temporary ``<block>:rerun`` at the start of the re-run interval, gone before anything
+      else that interval makes: the re-run runs at the first unpack, when the backward node that
+      needs the block's tensors starts, before that node allocates its gradients. (Live through
+      the whole interval it was counted beside those gradients, and a GPT whose second attention
+      block re-ran read 1.2% above the memory it held.) The event clock is doubled to fit it in
+      any interval.
     """
     points = rerun_points(trace, blocks)
     if not points:
@@ -188,7 +192,7 @@ def with_reruns(trace, blocks: Iterable[Block]):
             tensors.append(TensorRecord(key=f"{blk[0]}[{blk[1]}]:rerun", category=Category.TEMPORARY,
                                         size_bytes=transient, dtype="uint8", device=device, iteration=it, created=at,
                                         freed=at, uses=(at,), created_tick=2 * ticks[at],
-                                        freed_tick=2 * ticks[at + 1] - 1))
+                                        freed_tick=2 * ticks[at] + 1))
         return replace(trace, points=points_, tensors=tuple(tensors))
     return replace(trace, tensors=tuple(tensors))
 

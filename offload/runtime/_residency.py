@@ -458,6 +458,7 @@ class Residency:
             raise
 
     def _write(self, tier: Tier, members: List[_Entry], offsets: List[int], size: int) -> None:
+        self._make_room()
         slot = self._reserve(tier, size)
         if len(members) == 1:
             handle = tier.write(slot, alias_bytes(members[0].storage))
