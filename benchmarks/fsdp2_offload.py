@@ -227,7 +227,8 @@ def run_peer(a: argparse.Namespace, label: str, out: Path) -> Tuple[List[Dict[st
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
            str(Path(__file__).resolve()), "--worker", peer, "--out", str(out), *forwarded]
     print(f"[{label}] {' '.join(cmd[-len(forwarded) - 4:])}", flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if a.thp == "on" else "0"}  # the same for every peer
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
         return [], failure_reason(done.stderr) or f"torchrun exited with {done.returncode}"
@@ -252,6 +253,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--ds-offload", choices=("cpu", "nvme"), default="cpu",
                    help=f"where the deepspeed peer keeps parameters and AdamW states (nvme: --dir/{DS_SWAP})")
     p.add_argument("--quick", action="store_true", help="a tiny model, to check the benchmark runs")
+    p.add_argument("--thp", choices=("on", "off"), default="on",
+                   help="THP_MEM_ALLOC_ENABLE for every peer (Note [huge pages for CPU tensors]; tierflow's default)")
     p.add_argument("--profile", action="store_true", help=f"cProfile rank 0 from step {PROFILE_FROM} on: "
                                                           "results/<peer>-rank0-profile.txt under --dir")
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
@@ -306,7 +309,7 @@ def _report(a: argparse.Namespace, results: Dict[str, List[Dict[str, Any]]], err
     print(f"\nGPT d_model={a.d_model} layers={a.layers}: {params / 1e6:,.1f}M parameters, "
           f"{16 * params / MiB:,.0f} MiB of fp32 AdamW state ({16 * params / a.nproc / MiB:,.0f} MiB per rank "
           f"sharded), {a.nproc} ranks, {a.batch}x{a.seq_len} tokens per rank per step; tierflow budget "
-          f"{', '.join(a.budgets)} MiB per rank" + ds)
+          f"{', '.join(a.budgets)} MiB per rank" + ds + f"; THP_MEM_ALLOC_ENABLE={int(a.thp == 'on')} for every peer")
     rows = {}
     skip = 2 if a.steps > 4 else 1  # warm-up and tierflow's profiling
     for peer, ranks in results.items():

@@ -10,7 +10,22 @@ The names most users need are re-exported here::
     from tierflow import OffloadConfig, OffloadRuntime, TieredOptimizer, TiersConfig
 """
 
-from tierflow.offload import (
+import os as _os
+import sys as _sys
+
+# Note [huge pages for CPU tensors]: on a CPU run the "device" is RAM, so the runtime has glibc map
+# every allocation of 1 MiB or more on its own (``map_large_allocations``): a freed tensor leaves
+# RSS at once and the budget bounds resident memory. The price is that each new tensor's pages are
+# faulted in again, 4 KiB at a time; FSDP2's gather and scatter copies ran 3.5x slower for it on
+# 2 ranks. torch backs CPU tensors of 2 MiB or more with transparent huge pages when
+# THP_MEM_ALLOC_ENABLE=1 is set before its first allocation, which cuts those faults 512-fold (the
+# same FSDP2 step: 5.26 s -> 3.36 s, FSDP2 alone 3.26 s; docs/benchmarks.md). So importing
+# tierflow before torch turns it on unless the environment says otherwise; a script that imports
+# torch first should export it itself.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from tierflow.offload import (  # noqa: E402 (after the note above)
     Budgets,
     HardwareModel,
     HostTierConfig,
