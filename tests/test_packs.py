@@ -136,3 +136,16 @@ def test_a_point_of_many_small_tensors_costs_one_transfer_each_way(host):
     # Host copies: one task each way. Streams: a copy per member, but one event and one handle.
     assert after[kind] - before[kind] == (2 if kind == "host copies" else 100)
     assert host.num_slots == 0
+
+
+def test_a_piece_outside_its_slot_is_refused_before_any_copy():
+    with HostTier(HostTierConfig(enabled=True, budget_bytes=1 << 20, slab_bytes=1 << 20)) as host:
+        slot = host.reserve(1000)
+        with pytest.raises(ValueError, match="do not fit slot"):
+            host.write_packed(slot, [(0, torch.zeros(100)), (900, torch.zeros(100))])  # 400 bytes at 900
+        with pytest.raises(ValueError, match="non-contiguous"):
+            host.write_packed(slot, [(0, torch.zeros(10, 10).t())])
+        host.write_packed(slot, [(0, torch.ones(100)), (512, torch.full((100,), 2.0))])
+        a, b = torch.empty(100), torch.empty(100)
+        host.read_packed(slot, [(512, b), (0, a)]).wait()
+        assert torch.equal(a, torch.ones(100)) and torch.equal(b, torch.full((100,), 2.0))

@@ -166,10 +166,7 @@ class Residency:
         if self._batch is not None and self._packable(entry):
             self._batch[0].append(entry)  # written at the end of the batch
         else:
-            self._make_room()
-            entry.slot = self._reserve(entry.tier, entry.nbytes)
-            entry.handle = entry.tier.write(entry.slot, alias_bytes(storage))
-            self._inflight[key] = None
+            self._write(entry.tier, [entry], [0], entry.nbytes)
         self.entries[key] = entry
         self._by_storage[entry.sid] = key
         self.stats.bytes_out[tier_name] += entry.nbytes
@@ -448,7 +445,7 @@ class Residency:
                 self._inflight[entry.key] = None
         try:
             for group in by_tier(offloads).values():
-                for members, offsets, size in layout(group) if len(group) > 1 else [(group, [0], group[0].nbytes)]:
+                for members, offsets, size in layout(group):  # a group of one is a "pack" of one: written alone
                     self._write(members[0].tier, members, offsets, size)
         except BaseException:
             for entry in offloads:  # what did not start never left: resident, as if never asked to move

@@ -184,18 +184,16 @@ class PooledTier(Tier):
         return self._copy(self._pack_pairs(storage, pieces, write),
                           TransferKind.OFFLOAD if write else TransferKind.PREFETCH, math.inf)
 
-    def _ordered_write(self, storage: _Extent, src: torch.Tensor, streams: Streams, waits: List[Any],
-                       what: str) -> TransferHandle:
-        return _queue_copies(streams, OUT, [(self.pool.view(storage, src.numel()), src)], src.device, waits, what)
-
-    def _ordered_read(self, storage: _Extent, dst: torch.Tensor, streams: Streams, waits: List[Any],
-                      what: str) -> TransferHandle:
-        return _queue_copies(streams, IN, [(dst, self.pool.view(storage, dst.numel()))], dst.device, waits, what)
-
-    def _ordered_pack(self, storage: _Extent, pieces: List[Tuple[int, torch.Tensor]], write: bool, streams: Streams,
-                      waits: List[Any], what: str) -> TransferHandle:
-        return _queue_copies(streams, OUT if write else IN, self._pack_pairs(storage, pieces, write),
-                             pieces[0][1].device, waits, what)
+    def _ordered(self, storage: _Extent, pieces: List[Tuple[int, torch.Tensor]], write: bool, streams: Streams,
+                 waits: List[Any], what: str) -> TransferHandle:
+        pairs = self._pack_pairs(storage, pieces, write)
+        device = pieces[0][1].device
+        stream = streams.side(device, OUT if write else IN)
+        for event in waits:
+            streams.wait(stream, event)
+        for dst, src in pairs:
+            streams.copy(stream, dst, src)
+        return StreamHandle(what, sum(t.numel() for _, t in pieces), streams, streams.record(stream), device)
 
     def _pack_pairs(self, storage: _Extent, pieces: List[Tuple[int, torch.Tensor]],
                     write: bool) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -223,14 +221,3 @@ class PooledTier(Tier):
         return TransferHandle.gather(f"{self.name} copy", nbytes, [future],
                                      lambda: self.scheduler.run_inline(future))
 
-
-def _queue_copies(streams: Streams, direction: str, pairs: List[Tuple[torch.Tensor, torch.Tensor]], device: Any,
-                  waits: List[Any], what: str) -> StreamHandle:
-    """Queue each ``dst.copy_(src)`` of ``pairs`` on ``device``'s side stream for ``direction``
-    after ``waits``; one event for them all."""
-    stream = streams.side(device, direction)
-    for event in waits:
-        streams.wait(stream, event)
-    for dst, src in pairs:
-        streams.copy(stream, dst, src)
-    return StreamHandle(what, sum(src.numel() for _, src in pairs), streams, streams.record(stream), device)

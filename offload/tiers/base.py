@@ -123,8 +123,7 @@ class Tier(abc.ABC):
         """
         state = self._state(slot)
         src_bytes = _as_bytes(self.name, "write", slot, src.contiguous(), writable=False)
-        return self._write(state, f"write {self.name} slot {slot.slot_id}", src_bytes,
-                           lambda streams, waits, what: self._ordered_write(state.storage, src_bytes, streams, waits, what),
+        return self._write(state, f"write {self.name} slot {slot.slot_id}", [(0, src_bytes)],
                            lambda ready: self._start_write(state.storage, src_bytes, deadline, ready))
 
     def write_packed(self, slot: Slot, pieces: Sequence[Tuple[int, torch.Tensor]]) -> TransferHandle:
@@ -136,8 +135,7 @@ class Tier(abc.ABC):
         """
         state = self._state(slot)
         flat = self._pieces(slot, pieces, "write_packed")
-        return self._write(state, f"write {self.name} slot {slot.slot_id} ({len(flat)} tensors)", flat[0][1],
-                           lambda streams, waits, what: self._ordered_pack(state.storage, flat, True, streams, waits, what),
+        return self._write(state, f"write {self.name} slot {slot.slot_id} ({len(flat)} tensors)", flat,
                            lambda ready: self._start_pack(state.storage, flat, True))
 
     def read(self, slot: Slot, dst: torch.Tensor, *, deadline: float = math.inf) -> TransferHandle:
@@ -155,8 +153,7 @@ class Tier(abc.ABC):
         if not dst.is_contiguous():
             raise ValueError(f"{self.name}: read into a non-contiguous tensor; pass a contiguous one (e.g. torch.empty(t.shape, dtype=t.dtype))")
         dst_bytes = _as_bytes(self.name, "read", slot, dst, writable=True)
-        return self._read(state, f"read {self.name} slot {slot.slot_id}", dst_bytes,
-                          lambda streams, waits, what: self._ordered_read(state.storage, dst_bytes, streams, waits, what),
+        return self._read(state, f"read {self.name} slot {slot.slot_id}", [(0, dst_bytes)],
                           lambda ready: self._start_read(state.storage, dst_bytes, deadline, ready))
 
     def read_packed(self, slot: Slot, pieces: Sequence[Tuple[int, torch.Tensor]]) -> TransferHandle:
@@ -167,8 +164,7 @@ class Tier(abc.ABC):
         """
         state = self._state(slot)
         flat = self._pieces(slot, pieces, "read_packed")
-        return self._read(state, f"read {self.name} slot {slot.slot_id} ({len(flat)} tensors)", flat[0][1],
-                          lambda streams, waits, what: self._ordered_pack(state.storage, flat, False, streams, waits, what),
+        return self._read(state, f"read {self.name} slot {slot.slot_id} ({len(flat)} tensors)", flat,
                           lambda ready: self._start_pack(state.storage, flat, False))
 
     def free(self, slot: Slot) -> None:
@@ -256,32 +252,24 @@ class Tier(abc.ABC):
         """Queue the host copies of a pack (``write``: tensors into ``storage``); tiers with ``packs``."""
         raise NotImplementedError(f"{type(self).__name__} does not move packs")
 
-    def _ordered_pack(self, storage: Any, pieces: List[Tuple[int, torch.Tensor]], write: bool, streams: Any,
-                      waits: List[Any], what: str) -> TransferHandle:
-        """Queue the device copies of a pack on a stream after ``waits``; tiers with ``packs``."""
-        raise NotImplementedError(f"{type(self).__name__} does not move packs")
-
-    def _ordered_write(self, storage: Any, src: torch.Tensor, streams: Any, waits: List[Any], what: str) -> TransferHandle:
-        """Queue the copy of device ``src`` into ``storage`` on a stream after ``waits`` (events);
-        only for tiers whose :meth:`device_streams` returns streams."""
-        raise NotImplementedError(f"{type(self).__name__} has no stream-ordered copies")
-
-    def _ordered_read(self, storage: Any, dst: torch.Tensor, streams: Any, waits: List[Any], what: str) -> TransferHandle:
-        """Queue the copy of ``storage`` into device ``dst``, as :meth:`_ordered_write`."""
+    def _ordered(self, storage: Any, pieces: List[Tuple[int, torch.Tensor]], write: bool, streams: Any,
+                 waits: List[Any], what: str) -> TransferHandle:
+        """Queue the device copies of ``pieces`` (a whole-slot tensor is one piece at offset 0) on a
+        stream after ``waits`` (events); for tiers whose :meth:`device_streams` returns streams."""
         raise NotImplementedError(f"{type(self).__name__} has no stream-ordered copies")
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _write(self, state: _SlotState, what: str, device_tensor: torch.Tensor, ordered: Callable[..., TransferHandle],
+    def _write(self, state: _SlotState, what: str, pieces: List[Tuple[int, torch.Tensor]],
                start: Callable[[Any], TransferHandle]) -> TransferHandle:
-        """Queue a write: ``ordered(streams, waits, what)`` when streams order this tier's copies of
-        ``device_tensor``, else ``start(ready)`` after the slot's previous transfer."""
-        streams = self.device_streams(device_tensor)
+        """Queue a write of ``pieces``: on a stream when streams order this tier's copies of them,
+        else ``start(ready)`` after the slot's previous transfer."""
+        streams = self.device_streams(pieces[0][1])
         if streams is not None:
-            handle = self._ordered(state, streams, device_tensor, lambda waits: ordered(streams, waits, what))
+            handle = self._queue(state, streams, pieces, True, what)
             state.written, state.last_write, state.error = True, handle, None
             return handle
-        ready = _cuda.ready_event(device_tensor)  # recorded on the caller's stream, now
+        ready = _cuda.ready_event(pieces[0][1])  # recorded on the caller's stream, now
         handle = self._then(state, what, lambda: start(ready))
         state.written, state.last_write = True, handle
 
@@ -293,9 +281,9 @@ class Tier(abc.ABC):
         handle.add_done_callback(record)
         return handle
 
-    def _read(self, state: _SlotState, what: str, device_tensor: torch.Tensor, ordered: Callable[..., TransferHandle],
+    def _read(self, state: _SlotState, what: str, pieces: List[Tuple[int, torch.Tensor]],
               start: Callable[[Any], TransferHandle]) -> TransferHandle:
-        """Queue a read, as :meth:`_write`; a slot whose last write failed raises instead."""
+        """Queue a read into ``pieces``, as :meth:`_write`; a slot whose last write failed raises instead."""
         slot = state.slot
         if not state.written:
             raise TierError(f"{self.name}: slot {slot.slot_id} was never written; call write(slot, tensor) first")
@@ -305,11 +293,11 @@ class Tier(abc.ABC):
                 raise TierIOError(f"{self.name}: slot {slot.slot_id} holds no valid data: its last write failed "
                                   f"({state.error}); write it again")
 
-        streams = self.device_streams(device_tensor)
+        streams = self.device_streams(pieces[0][1])
         if streams is not None:
             valid()
-            return self._ordered(state, streams, device_tensor, lambda waits: ordered(streams, waits, what))
-        ready = _cuda.ready_event(device_tensor)  # earlier work that still uses the tensor finishes first
+            return self._queue(state, streams, pieces, False, what)
+        ready = _cuda.ready_event(pieces[0][1])  # earlier work that still uses the tensor finishes first
 
         def begin() -> TransferHandle:
             valid()
@@ -322,34 +310,30 @@ class Tier(abc.ABC):
             raise NotImplementedError(f"{self.name}: {type(self).__name__} does not move packs; use write/read per tensor")
         if not pieces:
             raise ValueError(f"{self.name}: {op} needs at least one (offset, tensor) piece")
-        flat = []
-        for offset, t in pieces:
-            if not t.is_contiguous():
-                raise ValueError(f"{self.name}: {op} of a non-contiguous tensor; pass contiguous ones")
-            b = t.detach().reshape(-1).view(torch.uint8)
-            if offset < 0 or offset + b.numel() > slot.nbytes:
-                raise ValueError(f"{self.name}: {op}: {b.numel()} bytes at offset {offset} do not fit slot "
-                                 f"{slot.slot_id} of {slot.nbytes} bytes")
-            flat.append((offset, b))
-        return flat
+        if not all(t.is_contiguous() for _, t in pieces):
+            raise ValueError(f"{self.name}: {op} of a non-contiguous tensor; pass contiguous ones")
+        return [(offset, _as_bytes(self.name, op, slot, t, writable=op == "read_packed", offset=offset))
+                for offset, t in pieces]
 
-    def _ordered(self, state: _SlotState, streams: Any, device_tensor: torch.Tensor,
-                 issue: Callable[[List[Any]], TransferHandle]) -> TransferHandle:
-        """Issue a stream-ordered copy on this thread now (Note [stream-ordered copies]): it waits
+    def _queue(self, state: _SlotState, streams: Any, pieces: List[Tuple[int, torch.Tensor]], write: bool,
+               what: str) -> TransferHandle:
+        """Queue a stream-ordered copy on this thread now (Note [stream-ordered copies]): it waits
         for the compute stream's work so far and for the slot's previous copy, on the device."""
-        waits = [streams.record(streams.compute(device_tensor.device))]
+        waits = [streams.record(streams.compute(pieces[0][1].device))]
         previous = state.last
         if previous is not None and not previous.done():
             if previous.stream_ordered:
                 waits.append(previous.event)
             else:
                 previous.exception()  # a host transfer on this slot finishes first (a mixed slot)
-        handle = issue(waits)
+        handle = self._ordered(state.storage, pieces, write, streams, waits, what)
         state.last = handle
         return handle
 
     def _reclaim(self, block: bool = False) -> None:
         """Release the freed slots whose device copies are done (all of them, waiting, if ``block``)."""
+        if not self._later:
+            return  # the common case, on every reserve and free
         with self._lock:
             later, self._later = self._later, []
         keep = []
@@ -388,17 +372,21 @@ class Tier(abc.ABC):
         return handle
 
 
-def _as_bytes(tier: str, op: str, slot: Slot, t: torch.Tensor, *, writable: bool) -> torch.Tensor:
-    """``t``'s storage as a flat uint8 tensor, after checking size and device."""
+def _as_bytes(tier: str, op: str, slot: Slot, t: torch.Tensor, *, writable: bool,
+              offset: Optional[int] = None) -> torch.Tensor:
+    """``t``'s storage as a flat uint8 tensor, after checking size and device: the whole slot, or
+    (with ``offset``) a part of it at that byte offset."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{tier}: {op} needs a torch.Tensor, got {type(t).__name__}")
     if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{tier}: {op} supports CPU and CUDA tensors, got one on {t.device}; move it with .cpu()")
     nbytes = t.numel() * t.element_size()
-    if nbytes != slot.nbytes:
+    if offset is None and nbytes != slot.nbytes:
         raise ValueError(f"{tier}: {op} of a {nbytes}-byte tensor into slot {slot.slot_id} of {slot.nbytes} bytes; "
                          f"sizes must match (reserve(tensor.nbytes) for each tensor)")
+    if offset is not None and not 0 <= offset <= slot.nbytes - nbytes:
+        raise ValueError(f"{tier}: {op}: {nbytes} bytes at offset {offset} do not fit slot {slot.slot_id} of "
+                         f"{slot.nbytes} bytes")
     if writable and t.requires_grad and t.is_leaf:
         raise ValueError(f"{tier}: read into a leaf tensor that requires grad; read into t.detach() instead")
     return t.detach().reshape(-1).view(torch.uint8)
-
