@@ -62,21 +62,39 @@ class RecordTable:
     def add(self, storage: torch.UntypedStorage, tensor: torch.Tensor, category: Category, key: str, *,
             iteration: Optional[int], created: Optional[int], created_tick: int, nbytes: Optional[int] = None) -> int:
         """Start tracking ``storage`` (of ``nbytes`` on the device, default its size now); returns its row."""
+        row = self._append(key, category, storage.nbytes() if nbytes is None else nbytes, tensor.dtype, tensor.device,
+                           iteration=iteration, created=created, created_tick=created_tick)
+        ref = _StorageRef(storage, self._on_free)
+        ref.row, ref.sid = row, id(storage)
+        self._live[ref.sid] = ref
+        return row
+
+    def hidden(self, nbytes: int, device: torch.device, key: str, *, iteration: Optional[int]) -> int:
+        """A temporary of ``nbytes`` with no storage to watch, made now (Note [hidden collective
+        buffers]); :meth:`end` records it freed. Returns its row."""
+        return self._append(key, Category.TEMPORARY, nbytes, torch.uint8, device, iteration=iteration,
+                            created=self.point, created_tick=self.next_tick())
+
+    def end(self, row: int) -> None:
+        """Record ``row`` freed now (a :meth:`hidden` one, or one whose storage died or shrank)."""
+        self.tick += 1
+        self.freed[row] = self.point
+        self.freed_tick[row] = self.tick
+
+    def _append(self, key: str, category: Category, nbytes: int, dtype: torch.dtype, device: torch.device, *,
+                iteration: Optional[int], created: Optional[int], created_tick: int) -> int:
         row = len(self.key)
         self.key.append(key)
         self.category.append(category)
-        self.size_bytes.append(storage.nbytes() if nbytes is None else nbytes)
-        self.dtype.append(str(tensor.dtype).removeprefix("torch."))
-        self.device.append(str(tensor.device))
+        self.size_bytes.append(nbytes)
+        self.dtype.append(str(dtype).removeprefix("torch."))
+        self.device.append(str(device))
         self.iteration.append(iteration)
         self.created.append(created)
         self.freed.append(None)
         self.uses.append([])
         self.created_tick.append(created_tick)
         self.freed_tick.append(None)
-        ref = _StorageRef(storage, self._on_free)
-        ref.row, ref.sid = row, id(storage)
-        self._live[ref.sid] = ref
         return row
 
     def next_tick(self) -> int:
@@ -99,16 +117,12 @@ class RecordTable:
         ref = self._live.get(id(storage))
         if ref is not None and ref.row == row:
             del self._live[id(storage)]
-        self.tick += 1
-        self.freed[row] = self.point
-        self.freed_tick[row] = self.tick
+        self.end(row)
 
     def _on_free(self, ref: _StorageRef) -> None:
         # Runs when the storage is deallocated, possibly on the autograd thread: only appends.
         self._live.pop(ref.sid, None)
-        self.tick += 1
-        self.freed[ref.row] = self.point
-        self.freed_tick[ref.row] = self.tick
+        self.end(ref.row)
 
     def close(self) -> None:
         """Drop every weak reference: their callbacks can no longer fire (zero cost afterwards)."""

@@ -32,7 +32,7 @@ from torch import nn
 
 from tierflow.profiling.trace import OUTSIDE_PATH, ROOT_PATH, activation_key
 
-__all__ = ["ModuleCalls", "StorageMap", "own_parameters"]
+__all__ = ["ModuleCalls", "ParamNames", "StorageMap", "own_parameters"]
 
 _PLAIN_PARAMETERS = (torch.Tensor, nn.Parameter)
 
@@ -47,6 +47,20 @@ def own_parameters(module: Optional[nn.Module]) -> List[torch.Tensor]:
     if module is None:
         return []
     return [p for p in module._parameters.values() if p is not None and type(p) in _PLAIN_PARAMETERS]
+
+
+class ParamNames:
+    """A parameter's name in the model, as ``named_parameters`` gives it; one the optimizer steps
+    that the model does not hold is named ``<optimizer>.param<N>``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._names = {id(p): n for n, p in model.named_parameters()}
+
+    def __call__(self, param: torch.Tensor) -> str:
+        name = self._names.get(id(param))
+        if name is None:
+            name = self._names[id(param)] = f"<optimizer>.param{len(self._names)}"
+        return name
 
 
 class StorageMap:

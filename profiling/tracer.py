@@ -45,7 +45,8 @@ from tierflow.profiling._tensors import (
     held_storage,
     storage_of,
 )
-from tierflow.profiling.keys import ModuleCalls, own_parameters
+from tierflow.profiling.collectives import COLLECTIVE_NAMESPACES, HiddenBuffers
+from tierflow.profiling.keys import ModuleCalls, ParamNames, own_parameters
 from tierflow.profiling.settings import MovingTensors, TracerConfig
 from tierflow.profiling.trace import (
     ROOT_PATH,
@@ -96,7 +97,7 @@ class LifetimeTracer:
         self._saved_hooks: Optional[saved_tensors_hooks] = None
         self._attached = False
         self._detached = False
-        self._param_names = {id(p): n for n, p in model.named_parameters()}
+        self._name_of = ParamNames(model)
         self._modules: Dict[str, nn.Module] = {}  # module path -> the module (its own parameters)
         first = next(model.parameters(), None)
         self._device = first.device if first is not None else torch.device("cpu")
@@ -205,6 +206,7 @@ class LifetimeTracer:
         try:
             yield self._iteration
         finally:
+            self._hidden.end_all()  # the iteration's collectives are all waited for by its end
             self._emit(PointKind.ITERATION_END, "iteration", 0, Phase.OTHER)
             self._module_calls.reset()  # drops its weak references to parameter storages
             self._iteration = None
@@ -251,6 +253,7 @@ class LifetimeTracer:
         self._external_rows: set = set()
         self._graph_task = -1
         self._tmp_label, self._tmp_count = "", 0
+        self._hidden = HiddenBuffers(self._table)
 
     def _now(self) -> float:
         if self._sync:
@@ -402,20 +405,28 @@ class LifetimeTracer:
                     row = self._row_or_external(st, t)
                     if counts_as_use:
                         table.use(row)
+                    if self._hidden and counts_as_use:
+                        self._hidden.used(st)
         self._overhead_s += time.perf_counter() - start
         out = func(*args, **kwargs)
         start = time.perf_counter()
+        if func.namespace in COLLECTIVE_NAMESPACES:  # Note [hidden collective buffers]
+            self._hidden.made(func, args, out, lambda: self._tmp_key("collective"), self._iteration)
         for t in flat_tensors(out, []):
             st = storage_of(t)
             if st is not None and table.row_of(st) is None:
-                key = self._unique(f"{self._tmp_label}:tmp{self._tmp_count}")
-                self._tmp_count += 1
+                key = self._tmp_key("tmp")
                 table.add(st, t, Category.TEMPORARY, key, iteration=self._iteration, created=table.point,
                           created_tick=table.next_tick())
         self._overhead_s += time.perf_counter() - start
         return out
 
     # ---- classification ------------------------------------------------------------------------
+
+    def _tmp_key(self, kind: str) -> str:
+        key = self._unique(f"{self._tmp_label}:{kind}{self._tmp_count}")
+        self._tmp_count += 1
+        return key
 
     def _unique(self, key: str) -> str:
         """``key``, suffixed ``#2``, ``#3``... when already used in this iteration."""
@@ -447,15 +458,13 @@ class LifetimeTracer:
             # Regrown (Note [storages that shrink]), or first seen in backward (Note [allocations
             # no operation shows]): allocated now.
             kind = "regrown" if regrown else "unseen"
-            key = self._unique(f"{self._tmp_label}:{kind}{self._tmp_count}")
-            self._tmp_count += 1
+            key = self._tmp_key(kind)
             row = table.add(st, t, Category.TEMPORARY, key, iteration=self._iteration, created=table.point,
                             created_tick=table.next_tick())
             self._shrink.watch(row, st)
         elif row is None:
             point, tick = self._iteration_start
-            key = self._unique(f"{self._tmp_label}:external{self._tmp_count}")
-            self._tmp_count += 1
+            key = self._tmp_key("external")
             row = table.add(st, t, Category.INPUT, key, iteration=self._iteration, created=point,
                             created_tick=tick)
             self._external_rows.add(row)
@@ -489,11 +498,3 @@ class LifetimeTracer:
                             created_tick=tick)
         elif self._table.category[row] is Category.TEMPORARY:
             self._table.reclassify(row, category, self._unique(key))
-
-    def _name_of(self, param: torch.Tensor) -> str:
-        name = self._param_names.get(id(param))
-        if name is None:  # stepped by the optimizer but not part of the model
-            name = f"<optimizer>.param{len(self._param_names)}"
-            self._param_names[id(param)] = name
-        return name
-

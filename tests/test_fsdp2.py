@@ -154,11 +154,12 @@ def _rss_run(tmp_path: Path, env, name: str, *overrides: str) -> dict:
 
 
 def test_a_budget_below_the_sharded_state_keeps_every_ranks_rss_and_is_exact(tmp_path, subprocess_env):
-    """``model=small`` (172 MB of state, 86 MB per rank once sharded) under 40 MB per rank with the
+    """``model=small`` (172 MB of state, 86 MB per rank once sharded) under 52 MB per rank with the
     NVMe tier: each rank builds its shards straight into the tier (Note [sharded build]), and its
     peak RSS grows by at most the budget plus the trainer's fixed cost and the runtime's overhead;
-    FSDP2 alone exceeds that bound, and the runs are bit-identical."""
-    budget = 40_000_000
+    FSDP2 alone exceeds that bound, and the runs are bit-identical. (The floor is 49.7 MB since
+    gloo's hidden collective buffers are counted: Note [hidden collective buffers].)"""
+    budget = 52_000_000
     nvme = tmp_path / "nvme"
     nvme.mkdir()
     fixed = max(_rss_run(tmp_path, subprocess_env, "fixed", "model=tiny", "trainer.steps=3",
@@ -167,7 +168,7 @@ def test_a_budget_below_the_sharded_state_keeps_every_ranks_rss_and_is_exact(tmp
     ours = _rss_run(tmp_path, subprocess_env, "ours", "model=small", "trainer.steps=6", "offload=lifetime",
                     f"offload.device_budget_bytes={budget}", "tiers.nvme.enabled=true", f"tiers.nvme.dirs=[{nvme}]",
                     "tiers.host.enabled=false")
-    assert 16 * ours["summary"]["parameters"] // 2 > 2 * budget  # the sharded state alone is over twice the budget
+    assert 16 * ours["summary"]["parameters"] // 2 > 1.6 * budget  # the sharded state alone is 1.6x the budget
     assert ours["losses"] == alone["losses"]
     assert ours["summary"]["final_val_loss"] == alone["summary"]["final_val_loss"]
     assert ours["summary"]["param_digests"] == alone["summary"]["param_digests"]
@@ -176,3 +177,24 @@ def test_a_budget_below_the_sharded_state_keeps_every_ranks_rss_and_is_exact(tmp
     bound = budget + fixed + RUNTIME_OVERHEAD
     assert max(ours["growth"]) <= bound, ([g / MiB for g in ours["growth"]], bound / MiB)
     assert min(alone["growth"]) > bound  # FSDP2 alone does not fit the same bound: the test can fail
+
+
+def test_gloos_hidden_collective_buffers_are_traced_as_temporaries(tmp_path, subprocess_env):
+    """Note [hidden collective buffers]: every FSDP2 all-gather and reduce-scatter on CPU holds a
+    buffer of the unit's full size that no operation shows; the trace has one temporary per
+    collective, of the unit's full (padded) bytes, freed within the iteration, and nothing else."""
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).with_name("_hidden_buffers_child.py")), str(tmp_path)],
+                          cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        sizes = [r["bytes"] for r in got["rows"]]
+        root, block = got["expected"][0], got["expected"][-1]
+        assert set(sizes) == set(got["expected"]), (sizes, got["expected"])
+        # Each block: gathered for forward and again for backward, its gradients reduce-scattered;
+        # the root: gathered for forward and backward, reduce-scattered once.
+        assert sizes.count(block) == 3 * 2 and sizes.count(root) == 3, got["rows"]
+        assert all(r["freed"] is not None and r["span"] >= 0 for r in got["rows"])
+        # The backward prefetch of the next block's gather stays counted until its copy-out.
+        assert any(r["span"] > 0 and r["bytes"] == block for r in got["rows"]), got["rows"]

@@ -50,6 +50,7 @@ from tierflow.offload.runtime._iteration import IterationState
 from tierflow.offload.runtime._residency import Residency
 from tierflow.offload.runtime._schedule import Schedule
 from tierflow.profiling import flat_tensors, held_storage, is_fake_dispatch, storage_of, torch_compat
+from tierflow.profiling.collectives import COLLECTIVE_NAMESPACES, hidden_buffer_bytes, hidden_buffer_ends
 from tierflow.profiling.keys import StorageMap
 from tierflow.profiling.trace import PointKind
 
@@ -110,12 +111,20 @@ class _FaultIn(TorchDispatchMode):
         if away:
             fb.faults += len(away)
             fb.bring(away, frozenset(inputs), f"operation {func}")
+        if fb.hidden and not func.is_view:  # Note [hidden collective buffers]: gone once the output is read
+            for sid in inputs:
+                fb.hidden_gone(sid)
+        hidden = hidden_buffer_bytes(func, args) if func.namespace in COLLECTIVE_NAMESPACES else 0
+        if hidden and fb.level + hidden > fb.state.budget_bytes - fb.state.largest_op_bytes:
+            fb.evict(f"operation {func}", spare=frozenset(inputs), incoming=hidden)
         if not func.is_view and fb.level + fb.state.largest_op_bytes >= fb.state.budget_bytes // 2:
             # Note [room before the operation]: near the budget, make room for what it will make.
             coming = _sized(fb.state.sized_ops, func, args, kwargs)
             if coming > fb.state.largest_op_bytes and fb.level + coming > fb.state.budget_bytes:
                 fb.evict(f"operation {func}", spare=frozenset(inputs), incoming=coming)
         out = func(*args, **kwargs)
+        if hidden:
+            fb.hidden_made(hidden, hidden_buffer_ends(func, args, out))
         if func.namespace in _COLLECTIVES:
             # Note [collectives in flight]: a collective returns before the process group has read
             # its input and written its output (gloo works on its own thread; DTensor's
@@ -235,6 +244,7 @@ class Fallback:
         self.settled_peak = 0  # the most tracked bytes left after the fallback acted
         self.evicting = True  # Note [evict at points]
         self.in_flight: Dict[int, FrozenSet[int]] = {}  # Note [collectives in flight]: output -> storages
+        self.hidden: Dict[int, List[int]] = {}  # Note [hidden collective buffers]: id(output) -> [bytes], shared
         self._mode: Optional[_FaultIn] = None
 
     # ---- the mode ---------------------------------------------------------------------------
@@ -347,6 +357,20 @@ class Fallback:
         self._counted[sid] = nbytes
         return nbytes
 
+    def hidden_made(self, nbytes: int, ends: Sequence[torch.UntypedStorage]) -> None:
+        """A collective holds ``nbytes`` out of sight until one of ``ends`` is read."""
+        cell = [nbytes]
+        for st in ends:
+            self.hidden[id(st)] = cell
+        self.level += nbytes
+        self.state.tracked_peak = max(self.state.tracked_peak, self.level)
+
+    def hidden_gone(self, sid: int) -> None:
+        cell = self.hidden.pop(sid, None)
+        if cell is not None:
+            self.level -= cell[0]
+            cell[0] = 0
+
     def tracked_bytes(self) -> int:
         """Device bytes the fallback can see (see the module docstring)."""
         iteration = self.state
@@ -380,7 +404,8 @@ class Fallback:
             st = ref()
             if st is not None:
                 storages[id(st)] = st
-        return sum(st.nbytes() for st in storages.values())
+        hidden = sum({id(cell): cell[0] for cell in self.hidden.values()}.values())
+        return sum(st.nbytes() for st in storages.values()) + hidden
 
     def candidates(self, where: str, spare: FrozenSet[int] = frozenset()) -> List[Tuple[str, torch.UntypedStorage, str]]:
         """What may leave now: ``(key, storage, category)`` of resident tensors it can find again."""
