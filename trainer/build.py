@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tierflow.offload import SubgroupStepper, TierEngine, TierFullError
 from tierflow.offload.integrations.fsdp2 import shard_blocks, shard_on_meta
 from tierflow.offload.runtime.materialize import TierPlacement
+from tierflow.offload.tiers import map_large_allocations
 from tierflow.trainer.config import ConfigError, TrainConfig
 from tierflow.trainer.data import ShardedLoader, TokenSource, build_source
 from tierflow.trainer.distributed import Runtime
@@ -77,6 +78,17 @@ def uses_tiers(cfg: TrainConfig) -> bool:
     return cfg.offload.policy != "none" or cfg.optimizer.tiered.enabled
 
 
+# Note [the build maps its tensors]: on a CPU run the device is RAM from the first tensor built,
+# not from the runtime's start. The runtime has glibc map every allocation of 1 MiB or more on its
+# own so that freed memory leaves RSS (``map_large_allocations``), but the model is built before
+# the runtime exists, under glibc's own rule: each large block freed raises the threshold (up to
+# 32 MiB), the next tensors of that size come from the heap, and a heap only shrinks from its top.
+# Building a sharded 6-layer GPT of width 2048 into NVMe left one rank's heap at 382 MiB, resident
+# for the whole run (the other's at 129 MiB; which rank, and how much, follows the timing of the
+# tier's writes): a 1.8B model's rank kept 2.2 GB there. Mapping from before the build keeps both
+# near 170 MiB (docs/benchmarks.md).
+
+
 def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = None) -> RunParts:
     """Seed, then build model, tiers, optimizer, schedule and this rank's loader on ``rt.device``."""
     tc = cfg.trainer
@@ -84,6 +96,8 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
     seed_everything(tc.seed)
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if rt.device.type == "cpu" and cfg.offload.policy != "none":
+        map_large_allocations()  # Note [the build maps its tensors]
     engine = TierEngine(cfg.tiers) if uses_tiers(cfg) else None
     placed: dict = {}
     sharded_build = tc.parallel == "fsdp2"
