@@ -233,3 +233,32 @@ def test_fallback_steps_are_accounted_as_measured():
                    OffloadConfig(policy="lifetime", device_budget_fraction=0.85, reprofile_after=4))
     assert "fallback" in [r.mode for r, _ in steps]
     assert_honest(steps)
+
+
+def test_a_recomputed_blocks_output_saved_after_it_still_moves():
+    # A checkpointed block's output is an ordinary tensor that the next module saves as traced:
+    # its swap must run. Skipped because it was made inside the recomputed block (the embedding
+    # dropout's output, saved by the first block's layer norm), it stayed resident while the plan
+    # counted it away: the dropout test above went 32 KiB over its budget on such plans.
+    from tierflow.offload.plan import Action, Decision, OffloadPlan
+    from tierflow.offload.runtime._planning import _inside_recomputed
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, seq_len=64, n_layer=1, n_head=2, d_model=32, dropout=0.1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = tokens([64])[0]
+    tracer = LifetimeTracer(model, opt, FAST_TRACER)
+    with tracer:
+        with tracer.iteration():
+            lm_step(model, opt, x)
+    trace = tracer.trace()
+    index = {r.key: i for i, r in enumerate(trace.tensors)}
+    swaps = [Decision(key=k, record=index[k], category="activation", size_bytes=trace.tensors[index[k]].size_bytes,
+                      action=Action.SWAP, tier="host", evict_point=0, free_point=1, prefetch_point=1, deadline_point=2)
+             for k in ("drop[0]:saved0", "blocks.0.ln1[0]:saved0", "blocks.0.attn.qkv[0]:saved0")]
+    plan = OffloadPlan("test", "", len(trace.points), 1 << 30, decisions=tuple(swaps))
+    # The dropout's own noise is never saved when it is checkpointed; its output, saved by the
+    # block's layer norm after it, is; nothing of the attention block is recomputed here.
+    assert _inside_recomputed(trace, plan, {("drop", 0)}) == {0}
+    # Recomputing the attention block skips what its own modules saved (its input included).
+    assert _inside_recomputed(trace, plan, {("blocks.0.attn", 0)}) == {2}

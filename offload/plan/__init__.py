@@ -7,7 +7,7 @@ stalls and per-tier peaks of any plan; :func:`explain_plan` and :func:`plot_plan
 Nothing here needs a device, a tier or a file other than the one a caller names.
 """
 
-from tierflow.offload.plan._reruns import block_of, forward_spans, parse_block, with_reruns
+from tierflow.offload.plan._reruns import block_of, forward_spans, parse_block, saved_within, with_reruns
 from tierflow.offload.plan.context import Budgets, PlanContext, feasible_minimum_bytes, finish_plan
 from tierflow.offload.plan.explain import explain_plan, plot_plan
 from tierflow.offload.plan.planner import POLICIES, make_plan
@@ -45,6 +45,7 @@ __all__ = [
     "interval_range",
     "make_plan",
     "parse_block",
+    "saved_within",
     "plan_memory",
     "plot_plan",
     "simulate",

@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from tierflow.profiling.trace import ROOT_PATH, Category, PointKind, TensorRecord
 
-__all__ = ["block_of", "forward_spans", "parse_block", "rerun_points", "with_reruns"]
+__all__ = ["block_of", "forward_spans", "parse_block", "rerun_points", "saved_within", "with_reruns"]
 
 Block = Tuple[str, int]
 #: Points of a backward pass, and the points that end one (a hand-built trace may lack the start).
@@ -151,7 +151,7 @@ def with_reruns(trace, blocks: Iterable[Block]):
     for blk, at in points.items():
         a, b = spans[blk]
         remade = {i for i, r in enumerate(tensors) if r.created is not None and a <= r.created < b
-                  and r.category.value == "activation" and _inside(spans, r.key, a, b)}
+                  and r.category.value == "activation" and saved_within(spans, r.key, a, b)}
         done = max((tensors[i].uses[-1] for i in remade if tensors[i].uses), default=at)
         done = max(done, at)
         for i, r in enumerate(tensors):
@@ -160,7 +160,7 @@ def with_reruns(trace, blocks: Iterable[Block]):
                         (r.freed is None or r.freed >= at):
                     tensors[i] = replace(r, uses=tuple(sorted((*r.uses, at))))
                 continue
-            if r.category.value == "activation" and _inside(spans, r.key, a, b):
+            if r.category.value == "activation" and saved_within(spans, r.key, a, b):
                 continue
             k = bisect.bisect_left(r.uses, a)  # uses are sorted
             if not (k < len(r.uses) and r.uses[k] < b):
@@ -202,8 +202,10 @@ def _doubled(tick: Optional[int]) -> Optional[int]:
     return tick if tick is None or tick < 0 else 2 * tick
 
 
-def _inside(spans: Dict[Block, Tuple[int, int]], key: str, a: int, b: int) -> bool:
-    """Whether the activation ``key`` was saved by a module call inside the span ``a .. b``."""
+def saved_within(spans: Dict[Block, Tuple[int, int]], key: str, a: int, b: int) -> bool:
+    """Whether the activation ``key`` was saved by a module call inside the span ``a .. b``
+    (``spans``: :func:`forward_spans`). Where it was made does not matter: a block's output is
+    made inside it and saved by the module after it."""
     saver = spans.get(block_of(key))
     return saver is not None and a <= saver[0] and saver[1] <= b
 
