@@ -32,10 +32,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     total = torch.zeros((), device=micro_batches[0][0].device)
     # Nothing needs every gradient first (no clipping, one micro-batch, no DDP reduction): each
     # sub-group is updated inside backward as soon as its gradients are final, the same bits.
-    # Under DDP or FSDP2 a gradient is final only after its reduction, and FSDP2's are DTensors whose
-    # norm torch's own clip_grad_norm_ reduces over the ranks: both keep the plain path.
-    sharded = is_sharded(model)
-    reduced = isinstance(model, DDP) or sharded
+    # Under DDP or FSDP2 a gradient is final only after its reduction: both update after backward.
+    # FSDP2's gradients are DTensors: their norms are partial sums that DTensor reduces over the
+    # ranks where the total is first used, as in torch's clip_grad_norm_ (the same operations).
+    reduced = isinstance(model, DDP) or is_sharded(model)
     fused = step is not None and grad_clip <= 0 and accum == 1 and not reduced
     # With clipping, each gradient's norm is taken as it becomes final (in the last backward).
     early_norms = step is not None and grad_clip > 0 and not reduced
@@ -50,7 +50,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         total += loss.detach()
     if fused:
         pass  # updated in backward
-    elif step is not None and grad_clip > 0 and not sharded:  # clipping streamed sub-group by sub-group
+    elif step is not None and grad_clip > 0:  # clipping streamed sub-group by sub-group
         step.clip_and_step(model.parameters(), grad_clip)
     else:
         if grad_clip > 0:
