@@ -154,7 +154,10 @@ def test_stage0_tiered_client_optimizer_equals_torch_adamw(subprocess_env, free_
 def test_zero2_and_zero3_losses_and_parameters_equal_plain_deepspeed(subprocess_env, free_port):
     pytest.importorskip("deepspeed", reason="deepspeed is installed by the dev extra; run ./launch/setup.sh test")
     env = {**subprocess_env, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([PYTHON, str(REPO / "tests" / "_deepspeed_job.py"), "10", "2,3", json.dumps(SECTION)],
+    # 0.8: gloo's hidden buffers of ZeRO's gathers and reduce-scatters are counted (Note [hidden
+    # collective buffers]), which put the floor at 75.1% of the traced peak.
+    section = {**SECTION, "offload": {**SECTION["offload"], "device_budget_fraction": 0.8}}
+    proc = subprocess.run([PYTHON, str(REPO / "tests" / "_deepspeed_job.py"), "10", "2,3", json.dumps(section)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
