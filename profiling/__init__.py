@@ -15,7 +15,14 @@ Importable on its own, without ``trainer``::
 """
 
 from tierflow.profiling import torch_compat
-from tierflow.profiling._tensors import flat_tensors, held_storage, is_fake_dispatch, local_tensor, storage_of
+from tierflow.profiling._tensors import (
+    flat_tensors,
+    held_storage,
+    is_fake_dispatch,
+    local_tensor,
+    remove_hooks,
+    storage_of,
+)
 from tierflow.profiling.idle import IdleInterval, IdleScore, idle_intervals, top_idle_tensors
 from tierflow.profiling.report import ReportFiles, format_report, plot_memory_timeline, write_report
 from tierflow.profiling.stability import Divergence, Stability, check_stability
@@ -50,6 +57,7 @@ __all__ = [
     "held_storage",
     "is_fake_dispatch",
     "local_tensor",
+    "remove_hooks",
     "storage_of",
     "torch_compat",
     "CATEGORIES",

@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["LIFT_OPS", "DispatchRecorder", "dispatch_round_trip_s", "flat_tensors", "held_storage", "is_fake_dispatch",
-           "local_tensor", "storage_of"]
+           "local_tensor", "remove_hooks", "storage_of"]
 
 # Ops whose tensor argument is a freshly made tensor (torch.tensor(...)), not an existing input.
 LIFT_OPS = frozenset({torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default})
@@ -134,3 +134,17 @@ def dispatch_round_trip_s(num_rounds: int = 16, repeats: int = 5) -> float:
         count[0] = 0
         moded.append(timed(True))
     return max(min(moded) - min(plain), 0.0) / max(count[0], 1)
+
+
+def remove_hooks(handles: List[Any]) -> None:
+    """Remove every hook of ``handles`` and empty the list.
+
+    Note [hooks that keep a graph]: a per-call multi-grad hook that waits for all of a call's
+    tensors holds their grad_fns, and each grad_fn holds the hook: a cycle through C++ that
+    Python's collector cannot see, so the step's whole autograd graph stays alive until the hook
+    is removed (the runtime's executor kept every step's graph: RSS grew 0.7 MiB a step on a small
+    GPT, 290 MiB in 400 steps). The tracer and the executor remove theirs at every iteration's end.
+    """
+    for handle in handles:
+        handle.remove()
+    handles.clear()

@@ -43,6 +43,7 @@ from tierflow.profiling._tensors import (
     dispatch_round_trip_s,
     flat_tensors,
     held_storage,
+    remove_hooks,
     storage_of,
 )
 from tierflow.profiling.collectives import COLLECTIVE_NAMESPACES, HiddenBuffers
@@ -171,10 +172,8 @@ class LifetimeTracer:
                                "active; exit it before detaching the tracer")
         self._mode.__exit__(None, None, None)
         self._saved_hooks.__exit__(None, None, None)
-        for handle in self._handles + self._grad_handles:
-            handle.remove()
-        self._handles.clear()
-        self._grad_handles.clear()
+        remove_hooks(self._handles)
+        remove_hooks(self._grad_handles)
         self._table.close()
         self._mode = self._saved_hooks = None
         self._outer_pack = self._outer_unpack = None
@@ -207,6 +206,7 @@ class LifetimeTracer:
             yield self._iteration
         finally:
             self._hidden.end_all()  # the iteration's collectives are all waited for by its end
+            remove_hooks(self._grad_handles)  # Note [hooks that keep a graph]
             self._emit(PointKind.ITERATION_END, "iteration", 0, Phase.OTHER)
             self._module_calls.reset()  # drops its weak references to parameter storages
             self._iteration = None

@@ -335,8 +335,8 @@ class Executor:
                 self.state.inputs.add(t.untyped_storage())
         needing_grad = [t for t in tensors if t.requires_grad]
         if needing_grad and torch.is_grad_enabled():
-            register_multi_grad_hook(needing_grad, lambda *_: self._backward_hook(PointKind.BACKWARD_POST, path, call),
-                                     mode="all")
+            self.state.grad_hooks.append(register_multi_grad_hook(
+                needing_grad, lambda *_: self._backward_hook(PointKind.BACKWARD_POST, path, call), mode="all"))
         self._point(PointKind.FORWARD_PRE, path, call)
         if torch.is_grad_enabled() and self.reruns.enter(module, path, call, args, kwargs):
             self.account.checkpointed.add(f"{path}[{call}]")
@@ -359,8 +359,8 @@ class Executor:
         self.reruns.exit(path, call)
         needing_grad = [t for t in flat_tensors(output, []) if t.requires_grad]
         if needing_grad and torch.is_grad_enabled():
-            register_multi_grad_hook(needing_grad, lambda *_: self._backward_hook(PointKind.BACKWARD_PRE, path, call),
-                                     mode="any")
+            self.state.grad_hooks.append(register_multi_grad_hook(
+                needing_grad, lambda *_: self._backward_hook(PointKind.BACKWARD_PRE, path, call), mode="any"))
         self._point(PointKind.FORWARD_POST, path, call)
 
     def _backward_hook(self, kind: PointKind, path: str, call: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from tierflow.profiling import flat_tensors
+from tierflow.profiling import flat_tensors, remove_hooks
 from tierflow.profiling.keys import ModuleCalls, StorageMap
 
 __all__ = ["IterationState"]
@@ -43,6 +43,8 @@ class IterationState:
             (the fallback's headroom: Note [headroom] in ``_fallback``).
         sized_ops: Output bytes of operations sized before they ran, by operation and argument
             shapes, over every iteration so far (Note [room before the operation] in ``_fallback``).
+        grad_hooks: Handles of this iteration's per-call multi-grad hooks (Note [hooks that keep
+            a graph] in :mod:`tierflow.profiling._tensors`).
     """
 
     budget_bytes: int
@@ -58,6 +60,7 @@ class IterationState:
     calls: ModuleCalls = field(default_factory=ModuleCalls)
     largest_op_bytes: int = 0
     sized_ops: Dict[Any, int] = field(default_factory=dict)
+    grad_hooks: List[Any] = field(default_factory=list)
 
     def begin(self, inputs: Any) -> None:
         """Start a new iteration: forget the last one and record its inputs.
@@ -81,6 +84,7 @@ class IterationState:
         self.input_tensors = []
         self.calls.reset()
         self.seen.clear()
+        remove_hooks(self.grad_hooks)  # Note [hooks that keep a graph]
 
     def running_modules(self) -> List[str]:
         """Paths of the modules whose forward is running now, outermost first."""
