@@ -355,7 +355,8 @@ def test_reserved_far_above_the_budget_is_reported_with_what_to_do():
 
 def test_a_step_leaves_no_autograd_graph_behind():
     # Note [hooks that keep a graph]: the per-call multi-grad hooks held their step's grad_fns in a
-    # cycle Python's collector cannot see; every step's graph stayed alive (0.7 MiB a step).
+    # cycle Python's collector cannot see; every step's graph stayed alive (0.7 MiB a step). The
+    # live autograd nodes after step 6 and after step 12 (6 steps later) must not grow.
     import gc
 
     def live_graph_nodes():
@@ -377,4 +378,5 @@ def test_a_step_leaves_no_autograd_graph_behind():
             if i in (5, 11):
                 counts.append(live_graph_nodes())
     assert rt.summary()["steps"].get("planned", 0) >= 6
-    assert counts[1] == counts[0] == 0, counts
+    # Relative: graphs other tests of the same process left behind are not this runtime's.
+    assert counts[1] <= counts[0], counts  # was 133 -> 259: every step's graph stayed alive
