@@ -146,6 +146,7 @@ def worker(a: argparse.Namespace) -> None:
         losses.append(loss.item())
     if profiler is not None:
         profiler.disable()
+        profiler.dump_stats(Path(a.out) / f"{a.label}-rank0.prof")  # for pstats: other sort orders
         with open(Path(a.out) / f"{a.label}-rank0-profile.txt", "w") as f:
             pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(60)
     digest = hashlib.sha256()
@@ -256,7 +257,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--thp", choices=("on", "off"), default="on",
                    help="THP_MEM_ALLOC_ENABLE for every peer (Note [huge pages for CPU tensors]; tierflow's default)")
     p.add_argument("--profile", action="store_true", help=f"cProfile rank 0 from step {PROFILE_FROM} on: "
-                                                          "results/<peer>-rank0-profile.txt under --dir")
+                                                          "results/<peer>-rank0-profile.txt (and .prof) under --dir")
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--label", help=argparse.SUPPRESS)
