@@ -78,10 +78,7 @@ class HiddenBuffers:
 
     def __init__(self, table: RecordTable) -> None:
         self.table = table
-        self._rows: Dict[int, int] = {}  # id(output storage) -> row
-
-    def __bool__(self) -> bool:
-        return bool(self._rows)
+        self.rows: Dict[int, int] = {}  # id(output storage) -> row; a plain dict, tested on the hot path
 
     def made(self, func: Any, args: Sequence[Any], out: Any, new_key: Callable[[], str],
              iteration: Optional[int]) -> None:
@@ -90,17 +87,17 @@ class HiddenBuffers:
         if nbytes:
             row = self.table.hidden(nbytes, torch.device("cpu"), new_key(), iteration=iteration)
             for st in hidden_buffer_ends(func, args, out):
-                self._rows[id(st)] = row
+                self.rows[id(st)] = row
 
     def used(self, storage: torch.UntypedStorage) -> None:
         """An operation reads ``storage``: the buffer of a collective that wrote it is gone."""
-        row = self._rows.pop(id(storage), None)
+        row = self.rows.pop(id(storage), None)
         if row is not None and self.table.freed[row] is None:
             self.table.end(row)
 
     def end_all(self) -> None:
         """The iteration ends: every collective of it was waited for."""
-        for row in set(self._rows.values()):
+        for row in set(self.rows.values()):
             if self.table.freed[row] is None:
                 self.table.end(row)
-        self._rows.clear()
+        self.rows.clear()

@@ -405,7 +405,7 @@ class LifetimeTracer:
                     row = self._row_or_external(st, t)
                     if counts_as_use:
                         table.use(row)
-                    if self._hidden and counts_as_use:
+                    if self._hidden.rows and counts_as_use:
                         self._hidden.used(st)
         self._overhead_s += time.perf_counter() - start
         out = func(*args, **kwargs)
