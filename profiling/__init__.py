@@ -25,7 +25,7 @@ from tierflow.profiling._tensors import (
 )
 from tierflow.profiling.idle import IdleInterval, IdleScore, idle_intervals, top_idle_tensors
 from tierflow.profiling.report import ReportFiles, format_report, plot_memory_timeline, write_report
-from tierflow.profiling.stability import Divergence, Stability, check_stability
+from tierflow.profiling.stability import Divergence, Stability, check_stability, latest_frees
 from tierflow.profiling.storage import FORMAT_VERSION, TraceFileError, load_trace, save_trace
 from tierflow.profiling.timeline import (
                              CATEGORIES,
@@ -88,6 +88,7 @@ __all__ = [
     "grad_key",
     "idle_intervals",
     "input_key",
+    "latest_frees",
     "load_trace",
     "memory_timeline",
     "plot_memory_timeline",

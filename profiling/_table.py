@@ -9,7 +9,7 @@ them all, after which no callback of ours can run again.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -171,6 +171,15 @@ class ShrinkWatch:
 
     def watch(self, row: int, storage: torch.UntypedStorage) -> None:
         self._rows[row] = weakref.ref(storage)
+
+    def shrunk_before(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Storages shrunk to nothing before tracing began (FSDP2's gathered parameters between
+        steps): their regrowth is an allocation from the first traced iteration on, as it is in
+        every later one, not a tensor that was there before."""
+        for t in tensors:
+            st = t.untyped_storage()
+            if st.nbytes() == 0:
+                self._shrunk.add(st)
 
     def regrown(self, storage: torch.UntypedStorage) -> bool:
         """True (once) for a storage released here that holds bytes again."""

@@ -8,12 +8,12 @@ point where it shows, so the runtime (and the user) know where the plan stops ap
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
-from tierflow.profiling.trace import Category, LifetimeTrace
+from tierflow.profiling.trace import Category, LifetimeTrace, TensorRecord
 
-__all__ = ["Divergence", "Stability", "check_stability"]
+__all__ = ["Divergence", "Stability", "check_stability", "latest_frees"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,52 @@ def _signatures(trace: LifetimeTrace, iteration: int, start: int, end: int) -> D
     return out
 
 
+# Note [frees that jitter]: a temporary that a collective's worker thread releases (gloo's copy of
+# a reduce-scatter input under FSDP2: Note [allocations no operation shows] in the tracer) is freed
+# when that thread is done, a few points earlier or later from one iteration to the next, while its
+# birth and every use repeat. That is not another graph: before, every FSDP2 run warned that its
+# profiled iterations differ. Such a record is taken as repeating, and the plan counts it until
+# the latest point any profiled iteration freed it (:func:`latest_frees`): never less than it lives.
+
+
+def _jitters(ref: _Signature, got: _Signature) -> bool:
+    """Only the free of a temporary differs (Note [frees that jitter])."""
+    return ref[0] is Category.TEMPORARY and ref[:4] == got[:4] and ref[5] == got[5]
+
+
+def latest_frees(trace: LifetimeTrace) -> LifetimeTrace:
+    """``trace`` with each temporary of its last iteration freed at the latest offset any of its
+    iterations freed that key at (Note [frees that jitter]); records of other keys are unchanged."""
+    bounds = trace.iteration_bounds()
+    if len(bounds) < 2:
+        return trace
+    last = _signatures(trace, len(bounds) - 1, *bounds[-1])
+    latest: Dict[str, Optional[int]] = {k: sig[4] for k, sig in last.items() if sig[0] is Category.TEMPORARY}
+    for i, (s, e) in enumerate(bounds[:-1]):
+        for key, sig in _signatures(trace, i, s, e).items():
+            if key in latest and latest[key] is not None and _jitters(last[key], sig):
+                latest[key] = None if sig[4] is None else max(latest[key], sig[4])
+    s = bounds[-1][0]
+    ticks = [p.tick for p in trace.points]
+    tensors = []
+    for r in trace.tensors:
+        if r.iteration == len(bounds) - 1 and r.freed is not None and r.key in latest and \
+                (latest[r.key] is None or s + latest[r.key] > r.freed):
+            r = _freed_at(r, None if latest[r.key] is None else s + latest[r.key], ticks)
+        tensors.append(r)
+    return replace(trace, tensors=tuple(tensors))
+
+
+def _freed_at(r: TensorRecord, point: Optional[int], ticks: List[int]) -> TensorRecord:
+    """``r`` freed in interval ``point`` (None: after the trace), after that interval's other
+    events; where the clock has no tick left there, at the next point (one interval longer)."""
+    if point is None:
+        return replace(r, freed=None, freed_tick=None)
+    if ticks[point + 1] - 1 > ticks[point]:
+        return replace(r, freed=point, freed_tick=ticks[point + 1] - 1)
+    return replace(r, freed=point + 1, freed_tick=ticks[point + 1])
+
+
 def _first_offset(sig: _Signature) -> int:
     events = [x for x in (sig[3], *sig[5]) if x is not None]
     return min(events) if events else 0
@@ -141,7 +187,7 @@ def check_stability(trace: LifetimeTrace) -> Stability:
         found_at: List[Tuple[int, int, str, str]] = []
         for key in set(ref_sigs) | set(sigs):
             ref, got = ref_sigs.get(key), sigs.get(key)
-            if ref == got:
+            if ref == got or (ref is not None and got is not None and _jitters(ref, got)):
                 continue
             born = min(-1 if sig[3] is None else sig[3] for sig in (ref, got) if sig is not None)
             if ref is None:

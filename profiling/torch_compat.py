@@ -12,8 +12,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["checkpoint_generator", "current_graph_task_id", "dispatch_mode_stack", "outer_saved_tensors_hooks",
-           "queue_backward_callback"]
+__all__ = ["checkpoint_generator", "current_graph_task_id", "dispatch_mode_stack", "fsdp2_gathered_tensors",
+           "outer_saved_tensors_hooks", "queue_backward_callback"]
 
 
 def current_graph_task_id() -> int:
@@ -51,3 +51,16 @@ def checkpoint_generator(module: Any, recompute_context: Callable[[], Any], args
 
     return _checkpoint_without_reentrant_generator(
         module, True, lambda: (nullcontext(), recompute_context()), "default", False, True, *args, **kwargs)
+
+
+def fsdp2_gathered_tensors(model: torch.nn.Module) -> List[torch.Tensor]:
+    """The tensors each FSDP2 unit of ``model`` gathers its parameters into (empty for a model
+    without ``fully_shard``). FSDP2 keeps them between gathers, their storages shrunk to nothing."""
+    out: List[torch.Tensor] = []
+    for module in model.modules():
+        state_of = getattr(module, "_get_fsdp_state", None)
+        group = getattr(state_of(), "_fsdp_param_group", None) if state_of is not None else None
+        for param in getattr(group, "fsdp_params", ()):
+            out.extend(getattr(param, "all_gather_outputs", ()))
+            out.extend(getattr(param, "_unsharded_inner_tensors", ()))
+    return out

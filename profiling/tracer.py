@@ -133,6 +133,7 @@ class LifetimeTracer:
             self._waited_s = self._moving.waited_s()
         away = self._moving.away_bytes if self._moving is not None else None
         register_existing(self._table, self.model, self.optimizer, self._name_of, away_bytes=away)
+        self._shrink.shrunk_before(torch_compat.fsdp2_gathered_tensors(self.model))  # Note [storages that shrink]
         for path, module in self.model.named_modules():
             path = path or ROOT_PATH
             self._modules[path] = module
@@ -147,8 +148,8 @@ class LifetimeTracer:
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(lambda *_: self._optimizer_pre()))
             self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self._optimizer_post()))
-        outer = self._chained if self._chained is not None else torch_compat.outer_saved_tensors_hooks()
-        self._outer_pack, self._outer_unpack = outer if outer is not None else (None, None)
+        outer = self._chained or torch_compat.outer_saved_tensors_hooks()
+        self._outer_pack, self._outer_unpack = outer or (None, None)
         self._saved_hooks = saved_tensors_hooks(self._pack, self._unpack)
         self._saved_hooks.__enter__()
         self._mode = DispatchRecorder(self._on_op)
@@ -239,9 +240,8 @@ class LifetimeTracer:
             raise ValueError("no iteration was traced; run each training step inside `with tracer.iteration():`")
         points = tuple(Point(*p) for p in self._points)
         return LifetimeTrace(points=points, tensors=self._table.records(), num_iterations=self._num_iterations,
-                             model=type(self.model).__name__,
-                             optimizer=type(self.optimizer).__name__ if self.optimizer is not None else "",
-                             device=str(self._device))
+                             model=type(self.model).__name__, device=str(self._device),
+                             optimizer=type(self.optimizer).__name__ if self.optimizer is not None else "")
 
     # ---- points and timing -----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from tierflow.profiling import (
     active_fraction,
     check_stability,
     idle_intervals,
+    latest_frees,
     memory_timeline,
     top_idle_tensors,
     validate_trace,
@@ -143,6 +144,36 @@ def test_a_size_change_is_reported_at_the_point_where_the_tensor_is_born():
     assert not st.static
     assert (d.iteration, d.offset, d.point, d.key) == (1, 1, 6, "m[0]:saved0")
     assert "size_bytes 64 (iteration 0: 50)" in d.reason
+
+
+def _late_temporary(freed0, freed1, cat=Category.TEMPORARY):
+    """The two-iteration trace plus a 70-byte record of ``cat`` made in interval 1 of each
+    iteration, used at 2, freed at offset ``freed0`` / ``freed1`` (None: after its iteration)."""
+    base = _two_iterations()
+    recs = list(base.tensors)
+    for i, (start, tick, freed) in enumerate(((0, 0, freed0), (5, 100, freed1))):
+        recs.append(_rec("m[0]:unseen0", cat, 70, start + 1, tick + 12, uses=(start + 2,), iteration=i,
+                         freed=None if freed is None else start + freed,
+                         freed_tick=None if freed is None else tick + 10 * freed + 5))
+    return dataclasses.replace(base, tensors=tuple(recs))
+
+
+def test_a_temporary_freed_later_in_one_iteration_is_planned_at_its_latest_free():
+    """Note [frees that jitter]: a collective's worker thread frees its buffer a point earlier or
+    later from one iteration to the next; the graph repeats, and the plan counts the latest."""
+    early_last = _late_temporary(freed0=3, freed1=2)
+    assert check_stability(early_last).static
+    assert not check_stability(_late_temporary(3, 2, cat=Category.ACTIVATION)).static  # only temporaries
+    fixed = latest_frees(early_last)
+    assert validate_trace(fixed) == []
+    rec = next(r for r in fixed.tensors if r.key == "m[0]:unseen0" and r.iteration == 1)
+    assert (rec.freed, rec.freed_tick) == (8, 139)  # offset 3 of iteration 1, the last event of interval 8
+    assert memory_timeline(fixed).interval_peak_bytes[8] == memory_timeline(early_last).interval_peak_bytes[8] + 70
+    assert next(r for r in fixed.tensors if r.key == "m[0]:unseen0" and r.iteration == 0).freed == 3
+    assert latest_frees(_late_temporary(2, 3)) == _late_temporary(2, 3)  # the last is the latest already
+    alive = next(r for r in latest_frees(_late_temporary(None, 2)).tensors
+                 if r.iteration == 1 and r.key == "m[0]:unseen0")
+    assert alive.freed is None and alive.freed_tick is None
 
 
 def test_a_new_point_is_reported_where_the_sequences_part():

@@ -30,7 +30,7 @@ from tierflow.offload.plan import (
 )
 from tierflow.offload.runtime._schedule import Schedule, make_schedule, one_iteration, pin_unmovable
 from tierflow.offload.runtime.config import OffloadConfig
-from tierflow.profiling import check_stability, memory_timeline
+from tierflow.profiling import check_stability, latest_frees, memory_timeline
 from tierflow.profiling.shapes import SizeRange, plan_reservations, reserve_sizes, temporary_scopes
 from tierflow.profiling.trace import LifetimeTrace
 
@@ -79,7 +79,7 @@ def plan_trace(trace: LifetimeTrace, sizes: Mapping[str, SizeRange], config: Off
     if not stability.static:
         warnings.warn(f"tierflow offload: the profiled iterations differ ({stability.describe()}); planning the "
                       "last one, iterations that diverge from it fall back", stacklevel=5)
-    traced = pin_unmovable(one_iteration(trace, -1), movable)
+    traced = pin_unmovable(one_iteration(latest_frees(trace), -1), movable)  # Note [frees that jitter]
     budgets = config.budgets()
     if reserved and budgets.device_bytes is None and budgets.device_fraction is not None:
         # A fraction is of the peak the profile measured, not of one inflated by reservations.
