@@ -18,6 +18,10 @@ under ``torchrun`` on this machine (gloo); the first three with ``fully_shard`` 
   works. Its own partitioning, reduction order and CPU Adam make it close to FSDP2 alone, not
   bit-identical; the report prints how close its losses are.
 
+With ``--mp bf16`` the three FSDP2 peers shard with ``MixedPrecisionPolicy(param_dtype=bfloat16,
+reduce_dtype=float32)`` (fp32 shards, bf16 gathers and compute, the trainer's
+``trainer.precision=bf16_master`` under FSDP2); DeepSpeed is left out then.
+
 Figures, per rank: the peak RSS the kernel measured (``VmHWM``, reset after the imports, so the
 model build is included) and the median wall time of the steps after tierflow's profiling. The
 digest of every parameter gathered at the end shows whether a peer is bit-identical to FSDP2
@@ -99,7 +103,7 @@ def worker(a: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     from tierflow.offload import (
         HostTierConfig,
@@ -117,7 +121,9 @@ def worker(a: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = _model(a)
-    policy = {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if a.worker == "cpu_offload" else {}
+    policy: Dict[str, Any] = {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if a.worker == "cpu_offload" else {}
+    if a.mp == "bf16":
+        policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in block_modules(model):
         fully_shard(block, **policy)
     fully_shard(model, **policy)
@@ -253,6 +259,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                    "deepspeed only where `import deepspeed` works)")
     p.add_argument("--ds-offload", choices=("cpu", "nvme"), default="cpu",
                    help=f"where the deepspeed peer keeps parameters and AdamW states (nvme: --dir/{DS_SWAP})")
+    p.add_argument("--mp", choices=("none", "bf16"), default="none",
+                   help="bf16: the FSDP2 peers gather and compute in bf16 over fp32 shards (MixedPrecisionPolicy)")
     p.add_argument("--quick", action="store_true", help="a tiny model, to check the benchmark runs")
     p.add_argument("--thp", choices=("on", "off"), default="on",
                    help="THP_MEM_ALLOC_ENABLE for every peer (Note [huge pages for CPU tensors]; tierflow's default)")
@@ -275,8 +283,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--budget-mib takes whole MiB, comma-separated: not {a.budget_mib!r}")
     a.forwarded = ["--dir", a.dir, "--d-model", str(a.d_model), "--layers", str(a.layers), "--heads", str(a.heads),
                    "--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--steps",
-                   str(a.steps), "--ds-offload", a.ds_offload] + (["--profile"] if a.profile else [])
+                   str(a.steps), "--ds-offload", a.ds_offload, "--mp", a.mp] + (["--profile"] if a.profile else [])
     peers = a.peers.split(",") if a.peers else _default_peers()
+    if a.mp != "none" and "deepspeed" in peers:
+        if a.peers:
+            p.error("--mp applies to the FSDP2 peers; leave deepspeed out of --peers")
+        peers.remove("deepspeed")
     unknown = sorted(set(peers) - set(PEERS))
     if unknown:
         p.error(f"unknown peers {unknown}; choose from {','.join(PEERS)}")
@@ -307,10 +319,11 @@ def _report(a: argparse.Namespace, results: Dict[str, List[Dict[str, Any]]], err
             out: Path) -> None:
     params = 12 * a.layers * a.d_model ** 2 + (a.vocab + a.seq_len) * a.d_model
     ds = f"; deepspeed offloads to {a.ds_offload}" if "deepspeed" in results else ""
+    mp = "; bf16 gathers and compute (MixedPrecisionPolicy)" if a.mp == "bf16" else ""
     print(f"\nGPT d_model={a.d_model} layers={a.layers}: {params / 1e6:,.1f}M parameters, "
           f"{16 * params / MiB:,.0f} MiB of fp32 AdamW state ({16 * params / a.nproc / MiB:,.0f} MiB per rank "
           f"sharded), {a.nproc} ranks, {a.batch}x{a.seq_len} tokens per rank per step; tierflow budget "
-          f"{', '.join(a.budgets)} MiB per rank" + ds + f"; THP_MEM_ALLOC_ENABLE={int(a.thp == 'on')} for every peer")
+          f"{', '.join(a.budgets)} MiB per rank" + ds + mp + f"; THP_MEM_ALLOC_ENABLE={int(a.thp == 'on')} for every peer")
     rows = {}
     skip = 2 if a.steps > 4 else 1  # warm-up and tierflow's profiling
     for peer, ranks in results.items():

@@ -115,7 +115,8 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
         if sharded_build:
             try:
                 placed["sharded"], place = shard_on_meta(
-                    meta_model, device=rt.device, tier=engine.tiers[tier_kind] if tier_kind else None)
+                    meta_model, device=rt.device, tier=engine.tiers[tier_kind] if tier_kind else None,
+                    mp_policy=fsdp2_mixed_precision(tc.precision))
             except ValueError as exc:
                 raise ConfigError(f"trainer.parallel=fsdp2 builds each rank's shards on the meta device: {exc}") from None
             if tier is not None:
@@ -131,19 +132,21 @@ def build_run(cfg: TrainConfig, rt: Runtime, source: Optional[TokenSource] = Non
         # (bit-identical to eager), or, when the state does not fit, into a tier; with FSDP2,
         # each rank materialises its own shards only.
         model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len, device=rt.device,
-                            place_for=place_for, dtype=model_dtype(tc.precision))
+                            place_for=place_for, dtype=model_dtype(tc.precision, tc.parallel))
     except BaseException:
         if engine is not None:
             engine.close()
         raise
     wrapped: nn.Module = model
     if sharded_build:  # sharded in place, per block: the loop calls the model itself
-        model = wrapped = placed["sharded"] if "sharded" in placed else shard_blocks(model)
+        model = wrapped = placed["sharded"] if "sharded" in placed else \
+            shard_blocks(model, mp_policy=fsdp2_mixed_precision(tc.precision))
     elif rt.distributed:
         wrapped = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     try:
-        optimizer, scheduler = build_optimizer(model, cfg.optimizer, tc.steps, tiers=cfg.tiers, engine=engine,
-                                               grad_accum=tc.grad_accum, master_weights=tc.precision == "bf16_master")
+        optimizer, scheduler = build_optimizer(
+            model, cfg.optimizer, tc.steps, tiers=cfg.tiers, engine=engine, grad_accum=tc.grad_accum,
+            master_weights=model_dtype(tc.precision, tc.parallel) is not None)
     except BaseException:
         if engine is not None:
             engine.close()
@@ -240,10 +243,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # every CUDA device too
 
 
-def model_dtype(precision: str) -> Optional[torch.dtype]:
+def model_dtype(precision: str, parallel: str = "ddp") -> Optional[torch.dtype]:
     """bf16 parameters for ``precision=bf16_master`` (fp32 masters in the optimizer state,
-    :func:`~tierflow.offload.optim.master.with_master_weights`); None keeps the model's own."""
-    return torch.bfloat16 if precision == "bf16_master" else None
+    :func:`~tierflow.offload.optim.master.with_master_weights`); None keeps the model's own.
+
+    Under ``trainer.parallel=fsdp2`` the parameters stay fp32: FSDP2's shards are the masters
+    and its mixed-precision policy gathers them in bf16 (:func:`fsdp2_mixed_precision`).
+    """
+    return torch.bfloat16 if precision == "bf16_master" and parallel != "fsdp2" else None
+
+
+def fsdp2_mixed_precision(precision: str) -> Optional[Any]:
+    """FSDP2's ``MixedPrecisionPolicy`` for ``precision=bf16_master``: fp32 shards (the masters, and
+    what the optimizer steps), bf16 gathers and compute, gradients reduced in fp32 (torchtitan's
+    default; Note [mixed precision on shards]). None, FSDP2's default, for every other precision."""
+    if precision != "bf16_master":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:

@@ -27,7 +27,7 @@ def make_summary(cfg: TrainConfig, *, model: torch.nn.Module, model_name: str, s
     return {
         "model": model_name, "parameters": count_parameters(model), "steps": cfg.trainer.steps,
         "world_size": world_size, "device": str(device),
-        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+        "precision": _precision(cfg, amp_dtype),
         "final_loss": losses[-1] if losses else None, "final_val_loss": val_losses[-1][1],
         "tokens_per_s": tokens_per_step * len(steady) / sum(steady) if steady else 0.0,
         "median_step_time_s": median(step_times) if step_times else 0.0, "wall_s": wall_s,
@@ -38,6 +38,13 @@ def make_summary(cfg: TrainConfig, *, model: torch.nn.Module, model_name: str, s
         "data_loss_floor": source.entropy_floor if isinstance(source, SyntheticMarkov) else None,
         "param_digests": digests, "run_dir": run_dir,
     }
+
+
+def _precision(cfg: TrainConfig, amp_dtype: Optional[torch.dtype]) -> str:
+    """``bf16_master`` (bf16 compute over fp32 masters), else the autocast dtype or fp32."""
+    if cfg.trainer.precision == "bf16_master":
+        return "bf16_master"
+    return str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
 
 
 def format_summary(s: Dict[str, Any]) -> str:

@@ -67,7 +67,7 @@ def block_modules(model: nn.Module) -> List[nn.Module]:
 
 
 def shard_blocks(model: nn.Module, *, mesh: Optional[object] = None, device: Optional[torch.device] = None,
-                 reshard_after_forward: bool = True) -> nn.Module:
+                 reshard_after_forward: bool = True, mp_policy: Optional[Any] = None) -> nn.Module:
     """``fully_shard`` each block of :func:`block_modules`, then the root; returns ``model`` (sharded in place).
 
     Args:
@@ -79,6 +79,10 @@ def shard_blocks(model: nn.Module, *, mesh: Optional[object] = None, device: Opt
         reshard_after_forward: FSDP2's option: True frees each block's gathered parameters after its
             forward (and gathers them again for backward); False keeps them until backward, which
             saves an all-gather and costs one block's full parameters per block until then.
+        mp_policy: FSDP2's ``MixedPrecisionPolicy`` for every unit, e.g. ``param_dtype=torch.bfloat16,
+            reduce_dtype=torch.float32``: the shards (and the optimizer) stay fp32, each unit
+            gathers and computes in bf16 and reduces its gradients in fp32 (Note [mixed precision
+            on shards]). None: FSDP2's default, everything in the parameters' dtype.
 
     Raises:
         ValueError: no process group is initialised (start the run with torchrun, or call
@@ -97,11 +101,25 @@ def shard_blocks(model: nn.Module, *, mesh: Optional[object] = None, device: Opt
         if device.type == "meta":
             raise ValueError("the model is on the meta device: pass the device its shards will live on")
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    options: Dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        options["mp_policy"] = mp_policy
     for block in block_modules(model):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, **options)
+    fully_shard(model, **options)
     return model
 
+
+
+# Note [mixed precision on shards]: with FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16,
+# reduce_dtype=fp32)`` the shards stay fp32 and are the master weights: the optimizer steps them,
+# and each unit casts its shards to bf16 right before the all-gather (an operation the tracer
+# sees: a temporary), gathers bf16 (half the bytes of an fp32 gather, and of gloo's hidden buffer)
+# and computes in bf16; its gradients are reduce-scattered in fp32 into fp32 gradient shards. So
+# what the runtime moves, shards, gradients and optimizer states, is what it moves without a
+# policy; only the gathered bytes and the temporaries change, and the trace measures both. The
+# trainer's ``trainer.precision=bf16_master`` under FSDP2 is this policy, not bf16 parameters
+# with masters in the optimizer state as on one rank: the same recipe, FSDP2's way.
 
 
 # Note [sharded build]: a rank that builds the whole model and then shards it holds every parameter
@@ -135,7 +153,8 @@ def _untouched() -> Iterator[None]:
 
 
 def shard_on_meta(meta_model: nn.Module, *, device: torch.device, tier: Any = None, mesh: Optional[object] = None,
-                  reshard_after_forward: bool = True) -> Tuple[nn.Module, "ShardPlacement"]:
+                  reshard_after_forward: bool = True, mp_policy: Optional[Any] = None
+                  ) -> Tuple[nn.Module, "ShardPlacement"]:
     """Shard a copy of ``meta_model`` (on the meta device) per block; returns it with the ``place`` that fills it.
 
     Pass the place to :func:`~tierflow.offload.runtime.materialize.materialize` with ``meta_model``
@@ -148,7 +167,7 @@ def shard_on_meta(meta_model: nn.Module, *, device: torch.device, tier: Any = No
         tier: An open tier to write each parameter shard into as soon as it is complete (its
             storage is then empty; :meth:`~tierflow.offload.OffloadRuntime.adopt` takes it over);
             None keeps the shards on ``device``.
-        mesh, reshard_after_forward: As for :func:`shard_blocks`.
+        mesh, reshard_after_forward, mp_policy: As for :func:`shard_blocks`.
 
     Raises:
         ValueError: the model cannot be copied (a module holding something ``copy.deepcopy`` refuses).
@@ -158,7 +177,7 @@ def shard_on_meta(meta_model: nn.Module, *, device: torch.device, tier: Any = No
     except Exception as exc:
         raise ValueError(f"{type(meta_model).__name__} cannot be copied on the meta device to be sharded there "
                          f"({type(exc).__name__}: {exc})") from None
-    shard_blocks(sharded, mesh=mesh, device=device, reshard_after_forward=reshard_after_forward)
+    shard_blocks(sharded, mesh=mesh, device=device, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
     with _untouched():
         sharded.to_empty(device=device)
         settle_fsdp2(sharded)
