@@ -380,3 +380,26 @@ def test_a_step_leaves_no_autograd_graph_behind():
     assert rt.summary()["steps"].get("planned", 0) >= 6
     # Relative: graphs other tests of the same process left behind are not this runtime's.
     assert counts[1] <= counts[0], counts  # was 133 -> 259: every step's graph stayed alive
+
+
+@pytest.mark.parametrize("budget, cached", [(dict(device_budget_bytes=1 << 30), True),
+                                            (dict(device_budget_fraction=0.5), False)])
+def test_a_cpu_plan_that_moves_nothing_lets_glibc_keep_small_blocks(monkeypatch, budget, cached):
+    # Note [a plan that moves nothing]: before the plan (and under any plan that moves or re-runs
+    # something) every block of 1 MiB or more is mapped on its own so that RSS follows what is
+    # live; a plan that moves nothing, far under its budget, lets glibc keep blocks under 8 MiB.
+    import tierflow.offload.runtime.offload_runtime as runtime_module
+    from tierflow.offload.runtime._planning import CACHED_BLOCK_BYTES, MAPPED_BLOCK_BYTES
+
+    real, calls = runtime_module.map_large_allocations, []
+    monkeypatch.setattr(runtime_module, "map_large_allocations",
+                        lambda threshold=MAPPED_BLOCK_BYTES: calls.append(threshold) or real(threshold))
+    data = batches(6)
+    try:
+        got = train(gpt, data, OffloadConfig(policy="lifetime", **budget), host_tiers())
+    finally:
+        real(MAPPED_BLOCK_BYTES)
+    assert_identical(train(gpt, data), got)
+    moved = any(d.action.value == "swap" for d in got[2].plan.decisions)
+    assert moved is not cached
+    assert calls == [MAPPED_BLOCK_BYTES, CACHED_BLOCK_BYTES if cached else MAPPED_BLOCK_BYTES]

@@ -51,13 +51,13 @@ from tierflow.offload.plan.explain import explain_plan, plot_plan
 from tierflow.offload.plan.types import Action, OffloadPlan, PlanningError
 from tierflow.offload.runtime._exec import BudgetExceededError, Executor
 from tierflow.offload.runtime._grads import own_gradient_storages, settle_fsdp2
-from tierflow.offload.runtime._planning import plan_trace
+from tierflow.offload.runtime._planning import host_block_threshold, plan_trace
 from tierflow.offload.runtime._residency import Residency, TransferStats
 from tierflow.offload.runtime._schedule import MOVABLE
 from tierflow.offload.runtime.config import OffloadConfig
 from tierflow.offload.runtime.materialize import TierPlacement
 from tierflow.offload.runtime.report import StepReport, add_to_totals, new_totals, nominal_hardware, warn_reserved_above
-from tierflow.offload.tiers._memory import map_large_allocations
+from tierflow.offload.tiers._memory import map_large_allocations, trim_freed_memory
 from tierflow.offload.tiers.base import Tier
 from tierflow.offload.tiers.config import HostTierConfig, TiersConfig
 from tierflow.offload.tiers.engine import TierEngine
@@ -377,6 +377,8 @@ class OffloadRuntime:
                                   budget_bytes=planned.plan.device_budget_bytes, on_divergence=self._on_divergence,
                                   movable=self._movable)
         self._first_planned, self._divergent_since_plan = True, 0
+        if self.device.type == "cpu":
+            map_large_allocations(host_block_threshold(planned.plan))  # Note [a plan that moves nothing]
 
     def _on_divergence(self, reason: str) -> None:
         self._divergent_since_plan += 1
@@ -392,6 +394,9 @@ class OffloadRuntime:
         self._executor.remove(restore=False)  # the online executor takes over where it left things
         self._executor = None
         self._warmup_left = 0
+        if self.device.type == "cpu":  # the online policy keeps the budget: RSS follows what is live again
+            map_large_allocations()
+            trim_freed_memory()
         self.totals["reprofiles"] += 1
         self._reprofile_after *= 2  # back off: a model that is simply dynamic is not profiled every few steps
 
