@@ -76,6 +76,7 @@ def test_bf16_master_on_fsdp2_gathers_in_bf16_and_offloading_it_is_exact(tmp_pat
     assert ours["precision"] == alone["precision"] == "bf16_master" and fp32["precision"] == "fp32"
     assert alone_losses != fp32_losses and all(abs(a - b) < 0.05 for a, b in zip(alone_losses, fp32_losses))
     assert our_losses == alone_losses and ours["param_digests"] == alone["param_digests"]
+    assert ours["final_val_loss"] == alone["final_val_loss"]  # evaluated in bf16 too, under the budget
     assert ours["offload"]["steps"].get("planned", 0) >= 2 and ours["offload"]["divergent_iterations"] == 0
     plan = json.loads((tmp_path / "offloaded" / "plan.json").read_text())
     assert "param" in {d["category"] for d in plan["decisions"] if d["action"] == "swap"}
@@ -244,4 +245,5 @@ def test_clipping_under_a_budget_below_the_ranks_gradient_shards_is_exact(tmp_pa
     (alone, alone_losses), (ours, our_losses) = runs["alone"], runs["ours"]
     assert 4 * ours["parameters"] // 2 > budget  # this rank's gradient shards alone exceed the budget
     assert our_losses == alone_losses and ours["param_digests"] == alone["param_digests"]
+    assert ours["final_val_loss"] == alone["final_val_loss"]  # evaluated in bf16 too, under the budget
     assert max(ours["offload"]["peak_by_mode"].values()) <= budget

@@ -177,15 +177,16 @@ class Executor:
         self._thread = threading.get_ident()
         self.active = True
         self.residency.drop_dead()
-        if first and not self.online:  # enter the plan's steady state: what wraps around is away or leaving
-            away = self.away_at_start
-            self.residency.arrive_all(keep=lambda k: k in away)
-            for i in self.schedule.absent_at_start + self.schedule.writing_at_start:
-                d = self.plan.decisions[i]
-                storage = self._storage(d.key, d.category)
-                if storage is not None and self.residency.offload(d.key, storage, d.tier) and \
-                        i in self.schedule.absent_at_start:
-                    self.residency.release(d.key)
+        if first and not self.online:  # the plan's steady state (Note [evict before entering], _residency)
+            away, s = self.away_at_start, self.schedule
+            for release, indices in ((True, s.absent_at_start), (False, s.writing_at_start)):
+                if not release:
+                    self.residency.arrive_all(keep=lambda k: k in away)
+                for i in indices:
+                    d = self.plan.decisions[i]
+                    storage = self._storage(d.key, d.category)
+                    if storage is not None and self.residency.offload(d.key, storage, d.tier) and release:
+                        self.residency.release(d.key)
         self.residency.absent_min = self.residency.absent_bytes
         if self.online:
             self._diverge("")  # Note [online executor]: no plan to follow
@@ -312,10 +313,8 @@ class Executor:
             return None if p is None else held_storage(p)
         name, _, what = key.rpartition(":")
         p = self.params.get(name)
-        if p is None:
-            return None
-        if category == "grad":
-            return None if p.grad is None else held_storage(p.grad)
+        if p is None or category == "grad":
+            return None if p is None or p.grad is None else held_storage(p.grad)
         value = self.optimizer.state.get(p, {}).get(what) if self.optimizer is not None else None
         return held_storage(value) if isinstance(value, torch.Tensor) else None
 

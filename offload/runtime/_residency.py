@@ -316,6 +316,11 @@ class Residency:
         entry = self.entries.get(key)
         return None if entry is None else entry.state
 
+    # Note [evict before entering]: the first step under a plan (after profiling, an evaluation or a
+    # divergence) starts from what the online policy left resident. The executor first evicts what
+    # the plan keeps away at its start, then brings back the rest with ``arrive_all``. The other way
+    # round, the two added up for an instant: the first planned step of a 12-layer GPT of width
+    # 2048 on FSDP2 (2 ranks, NVMe) reached 0.4 GB of RSS above its 2 GiB budget, 0.85 GB at 36.
     def arrive_all(self, keep: Callable[[str], bool] = lambda key: False) -> None:
         """Bring back every entry for which ``keep(key)`` is False."""
         for key in [k for k in self.entries if not keep(k)]:
