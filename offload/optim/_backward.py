@@ -26,6 +26,7 @@ import torch
 
 from tierflow.offload.optim._pipeline import StepPipeline, StepRun
 from tierflow.offload.optim.placement import SubGroup
+from tierflow.profiling import remove_hooks
 
 __all__ = ["EarlyStep", "GradReadiness", "changed_grads"]
 
@@ -97,9 +98,7 @@ class GradReadiness:
 
     def remove(self) -> None:
         """Remove the hooks (the optimizer is closed)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        remove_hooks(self._handles)
 
     def _hook(self, pid: int) -> Callable[[torch.Tensor], None]:
         def on_grad(_: torch.Tensor) -> None:

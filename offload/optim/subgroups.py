@@ -27,6 +27,7 @@ import torch
 from torch.utils._foreach_utils import _has_foreach_support
 
 from tierflow.offload.optim.placement import SubGroup, partition_subgroups
+from tierflow.profiling import remove_hooks
 
 __all__ = ["SubgroupStepper"]
 
@@ -201,8 +202,7 @@ class SubgroupStepper:
         self._partition()
         if self._hooks_for == self._ids:
             return
-        for h in self._hooks:
-            h.remove()
+        remove_hooks(self._hooks)
         self._sub_of = {id(self._order[i]): k for k, sub in enumerate(self.subgroups) for i in sub.param_ids}
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_final) for p in self._order if p.requires_grad]
         self._hooks_for = list(self._ids)

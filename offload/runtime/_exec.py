@@ -50,7 +50,7 @@ from tierflow.offload.runtime._iteration import IterationState
 from tierflow.offload.runtime._recompute import Reruns
 from tierflow.offload.runtime._residency import Residency
 from tierflow.offload.runtime._schedule import EMPTY_SCHEDULE, MOVABLE, Schedule, made_within
-from tierflow.profiling import flat_tensors, held_storage, torch_compat
+from tierflow.profiling import flat_tensors, held_storage, remove_hooks, torch_compat
 from tierflow.profiling.keys import StorageMap, own_parameters
 from tierflow.profiling.trace import ROOT_PATH, PointKind, point_label
 
@@ -143,9 +143,7 @@ class Executor:
 
     def remove(self, restore: bool = True) -> None:
         """Remove every hook; bring every tensor back (unless ``restore`` is False)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        remove_hooks(self._handles)
         if restore:
             self.residency.arrive_all()
 

@@ -61,7 +61,7 @@ from tierflow.offload.tiers._memory import map_large_allocations, trim_freed_mem
 from tierflow.offload.tiers.base import Tier
 from tierflow.offload.tiers.config import HostTierConfig, TiersConfig
 from tierflow.offload.tiers.engine import TierEngine
-from tierflow.profiling import TraceWindow, held_storage, local_tensor, save_trace
+from tierflow.profiling import TraceWindow, held_storage, local_tensor, remove_hooks, save_trace
 from tierflow.profiling.shapes import SizeRange, merge_sizes, observed_sizes
 
 UNBOUNDED = sys.maxsize // 4  # the online executor's budget when there is none: it only counts
@@ -480,8 +480,7 @@ class OffloadRuntime:
             for executor in (self._executor, self._online):
                 if executor is not None:
                     executor.remove(restore=False)
-            for handle in self._grad_hooks:
-                handle.remove()
+            remove_hooks(self._grad_hooks)
             failed = self._counting_bytes_in(self.residency.arrive_what_can) if restore else None
             self.residency.free_clean()
         finally:

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 import torch.distributed as dist
 
+from tierflow.profiling import remove_hooks
 from tierflow.trainer.checkpoint._erasure import shard_holders
 from tierflow.trainer.checkpoint._signals import PERSIST, STOP, SignalFlags
 from tierflow.trainer.checkpoint._state import ModuleState, StateSource
@@ -187,9 +188,7 @@ class Checkpointer:
         self._release()
 
     def _release(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        remove_hooks(self._hooks)
         self._signals.restore()
         self.snap.store.close()
 
