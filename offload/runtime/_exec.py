@@ -109,10 +109,9 @@ class Executor:
                                    if plan is not None else 0)
         self.params: Dict[str, nn.Parameter] = dict(model.named_parameters())
         self.name_of = {id(p): n for n, p in self.params.items()}
-        self.module_params = {(path or ROOT_PATH): [self.name_of[id(p)] for p in m._parameters.values()
-                                                    if p is not None and id(p) in self.name_of]
-                              for path, m in model.named_modules()}
         self.modules = {(path or ROOT_PATH): m for path, m in model.named_modules()}
+        self.module_params = {path: [self.name_of[id(p)] for p in m._parameters.values()
+                                     if p is not None and id(p) in self.name_of] for path, m in self.modules.items()}
         # Parameter storages -> the parameter's name, buffers' -> None; matched by identity, not by
         # id (ZeRO-3 frees parameter storages: see StorageMap). Parameters last, so they win.
         self.fixed_storages = StorageMap([(b.untyped_storage(), None) for b in model.buffers()]
@@ -176,15 +175,9 @@ class Executor:
         self.active = True
         self.residency.drop_dead()
         if first and not self.online:  # the plan's steady state (Note [evict before entering], _residency)
-            away, s = self.away_at_start, self.schedule
-            for release, indices in ((True, s.absent_at_start), (False, s.writing_at_start)):
-                if not release:
-                    self.residency.arrive_all(keep=lambda k: k in away)
-                for i in indices:
-                    d = self.plan.decisions[i]
-                    storage = self._storage(d.key, d.category)
-                    if storage is not None and self.residency.offload(d.key, storage, d.tier) and release:
-                        self.residency.release(d.key)
+            self._offload_at_start(self.schedule.absent_at_start, release=True)
+            self.residency.arrive_all(keep=self.away_at_start.__contains__)
+            self._offload_at_start(self.schedule.writing_at_start, release=False)
         self.residency.absent_min = self.residency.absent_bytes
         if self.online:
             self._diverge("")  # Note [online executor]: no plan to follow
@@ -208,6 +201,14 @@ class Executor:
             self.state.end()
             self.saved.clear()
             self.reruns.clear()
+
+    def _offload_at_start(self, indices: List[int], release: bool) -> None:
+        """Start copying out the tensors of these decisions; with ``release``, free each once written."""
+        for i in indices:
+            d = self.plan.decisions[i]
+            storage = self._storage(d.key, d.category)
+            if storage is not None and self.residency.offload(d.key, storage, d.tier) and release:
+                self.residency.release(d.key)
 
     # ---- points ----------------------------------------------------------------------------
 
@@ -311,8 +312,10 @@ class Executor:
             return None if p is None else held_storage(p)
         name, _, what = key.rpartition(":")
         p = self.params.get(name)
-        if p is None or category == "grad":
-            return None if p is None or p.grad is None else held_storage(p.grad)
+        if p is None:
+            return None
+        if category == "grad":
+            return None if p.grad is None else held_storage(p.grad)
         value = self.optimizer.state.get(p, {}).get(what) if self.optimizer is not None else None
         return held_storage(value) if isinstance(value, torch.Tensor) else None
 
