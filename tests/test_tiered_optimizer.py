@@ -72,8 +72,9 @@ OPTIMIZERS = {
 
 
 def _tiers(tmp_path, kind, nvme_dirs=1):
+    host = HostTierConfig(enabled=True, budget_bytes=4 * MiB, slab_bytes=MiB)
     if kind == "host":
-        return TiersConfig(host=HostTierConfig(enabled=True, budget_bytes=4 * MiB, slab_bytes=MiB))
+        return TiersConfig(host=host)
     if kind == "numa":
         return TiersConfig(numa=NumaTierConfig(enabled=True, nodes=[0], budget_bytes=4 * MiB, slab_bytes=MiB))
     dirs = []
@@ -81,7 +82,8 @@ def _tiers(tmp_path, kind, nvme_dirs=1):
         (tmp_path / f"ssd{i}").mkdir(exist_ok=True)
         dirs.append(str(tmp_path / f"ssd{i}"))
     return TiersConfig(nvme=NvmeTierConfig(enabled=True, dirs=dirs, chunk_bytes=16 * KiB, budget_bytes=16 * MiB),
-                       numa=NumaTierConfig(enabled=True, nodes=[0], budget_bytes=4 * MiB, slab_bytes=MiB))
+                       numa=NumaTierConfig(enabled=True, nodes=[0], budget_bytes=4 * MiB, slab_bytes=MiB),
+                       host=host if kind == "nvme+host" else HostTierConfig())
 
 
 def _train(model, opt, steps=STEPS, sched=None):
@@ -123,7 +125,11 @@ def _quiet():
 
 TIER_CASES = {"host-2k": ("host", 2 * KiB, False), "numa-6k": ("numa", 6 * KiB, False),
               "nvme+numa-3k": ("nvme", 3 * KiB, False), "host-3k-overlap": ("host", 3 * KiB, True),
-              "nvme+numa-64k": ("nvme", 64 * KiB, False)}
+              "nvme+numa-64k": ("nvme", 64 * KiB, False),
+              # A window of staging buffers shared by sub-groups on host (no write-back) and nvme:
+              # streamed in the first step, and in every step with overlap (Note [staging cache]).
+              "nvme+host-3k": ("nvme+host", 3 * KiB, False), "nvme+host-3k-overlap": ("nvme+host", 3 * KiB, True)}
+PATHS = {"nvme": ["nvme", "numa"], "nvme+host": ["nvme", "host"]}
 MATRIX = [(case, name) for case in TIER_CASES for name in sorted(OPTIMIZERS)
           if case != "nvme+numa-64k" or name in ("adam", "adamw_fused", "user")]  # one sub-group: 3 suffice
 
@@ -133,7 +139,7 @@ def test_twenty_steps_are_bit_identical_to_the_plain_optimizer(tmp_path, case, n
     kind, subgroup_bytes, overlap = TIER_CASES[case]
     plain_model, tiered_model = _model(), _model()
     plain = OPTIMIZERS[name](_groups(plain_model))
-    paths = ["nvme", "numa"] if kind == "nvme" else [kind]
+    paths = PATHS.get(kind, [kind])
     cfg = TieredOptimizerConfig(paths=paths, subgroup_bytes=subgroup_bytes, overlap_backward=overlap)
     with TieredOptimizer(OPTIMIZERS[name](_groups(tiered_model)), config=cfg, tiers=_tiers(tmp_path, kind)) as opt:
         plain_sched = torch.optim.lr_scheduler.LambdaLR(plain, lambda s: 1.0 / (1 + s))
@@ -152,8 +158,8 @@ def test_twenty_steps_are_bit_identical_to_the_plain_optimizer(tmp_path, case, n
             assert opt.counters["reads"] > 0  # streamed, not all cached
         if overlap:
             assert opt.overlap_backward and opt.counters["redone_steps"] == 0
-        if kind == "nvme" and subgroup_bytes < 16 * KiB:
-            assert set(placed) == {"nvme", "numa"}  # striped over both paths
+        if kind in PATHS and subgroup_bytes < 16 * KiB:
+            assert set(placed) == set(paths)  # striped over both paths
 
 
 def test_state_dict_round_trips_between_tiered_and_plain(tmp_path):

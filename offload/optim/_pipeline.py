@@ -198,6 +198,12 @@ class StepPipeline:
         """Pack ``states`` into ``buf`` and write it to a fresh slot (or a fresh resident buffer)."""
         rec = self.records[i]
         layout = layout_of(states)
+        # Note [staging cache]: a buffer is tagged at commit with the last sub-group packed into
+        # it. A window reuses buffers within a step, so an earlier user's claim goes now: were it
+        # left, a later host-tier sub-group (which claims none) would leave the buffer tagged as
+        # holding the earlier one's state, and the next step would read another sub-group's bytes.
+        for j in [j for j, b in run.buffers.items() if b is buf]:
+            del run.buffers[j]
         run.buffers[i] = buf
         if not layout.entries:  # nothing to tier (no state yet, or only scalars)
             run.pending[i] = (layout, pack(layout, _NO_BYTES, states), rec.path, None, None)
