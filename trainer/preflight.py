@@ -39,9 +39,6 @@ def check_before_work(cfg: TrainConfig) -> TokenSource:
         raise ConfigError("trainer.precision=bf16_master keeps fp32 master weights in the optimizer state, which "
                           "the tiered optimizer does not stage yet; use optimizer.tiered.enabled=false (offloading "
                           "pages masters and moments through the tiers) or trainer.precision=bf16")
-    if cfg.trainer.parallel == "fsdp2" and cfg.optimizer.tiered.enabled:
-        raise ConfigError("trainer.parallel=fsdp2 does not combine with optimizer.tiered.enabled=true yet; use "
-                          "optimizer.tiered.enabled=false (offloading pages the sharded optimizer states)")
     source = build_source(cfg.data, cfg.trainer.seed)
     _check_model_builds(cfg)
     _check_host_memory(cfg)  # every rank of this node with its host tiers must fit, before any tier opens

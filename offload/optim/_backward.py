@@ -11,20 +11,21 @@ soon as it is ready. ``step()`` then only releases the rest and finishes.
 Note [overlap is checked, never trusted]: an early update reads gradients that might still
 change: clipping or unscaling between backward and ``step()``, more backward passes than
 configured, reentrant checkpointing. Early updates only ever write proxies and fresh slots
-(Note [parameters set aside]), and record each gradient tensor with its version counter. At
-``step()`` every recorded gradient is compared with the one the parameter has now; if any was
-replaced or modified in place, the early work is dropped, the step is redone synchronously from the
+(Note [parameters set aside]), and record each gradient tensor with its version counter (for a
+DTensor gradient of FSDP2, a digest of its shard's bytes: ``grad_mark``). At ``step()`` every
+recorded gradient is compared with the one the parameter has now; if any was replaced or modified in place, the early work is dropped, the step is redone synchronously from the
 final gradients (exact), and overlap is switched off with a warning.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
 from tierflow.offload.optim._pipeline import StepPipeline, StepRun
+from tierflow.offload.optim._update import grad_mark
 from tierflow.offload.optim.placement import SubGroup
 from tierflow.profiling import remove_hooks
 
@@ -123,13 +124,13 @@ class GradReadiness:
         return on_grad
 
 
-def changed_grads(recorded: Dict[int, List[Tuple[Optional[torch.Tensor], int]]],
+def changed_grads(recorded: Dict[int, List[Tuple[Optional[torch.Tensor], Hashable]]],
                     sub_params: Callable[[int], List[torch.Tensor]]) -> List[int]:
     """Sub-groups whose gradients were replaced or modified since their early update read them."""
     changed = []
     for i, grads in recorded.items():
-        for p, (g, version) in zip(sub_params(i), grads):
-            if p.grad is not g or (g is not None and g._version != version):
+        for p, (g, mark) in zip(sub_params(i), grads):
+            if p.grad is not g or (g is not None and grad_mark(g) != mark):
                 changed.append(i)
                 break
     return changed

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Hashable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
 from tierflow.offload.core.errors import TierError, TierFullError
 from tierflow.offload.optim._state import StagingBuffer, StateLayout, layout_of, pack, unpack
-from tierflow.offload.optim._update import SubgroupUpdater
+from tierflow.offload.optim._update import SubgroupUpdater, grad_mark
 from tierflow.offload.optim.placement import PathSpec, SubGroup, choose_path
 from tierflow.offload.tiers._pool import PooledTier
 from tierflow.offload.tiers.base import Slot, Tier, TransferHandle
@@ -71,7 +71,7 @@ class StepRun:
         self.buffers: Dict[int, StagingBuffer] = {}  # the buffer each updated sub-group was written from
         self.assigned: Dict[int, StagingBuffer] = {}  # buffers of the prefetch window, not yet updated
         self.claimed: Dict[str, int] = collections.defaultdict(int)  # bytes newly placed on each path
-        self.grads: Dict[int, List[Tuple[Optional[torch.Tensor], int]]] = {}  # gradients each update read
+        self.grads: Dict[int, List[Tuple[Optional[torch.Tensor], Hashable]]] = {}  # gradients each update read
 
 
 class StepPipeline:
@@ -143,7 +143,7 @@ class StepPipeline:
                     h.wait()
             if gate is not None:
                 gate(i)
-                run.grads[i] = [(p.grad, p.grad._version if p.grad is not None else 0)
+                run.grads[i] = [(p.grad, grad_mark(p.grad) if p.grad is not None else 0)
                                 for p in self.updater.sub_params(i)]
             self._update_copy(run, i, where, aside)
 

@@ -15,6 +15,14 @@ memory-only (CXL) nodes. This follows the CXL fine-tuning study: placement matte
 
 Note [layout is rediscovered]: the layout is recomputed after every update. An optimizer that adds
 a state entry later (or changes a dtype) gets a new layout and a fresh slot; nothing is lost.
+
+Note [sharded state]: under FSDP2 a parameter is a DTensor, and so is every state the optimizer
+makes like it (``zeros_like``). Only this rank's shard goes to the tier: the buffer holds the local
+tensor, and the entry remembers the mesh, placements, global shape and stride, so that
+:func:`unpack` hands the optimizer a DTensor again whose local tensor is the view into the buffer.
+The optimizer's arithmetic on a DTensor is the same arithmetic on its local tensor (an update is
+elementwise), so the bits are those of the plain optimizer on the sharded model, and
+``state_dict()`` returns DTensors that DCP can reshard.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from tierflow.offload.core.units import align_up
 from tierflow.offload.optim.placement import numa_roles
 from tierflow.offload.tiers._memory import MappedMemory, aligned_empty
 from tierflow.offload.tiers.numa import discover_numa_nodes, mbind
+from tierflow.profiling import local_tensor
 
 __all__ = ["StateEntry", "StateLayout", "StagingBuffer", "is_tiered", "layout_of", "local_binding", "pack",
            "predict_state_bytes", "unpack"]
@@ -45,8 +54,10 @@ class StateEntry:
     Attributes:
         param_pos: the parameter's position in its sub-group.
         name: the key in ``optimizer.state[p]`` (``exp_avg``...).
-        dtype, shape: the tensor's.
+        dtype, shape: the tensor's (its local shard's, for a DTensor).
         offset: byte offset in the buffer (64-byte aligned).
+        sharding: for a DTensor, ``(device_mesh, placements, global shape, global stride)``
+            to wrap the view in again (Note [sharded state]); None for a plain tensor.
     """
 
     param_pos: int
@@ -54,6 +65,7 @@ class StateEntry:
     dtype: torch.dtype
     shape: Tuple[int, ...]
     offset: int
+    sharding: Optional[Tuple[Any, Tuple[Any, ...], Tuple[int, ...], Tuple[int, ...]]] = None
 
     @property
     def nbytes(self) -> int:
@@ -90,7 +102,10 @@ def layout_of(states: Sequence[Mapping[str, Any]]) -> StateLayout:
     for pos, state in enumerate(states):
         for name, value in state.items():
             if is_tiered(value):
-                entry = StateEntry(pos, name, value.dtype, tuple(value.shape), offset)
+                local = local_tensor(value)
+                sharding = None if local is value else \
+                    (value.device_mesh, tuple(value.placements), tuple(value.shape), tuple(value.stride()))
+                entry = StateEntry(pos, name, local.dtype, tuple(local.shape), offset, sharding)
                 entries.append(entry)
                 offset = align_up(offset + entry.nbytes, _ALIGN)
     return StateLayout(tuple(entries), tuple(tuple(s.keys()) for s in states), align_up(max(offset, 1)))
@@ -105,7 +120,9 @@ def predict_state_bytes(optimizer: torch.optim.Optimizer, group_params: Sequence
     """
     metas, groups = [], []
     for gi, param in group_params:
-        meta = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        # The shard's shape: the state of a DTensor goes to the tier as its local tensor.
+        meta = torch.nn.Parameter(torch.empty_like(local_tensor(param), device="meta"),
+                                  requires_grad=param.requires_grad)
         meta.grad = torch.empty_like(meta)
         settings = {k: v for k, v in optimizer.param_groups[gi].items() if k != "params"}
         settings.update({k: False for k in ("foreach", "fused", "capturable") if k in settings})
@@ -125,7 +142,8 @@ def unpack(layout: StateLayout, buffer: torch.Tensor, small: Sequence[Mapping[st
     """State dicts whose tiered tensors are views into ``buffer`` and whose other values come from ``small``."""
     views: Dict[Tuple[int, str], torch.Tensor] = {}
     for e in layout.entries:
-        views[(e.param_pos, e.name)] = buffer[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape)
+        view = buffer[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape)
+        views[(e.param_pos, e.name)] = view if e.sharding is None else _as_dtensor(view, e.sharding)
     states: List[Dict[str, Any]] = []
     for pos, keys in enumerate(layout.keys):
         states.append({k: views[(pos, k)] if (pos, k) in views else small[pos][k] for k in keys})
@@ -139,7 +157,7 @@ def pack(layout: StateLayout, buffer: torch.Tensor, states: Sequence[Mapping[str
         Per parameter, the values that stay in host memory (the non-tiered ones).
     """
     for e in layout.entries:
-        value = states[e.param_pos][e.name]
+        value = local_tensor(states[e.param_pos][e.name])
         view = buffer[e.offset:e.offset + e.nbytes]
         if value.device.type == "cpu" and value.is_contiguous() and value.data_ptr() == view.data_ptr():
             continue  # updated in place in the staging buffer
@@ -147,6 +165,15 @@ def pack(layout: StateLayout, buffer: torch.Tensor, states: Sequence[Mapping[str
     # Small tensors are copied too: a state dict loaded from a live optimizer shares its tensors.
     return [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items() if not is_tiered(v)}
             for state in states]
+
+
+def _as_dtensor(view: torch.Tensor, sharding: Tuple[Any, Tuple[Any, ...], Tuple[int, ...], Tuple[int, ...]]
+                ) -> torch.Tensor:
+    """``view`` as the local tensor of a DTensor laid out as ``sharding`` says (Note [sharded state])."""
+    from torch.distributed.tensor import DTensor
+
+    mesh, placements, shape, stride = sharding
+    return DTensor.from_local(view, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
 
 
 class StagingBuffer:

@@ -17,14 +17,16 @@ a function of (parameter, gradient, state) values only, so updating a copy gives
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
+import xxhash
 
 from tierflow.offload.optim._state import is_tiered
 from tierflow.offload.optim.placement import SubGroup
+from tierflow.profiling import local_tensor
 
-__all__ = ["SubgroupUpdater"]
+__all__ = ["SubgroupUpdater", "grad_mark"]
 
 
 class SubgroupUpdater:
@@ -144,6 +146,22 @@ class SubgroupUpdater:
                         groups[gid][k] = v
             out = [inner.state.pop(p, {}) for p in params]
         return out
+
+
+def grad_mark(g: torch.Tensor) -> Hashable:
+    """What tells, at ``step()``, whether ``g`` changed since an early update read it
+    (Note [overlap is checked, never trusted]): its version counter, or for a DTensor gradient
+    (FSDP2) a 128-bit XXH3 digest of its local shard's bytes. In-place ops on a DTensor change
+    the shard without bumping the shard's version counter, foreach ops (``clip_grad_norm_``)
+    not even the wrapper's, and FSDP2 accumulates into the shard directly; only the bytes tell.
+    """
+    local = local_tensor(g)
+    if local is g:
+        return g._version
+    if local.device.type != "cpu":
+        raise AssertionError("grad_mark reads a DTensor gradient's bytes on the host; CUDA shards are refused earlier")
+    flat = local.detach().contiguous().view(-1)
+    return xxhash.xxh3_128_intdigest(memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b"")
 
 
 def _proxies(params: Sequence[torch.Tensor], device: torch.device) -> List[torch.Tensor]:

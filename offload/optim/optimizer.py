@@ -62,6 +62,7 @@ from tierflow.offload.optim.placement import (
 from tierflow.offload.tiers.base import Tier
 from tierflow.offload.tiers.config import TiersConfig
 from tierflow.offload.tiers.engine import TierEngine
+from tierflow.profiling import local_tensor
 
 __all__ = ["TieredOptimizer", "TieredOptimizerConfig", "TieredStepError"]
 
@@ -210,9 +211,15 @@ class TieredOptimizer(torch.optim.Optimizer):
             setattr(self, f"_optimizer_{name}_hooks", collections.OrderedDict())
         self._patch_step_function()
         self._params = [p for g in self.inner.param_groups for p in g["params"]]
+        if cfg.overlap_backward and any(local_tensor(p) is not p and p.is_cuda for p in self._params):
+            self._close_engine()
+            raise TierConfigError(f"{TieredOptimizerConfig.KEY}.overlap_backward=true cannot check the gradients of "
+                                  "sharded CUDA parameters (FSDP2) for changes after an early update (it hashes a "
+                                  "shard's bytes on the host); set it to false")
         group_of = [gi for gi, g in enumerate(self.inner.param_groups) for _ in g["params"]]
         self.subgroups: Tuple[SubGroup, ...] = partition_subgroups(
-            [(gi, p.numel() * p.element_size()) for gi, p in zip(group_of, self._params)], cfg.subgroup_bytes)
+            [(gi, local_tensor(p).numel() * p.element_size()) for gi, p in zip(group_of, self._params)],
+            cfg.subgroup_bytes)  # a DTensor's bytes on this rank are its shard's (Note [sharded state])
         self.local_nodes, bind = local_binding(cfg.local_numa, sysfs_root)
         self._updater = SubgroupUpdater(self.inner, self._params, self.subgroups)
         self._pipe = StepPipeline(self._updater, self._tiers, [self._path_spec(hardware, p) for p in cfg.paths],
