@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tierflow.offload import TieredOptimizer, TierEngine, TiersConfig, with_master_weights
 from tierflow.trainer.config import ConfigError, OptimizerConfig
 
-__all__ = ["build_optimizer", "lr_factor"]
+__all__ = ["build_optimizer", "lr_factor", "tiered_summary"]
 
 
 def lr_factor(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
@@ -78,3 +78,16 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int, ti
         tiered = dataclasses.replace(tiered, backward_passes_per_step=grad_accum)
         opt = TieredOptimizer(opt, config=tiered, tiers=engine if engine is not None else tiers)
     return opt, LambdaLR(opt, lambda step: lr_factor(cfg, step, total_steps))
+
+
+def tiered_summary(optimizer: torch.optim.Optimizer) -> Optional[Dict[str, Any]]:
+    """What the tiered optimizer did in a run, for its summary (None for a plain optimizer):
+    sub-groups per path, I/O counters, updates begun during backward, and steps redone because
+    their gradients changed after an early update (Note [overlap is checked, never trusted])."""
+    if not isinstance(optimizer, TieredOptimizer):
+        return None
+    c = optimizer.counters
+    return {"subgroups": optimizer.num_subgroups, "placement": {k: len(v) for k, v in optimizer.placement().items()},
+            "overlap_backward": optimizer.overlap_backward, "early_updates": c["early_updates"],
+            "redone_steps": c["redone_steps"], "reads": c["reads"], "writes": c["writes"],
+            "bytes_read": c["bytes_read"], "bytes_written": c["bytes_written"]}

@@ -61,6 +61,7 @@ def format_summary(s: Dict[str, Any]) -> str:
         f"  run dir     {s['run_dir']}",
         *([f"  profile     {s['profile']}"] if s.get("profile") else []),
         *_offload_lines(s.get("offload"), cuda=str(s["device"]).startswith("cuda")),
+        *_tiered_lines(s.get("tiered_optimizer")),
         *([f"  snapshots   {s['snapshots']} ({s['snapshot_stall_s'] * 1e3:.1f} ms training stall in all), "
            f"{s['checkpoints_persisted']} persisted"
            + (f"; resumed from step {s['resumed_from_step']} ({s['resumed_from']})" if 'resumed_from' in s else "")]
@@ -70,6 +71,16 @@ def format_summary(s: Dict[str, Any]) -> str:
            + (f"; resumed from step {s['resumed_from_step']}" if 'resumed_from_step' in s else "")]
           if s.get("checkpoint_streamed") else []),
     ])
+
+
+def _tiered_lines(t: Optional[Dict[str, Any]]) -> List[str]:
+    if not t:
+        return []
+    where = ", ".join(f"{k} {n}" for k, n in sorted(t["placement"].items()))
+    early = f"; {t['early_updates']} updates during backward" if t["early_updates"] else ""
+    redone = f", {t['redone_steps']} step(s) redone (gradients changed after backward)" if t["redone_steps"] else ""
+    return [f"  optimizer   tiered: {t['subgroups']} sub-groups ({where}); {t['bytes_read'] / 2**20:,.1f} MiB read, "
+            f"{t['bytes_written'] / 2**20:,.1f} MiB written{early}{redone}"]
 
 
 def _peaks_by_mode(peaks: Dict[str, int]) -> str:

@@ -29,6 +29,7 @@ from tierflow.trainer.data import TokenSource
 from tierflow.trainer.distributed import Runtime, init_runtime, shutdown_runtime
 from tierflow.trainer.metrics import open_sink, peak_memory_bytes, plot_losses, progress_bar, reset_peak_memory
 from tierflow.trainer.offloading import start_offload
+from tierflow.trainer.optim import tiered_summary
 from tierflow.trainer.preflight import check_before_work, dry_run
 from tierflow.trainer.profile import step_window, write_profile
 from tierflow.trainer.step import evaluate, parameter_digest, train_step
@@ -138,6 +139,7 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
         bar.close()
         # Every tensor back on the device and hooks removed; a state built into a tier stays there.
         offload.close(restore=parts.placement is None)
+        tiered = tiered_summary(parts.optimizer)
         parts.close()  # the tiered optimizer's slots and swap files, then the tiers
     # 6. Summary: figures, the profile and the plan files, the loss plot.
     summary = make_summary(cfg, model=parts.model, model_name=model_name(cfg), source=source, device=rt.device,
@@ -145,6 +147,8 @@ def _run(cfg: TrainConfig, rt: Runtime, source: TokenSource) -> TrainResult:
                            step_times=step_times, wall_s=time.perf_counter() - start,
                            digests=rt.gather(digest), run_dir=str(run_dir))
     summary.update(ckpt.summary())
+    if tiered is not None:
+        summary["tiered_optimizer"] = tiered
     _add_offload_and_profile(cfg, rt, summary, offload, window, run_dir)
     sink.finish(summary)
     if rt.is_main:
