@@ -11,6 +11,9 @@ under ``torchrun`` on this machine (gloo); the first three with ``fully_shard`` 
 * ``tierflow``: FSDP2 plus :class:`~tierflow.offload.OffloadRuntime` with a per-rank budget in
   bytes and the NVMe tier: it profiles, plans and pages this rank's shards and activations
   (``offload.optimizer_subgroup_bytes`` sub-groups through the step, like the trainer).
+* ``tierflow_tiered``: FSDP2 plus :class:`~tierflow.offload.TieredOptimizer` alone: each rank's
+  AdamW moments live in swap files under ``--dir`` and stream through the step in 64 MiB
+  sub-groups; parameters, gradients and activations stay where FSDP2 puts them (no budget).
 * ``deepspeed``: DeepSpeed ZeRO stage 3 instead of FSDP2 (every parameter partitioned; the model is
   built whole first, like the others, see Note [deepspeed builds whole]), parameters and AdamW states
   offloaded to the host (``--ds-offload cpu``) or to swap files under ``--dir`` (``nvme``),
@@ -52,7 +55,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from _deepspeed import deepspeed_import_error, failure_reason
 
-PEERS = ("fsdp2", "cpu_offload", "tierflow", "deepspeed")
+PEERS = ("fsdp2", "cpu_offload", "tierflow", "tierflow_tiered", "deepspeed")
 MiB = 2 ** 20
 PROFILE_FROM = 3  # the first step after tierflow's warm-up and two profiled steps
 DS_SWAP = "deepspeed-nvme"  # under --dir; DeepSpeed makes a folder per rank inside
@@ -111,6 +114,8 @@ def worker(a: argparse.Namespace) -> None:
         OffloadConfig,
         OffloadRuntime,
         SubgroupStepper,
+        TieredOptimizer,
+        TieredOptimizerConfig,
         TiersConfig,
     )
     from tierflow.offload.integrations.fsdp2 import block_modules
@@ -129,10 +134,14 @@ def worker(a: argparse.Namespace) -> None:
     fully_shard(model, **policy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     runtime, step = None, optimizer.step
-    if a.worker == "tierflow":
-        swap = Path(a.dir) / f"swap-rank{rank}"
+    swap = Path(a.dir) / f"swap-rank{rank}"
+    tiers = TiersConfig(host=HostTierConfig(enabled=False), nvme=NvmeTierConfig(enabled=True, dirs=[str(swap)]))
+    if a.worker == "tierflow_tiered":
         swap.mkdir(parents=True, exist_ok=True)
-        tiers = TiersConfig(host=HostTierConfig(enabled=False), nvme=NvmeTierConfig(enabled=True, dirs=[str(swap)]))
+        optimizer = TieredOptimizer(optimizer, tiers=tiers, config=TieredOptimizerConfig(paths=["nvme"]))
+        step = optimizer.step
+    if a.worker == "tierflow":
+        swap.mkdir(parents=True, exist_ok=True)
         runtime = OffloadRuntime(model, optimizer, OffloadConfig(policy="lifetime", device_budget_bytes=int(a.budget_mib) * MiB),
                                  tiers=tiers)
         step = SubgroupStepper(optimizer, 64 * MiB, free_grads=True)
@@ -162,6 +171,8 @@ def worker(a: argparse.Namespace) -> None:
     summary = runtime.summary() if runtime is not None else None
     if runtime is not None:
         runtime.close(restore=False)
+    if isinstance(optimizer, TieredOptimizer):
+        optimizer.close()
     _write(a, rank, world, baseline, times, losses, digest,
            {k: summary[k] for k in ("steps", "device_peak_bytes", "device_budget_bytes", "bytes_out")}
            if summary else None)
@@ -328,7 +339,7 @@ def _report(a: argparse.Namespace, results: Dict[str, List[Dict[str, Any]]], err
     skip = 2 if a.steps > 4 else 1  # warm-up and tierflow's profiling
     for peer, ranks in results.items():
         if not ranks:
-            print(f"{peer:12s} failed: {errors[peer]}")
+            print(f"{peer:15s} failed: {errors[peer]}")
             continue
         peak = max(r["peak_rss_bytes"] for r in ranks)
         step = statistics.median(t for r in ranks for t in r["step_s"][skip + 1:]) if a.steps > skip + 1 else \
@@ -342,7 +353,7 @@ def _report(a: argparse.Namespace, results: Dict[str, List[Dict[str, Any]]], err
             swapped = max(r["swap_bytes"] for r in ranks)
             extra = f"  swap files {swapped / MiB:,.1f} MiB per rank" + ("" if swapped else
                     " (nothing swapped: DeepSpeed keeps tensors under its 1 MiB aio minimum in memory)")
-        print(f"{peer:12s} peak RSS per rank {peak / MiB:8,.0f} MiB (measured)  step {step:7.3f} s{extra}")
+        print(f"{peer:15s} peak RSS per rank {peak / MiB:8,.0f} MiB (measured)  step {step:7.3f} s{extra}")
     print()
     fsdp2 = rows.get("fsdp2")
     for peer, (_, _, digest, losses) in rows.items():
