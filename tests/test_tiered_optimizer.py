@@ -405,3 +405,31 @@ def test_cuda_parameters_are_bit_identical_with_cpu_or_device_updates(tmp_path, 
         assert all(torch.equal(p.cpu(), q.cpu()) for p, q in zip(tiered_model.parameters(), ref_model.parameters()))
         assert set(opt.update_placement().where) == {update_device}
         assert all(p.is_cuda for p in tiered_model.parameters())
+
+
+def test_dcp_get_optimizer_state_dict_reads_the_state_without_stepping_it(tmp_path):
+    """Note [state that is not here]: DCP's get_optimizer_state_dict (how torchtitan saves) takes a
+    zero-gradient step when ``optimizer.state`` looks empty. The tiered optimizer's state lives in
+    its tiers, so it must still say it has some: the saved state equals the plain optimizer's, and
+    training on from it stays bit-identical."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    plain_model, tiered_model = _model(), _model()
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2)
+    cfg = TieredOptimizerConfig(paths=["nvme"], subgroup_bytes=3 * KiB)
+    with TieredOptimizer(torch.optim.AdamW(tiered_model.parameters(), lr=1e-2), config=cfg,
+                         tiers=_tiers(tmp_path, "nvme")) as opt:
+        assert not opt.state  # no state before the first step: DCP may create it
+        _train(plain_model, plain, steps=3)
+        _train(tiered_model, opt, steps=3)
+        assert opt.state and not len(opt.state)  # state exists, in the tiers, not in this dict
+        plain_model.zero_grad(set_to_none=True)
+        tiered_model.zero_grad(set_to_none=True)  # no gradients: DCP's zero-gradient step would run
+        saved_plain = get_optimizer_state_dict(plain_model, plain)
+        saved_tiered = get_optimizer_state_dict(tiered_model, opt)
+        assert saved_plain["state"].keys() == saved_tiered["state"].keys()
+        for name, s in saved_plain["state"].items():
+            for k, v in s.items():
+                assert torch.equal(v, saved_tiered["state"][name][k]), (name, k)
+        assert torch.equal(_train(plain_model, plain, steps=2), _train(tiered_model, opt, steps=2))
+        assert _same(plain_model, tiered_model)

@@ -27,6 +27,7 @@ elementwise), so the bits are those of the plain optimizer on the sharded model,
 
 from __future__ import annotations
 
+import collections
 import os
 import warnings
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from tierflow.offload.tiers._memory import MappedMemory, aligned_empty
 from tierflow.offload.tiers.numa import discover_numa_nodes, mbind
 from tierflow.profiling import local_tensor
 
-__all__ = ["StateEntry", "StateLayout", "StagingBuffer", "is_tiered", "layout_of", "local_binding", "pack",
+__all__ = ["StateEntry", "StateInTiers", "StateLayout", "StagingBuffer", "is_tiered", "layout_of", "local_binding", "pack",
            "predict_state_bytes", "unpack"]
 
 _ALIGN = 64
@@ -221,6 +222,26 @@ class StagingBuffer:
     @property
     def nbytes(self) -> int:
         return 0 if self.tensor is None else self.tensor.numel()
+
+
+class StateInTiers(collections.defaultdict):
+    """``TieredOptimizer.state``: empty, since the state lives in the tiers, but true once any
+    state exists there.
+
+    Note [state that is not here]: code asks ``if optimizer.state`` to learn whether an optimizer
+    has state yet. DCP's ``get_optimizer_state_dict`` (torchtitan's checkpointer) takes a step with
+    zero gradients and a zero learning rate when the answer is no, to create the state; on an
+    optimizer that has state that step still moves Adam's moments and its step count. An
+    always-empty dict said no after every step, so a save from a user's own loop silently
+    changed the state it saved.
+    """
+
+    def __init__(self, has_state: Callable[[], bool]) -> None:
+        super().__init__(dict)
+        self._has_state = has_state
+
+    def __bool__(self) -> bool:
+        return len(self) > 0 or self._has_state()
 
 
 def local_binding(setting: str, sysfs_root: str) -> Tuple[Tuple[int, ...], Optional[Callable[[int, int], None]]]:

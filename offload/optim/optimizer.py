@@ -46,7 +46,7 @@ from tierflow.offload.core.hardware import HardwareModel
 from tierflow.offload.optim._backward import EarlyStep, GradReadiness, changed_grads
 from tierflow.offload.optim._kernel import choose_cpu_kernel
 from tierflow.offload.optim._pipeline import IN_PLACE_TIERS, StepPipeline, StepRun
-from tierflow.offload.optim._state import local_binding, predict_state_bytes
+from tierflow.offload.optim._state import StateInTiers, local_binding, predict_state_bytes
 from tierflow.offload.optim._update import SubgroupUpdater
 from tierflow.offload.optim.placement import (
     PathSpec,
@@ -205,7 +205,7 @@ class TieredOptimizer(torch.optim.Optimizer):
         # Share the hyperparameters: an LR scheduler on this object steers the wrapped optimizer.
         self.defaults = self.inner.defaults
         self.param_groups = self.inner.param_groups
-        self.state = collections.defaultdict(dict)  # the state lives in the tiers; see state_dict()
+        self.state = StateInTiers(self._has_state)  # the state lives in the tiers; see state_dict()
         for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
                      "load_state_dict_post"):
             setattr(self, f"_optimizer_{name}_hooks", collections.OrderedDict())
@@ -439,6 +439,10 @@ class TieredOptimizer(torch.optim.Optimizer):
         return None
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _has_state(self) -> bool:
+        pipe = getattr(self, "_pipe", None)
+        return pipe is not None and any(rec.layout is not None for rec in pipe.records)
 
     def _order(self) -> Tuple[int, ...]:
         return step_order(len(self.subgroups), self.num_steps, alternate=self.config.alternate_order)
