@@ -12,8 +12,8 @@ under ``torchrun`` on this machine (gloo); the first three with ``fully_shard`` 
   bytes and the NVMe tier: it profiles, plans and pages this rank's shards and activations
   (``offload.optimizer_subgroup_bytes`` sub-groups through the step, like the trainer).
 * ``tierflow_tiered``: FSDP2 plus :class:`~tierflow.offload.TieredOptimizer` alone: each rank's
-  AdamW moments live in swap files under ``--dir`` and stream through the step in 64 MiB
-  sub-groups; parameters, gradients and activations stay where FSDP2 puts them (no budget).
+  AdamW moments live in swap files under ``--dir`` and stream through the step in
+  ``--tiered-subgroup-mib`` sub-groups; parameters, gradients and activations stay where FSDP2 puts them (no budget).
 * ``deepspeed``: DeepSpeed ZeRO stage 3 instead of FSDP2 (every parameter partitioned; the model is
   built whole first, like the others, see Note [deepspeed builds whole]), parameters and AdamW states
   offloaded to the host (``--ds-offload cpu``) or to swap files under ``--dir`` (``nvme``),
@@ -119,6 +119,7 @@ def worker(a: argparse.Namespace) -> None:
         TiersConfig,
     )
     from tierflow.offload.integrations.fsdp2 import block_modules
+    from tierflow.offload.tiers import map_large_allocations
     from tierflow.trainer.model import GPT  # noqa: F401 (for _model, imported before the baseline)
 
     baseline = _status("VmRSS")
@@ -138,7 +139,10 @@ def worker(a: argparse.Namespace) -> None:
     tiers = TiersConfig(host=HostTierConfig(enabled=False), nvme=NvmeTierConfig(enabled=True, dirs=[str(swap)]))
     if a.worker == "tierflow_tiered":
         swap.mkdir(parents=True, exist_ok=True)
-        optimizer = TieredOptimizer(optimizer, tiers=tiers, config=TieredOptimizerConfig(paths=["nvme"]))
+        map_large_allocations()  # as the trainer does on CPU: freed moments leave RSS (the runtime sets its own)
+        # num_buffers staging buffers of one sub-group's moments each: small sub-groups keep that low.
+        optimizer = TieredOptimizer(optimizer, tiers=tiers, config=TieredOptimizerConfig(
+            paths=["nvme"], subgroup_bytes=a.tiered_subgroup_mib * MiB))
         step = optimizer.step
     if a.worker == "tierflow":
         swap.mkdir(parents=True, exist_ok=True)
@@ -272,6 +276,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help=f"where the deepspeed peer keeps parameters and AdamW states (nvme: --dir/{DS_SWAP})")
     p.add_argument("--mp", choices=("none", "bf16"), default="none",
                    help="bf16: the FSDP2 peers gather and compute in bf16 over fp32 shards (MixedPrecisionPolicy)")
+    p.add_argument("--tiered-subgroup-mib", type=int, default=16,
+                   help="tierflow_tiered: parameter MiB per sub-group (3 staging buffers hold 2x this in moments)")
     p.add_argument("--quick", action="store_true", help="a tiny model, to check the benchmark runs")
     p.add_argument("--thp", choices=("on", "off"), default="on",
                    help="THP_MEM_ALLOC_ENABLE for every peer (Note [huge pages for CPU tensors]; tierflow's default)")
@@ -294,7 +300,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--budget-mib takes whole MiB, comma-separated: not {a.budget_mib!r}")
     a.forwarded = ["--dir", a.dir, "--d-model", str(a.d_model), "--layers", str(a.layers), "--heads", str(a.heads),
                    "--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--steps",
-                   str(a.steps), "--ds-offload", a.ds_offload, "--mp", a.mp] + (["--profile"] if a.profile else [])
+                   str(a.steps), "--ds-offload", a.ds_offload, "--mp", a.mp,
+                   "--tiered-subgroup-mib", str(a.tiered_subgroup_mib)] + (["--profile"] if a.profile else [])
     peers = a.peers.split(",") if a.peers else _default_peers()
     if a.mp != "none" and "deepspeed" in peers:
         if a.peers:
