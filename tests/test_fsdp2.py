@@ -59,16 +59,27 @@ def test_fsdp2_with_offloading_is_bit_identical_to_fsdp2_alone(tmp_path, subproc
     assert {"param", "grad", "optimizer_state", "activation"} <= moved, moved
 
 
+TIERED = ["optimizer.tiered.enabled=true", "optimizer.tiered.paths=[nvme,host]", "optimizer.tiered.subgroup_bytes=65536",
+          "tiers.host.enabled=true", "tiers.nvme.enabled=true"]
+
+
+def _tiered(swap: Path, *, overlap: bool = False):
+    swap.mkdir(exist_ok=True)
+    return TIERED + [f"tiers.nvme.dirs=[{swap}]", f"optimizer.tiered.overlap_backward={str(overlap).lower()}"]
+
+
 def test_bf16_master_on_fsdp2_gathers_in_bf16_and_offloading_it_is_exact(tmp_path, subprocess_env):
     """trainer.precision=bf16_master under FSDP2 is its MixedPrecisionPolicy (fp32 shards, bf16
     gathers and compute, fp32 reduction): it trains differently from fp32, and with offloading
-    bit-identically to FSDP2 alone with the same policy."""
+    bit-identically to FSDP2 alone with the same policy. The fp32 shards are the masters, so the
+    tiered optimizer has none to stage: allowed here, its states in nvme give the same bits."""
     common = COMMON + ["trainer.steps=6", "trainer.grad_clip=0", "model.n_layer=4", f"logging.run_root={tmp_path}"]
     runs = {}
     for name, extra in (("fp32", ["offload=none", "trainer.precision=fp32"]),
                         ("alone", ["offload=none", "trainer.precision=bf16_master"]),
                         ("offloaded", ["offload=lifetime", "offload.device_budget_fraction=0.35",
-                                       "trainer.precision=bf16_master"])):
+                                       "trainer.precision=bf16_master"]),
+                        ("tiered", ["offload=none", "trainer.precision=bf16_master", *_tiered(tmp_path / "swap")])):
         proc = _train(common + extra + [f"logging.run_name={name}"], subprocess_env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = _result(tmp_path, name)
@@ -80,15 +91,9 @@ def test_bf16_master_on_fsdp2_gathers_in_bf16_and_offloading_it_is_exact(tmp_pat
     assert ours["offload"]["steps"].get("planned", 0) >= 2 and ours["offload"]["divergent_iterations"] == 0
     plan = json.loads((tmp_path / "offloaded" / "plan.json").read_text())
     assert "param" in {d["category"] for d in plan["decisions"] if d["action"] == "swap"}
-
-
-TIERED = ["optimizer.tiered.enabled=true", "optimizer.tiered.paths=[nvme,host]", "optimizer.tiered.subgroup_bytes=65536",
-          "tiers.host.enabled=true", "tiers.nvme.enabled=true"]
-
-
-def _tiered(swap: Path, *, overlap: bool = False):
-    swap.mkdir(exist_ok=True)
-    return TIERED + [f"tiers.nvme.dirs=[{swap}]", f"optimizer.tiered.overlap_backward={str(overlap).lower()}"]
+    tiered, tiered_losses = runs["tiered"]
+    assert tiered["precision"] == "bf16_master" and tiered_losses == alone_losses
+    assert tiered["param_digests"] == alone["param_digests"] and tiered["tiered_optimizer"]["bytes_written"] > 0
 
 
 def test_the_tiered_optimizer_on_fsdp2_shards_is_exact_and_sees_clipping(tmp_path, subprocess_env):
@@ -168,7 +173,8 @@ def test_tiered_optimizer_state_saved_on_two_ranks_resumes_on_one_as_a_plain_one
         ckpt = tmp_path / f"ckpt-{name}"
         for nproc, steps in ((2, 4), (1, 6)):
             proc = _train(COMMON + _persisting(tmp_path, ckpt, 0.95) + extra +
-                          [f"trainer.steps={steps}", f"logging.run_name={name}{nproc}"], subprocess_env, nproc=nproc)
+                          [f"trainer.steps={steps}", "model.n_layer=2", f"logging.run_name={name}{nproc}"], subprocess_env,
+                          nproc=nproc)
             assert proc.returncode == 0, proc.stderr[-3000:]
         assert "resumed from step 4" in proc.stdout + proc.stderr
         runs[name] = _result(tmp_path, f"{name}1")

@@ -35,10 +35,12 @@ def check_before_work(cfg: TrainConfig) -> TokenSource:
         warnings.warn(f"tiers={cfg.tiers.preset} (hardware_file={cfg.tiers.hardware_file}) is not used: "
                       "offload.policy=none moves nothing; choose a policy, e.g. offload=lifetime", stacklevel=3)
     check_checkpoint_config(cfg.checkpoint, env_world_size())
-    if cfg.trainer.precision == "bf16_master" and cfg.optimizer.tiered.enabled:
+    # Under FSDP2 the fp32 shards are the masters (Note [mixed precision on shards]): nothing to stage.
+    if cfg.trainer.precision == "bf16_master" and cfg.optimizer.tiered.enabled and cfg.trainer.parallel != "fsdp2":
         raise ConfigError("trainer.precision=bf16_master keeps fp32 master weights in the optimizer state, which "
                           "the tiered optimizer does not stage yet; use optimizer.tiered.enabled=false (offloading "
-                          "pages masters and moments through the tiers) or trainer.precision=bf16")
+                          "pages masters and moments through the tiers), trainer.precision=bf16, or "
+                          "trainer.parallel=fsdp2 (whose fp32 shards are the masters)")
     source = build_source(cfg.data, cfg.trainer.seed)
     _check_model_builds(cfg)
     _check_host_memory(cfg)  # every rank of this node with its host tiers must fit, before any tier opens
