@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -21,6 +22,7 @@ from tierflow.offload import BudgetExceededError, TierError, TierIOError
 from tierflow.trainer.checkpoint.persist import CheckpointCorruptError
 from tierflow.trainer.checkpoint.store import StoreError
 from tierflow.trainer.config import ConfigError
+from tierflow.trainer.distributed import exit_if_left_failed, is_left_failed
 
 __all__ = ["FATAL_FILE_ENV", "SUBCOMMANDS", "Failure", "failure_of", "main"]
 
@@ -75,14 +77,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(importlib.import_module(args._module).run(args))
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as exc:
-        return _report(failure_of(exc))
+        return exit_if_left_failed(_report(failure_of(exc)))
     except (TierError, BudgetExceededError, CheckpointCorruptError, StoreError) as exc:
         if os.environ.get("TIERFLOW_TRACEBACK"):
             raise
-        return _report(failure_of(exc))
+        return exit_if_left_failed(_report(failure_of(exc)))
     except BrokenPipeError:  # e.g. `tierflow train --print-config | head`
         sys.stdout = open(os.devnull, "w")
         return 0
+    except BaseException:  # a bug or an interrupt: its traceback, then out (Note [a failed rank exits ...])
+        if is_left_failed():
+            traceback.print_exc()
+            exit_if_left_failed(1)
+        raise
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, List
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Runtime", "env_world_size", "init_runtime", "shutdown_runtime"]
+__all__ = ["Runtime", "env_world_size", "exit_if_left_failed", "init_runtime", "is_left_failed", "shutdown_runtime"]
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,45 @@ def init_runtime(device: str = "auto", *, group: bool = False) -> Runtime:
     return Runtime(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 
+_left_failed = False  # this process left a group of several ranks because its run failed
+
+
 def shutdown_runtime(rt: Runtime, *, failed: bool = False) -> None:
     """Leave the process group: after a barrier when the run ended well; at once when it
     failed, since the peers may be inside a collective this rank will never join (a barrier
-    would hang; leaving makes their collective fail, so the launcher sees every rank stop)."""
+    would hang; leaving makes their collective fail, so the launcher sees every rank stop).
+    A failed rank then ends through :func:`exit_if_left_failed`."""
+    global _left_failed
     if dist.is_available() and dist.is_initialized():
         if rt.distributed and not failed:
             dist.barrier()
+        _left_failed = _left_failed or (failed and rt.distributed)
         dist.destroy_process_group()
+
+
+def is_left_failed() -> bool:
+    """Whether this process left a group of several ranks because its run failed."""
+    return _left_failed
+
+
+def exit_if_left_failed(code: int) -> int:
+    """End the process now, with ``code``, when its run failed in a group of several ranks;
+    else return ``code``. Call it once the failure has been reported.
+
+    Note [a failed rank exits without destructors]: ``destroy_process_group`` forgets the group,
+    but DDP's reducer still holds it, and the reducer dies with the failed run's frames, when the
+    error is dropped. gloo's destructor then joins its worker threads while holding the GIL; a
+    worker that was dropping the work of an all-reduce the failure interrupted needs the GIL to
+    release that work's tensors. Both wait for ever (seen in CI and reproduced: the failing rank
+    in ``~ProcessGroupGloo`` -> ``thread::join``, its worker in ``~AsyncAllreduceWork`` ->
+    ``gil_scoped_acquire``), and the peers wait in their collective. Everything the run owns was
+    closed while the error unwound (tiers, snapshots, the group), so such a rank flushes its
+    output, runs the exit handlers (temporary directories, finalizers) and leaves through
+    ``os._exit``, before any of those frames is freed.
+    """
+    if not _left_failed:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()  # what a normal exit runs, less the destructors of live objects
+    os._exit(code)
