@@ -68,7 +68,8 @@ class StepRun:
                                       Optional[StagingBuffer]]] = {}
         self.new_params: Dict[int, List[torch.Tensor]] = {}
         self.writes: List[Tuple[int, TransferHandle]] = []
-        self.buffers: Dict[int, StagingBuffer] = {}  # the buffer each updated sub-group was written from
+        # id(buffer) -> (buffer, the last sub-group packed into it, None when that one went to host memory)
+        self.packed: Dict[int, Tuple[StagingBuffer, Optional[int]]] = {}
         self.assigned: Dict[int, StagingBuffer] = {}  # buffers of the prefetch window, not yet updated
         self.claimed: Dict[str, int] = collections.defaultdict(int)  # bytes newly placed on each path
         self.grads: Dict[int, List[Tuple[Optional[torch.Tensor], Hashable]]] = {}  # gradients each update read
@@ -199,12 +200,10 @@ class StepPipeline:
         rec = self.records[i]
         layout = layout_of(states)
         # Note [staging cache]: a buffer is tagged at commit with the last sub-group packed into
-        # it. A window reuses buffers within a step, so an earlier user's claim goes now: were it
-        # left, a later host-tier sub-group (which claims none) would leave the buffer tagged as
-        # holding the earlier one's state, and the next step would read another sub-group's bytes.
-        for j in [j for j, b in run.buffers.items() if b is buf]:
-            del run.buffers[j]
-        run.buffers[i] = buf
+        # it. A window reuses buffers within a step: were an earlier one's claim kept, a later
+        # host-tier sub-group (which leaves nothing in the buffer) would leave it tagged as holding
+        # the earlier one's state, and the next step would read another sub-group's bytes.
+        run.packed[id(buf)] = (buf, i)
         if not layout.entries:  # nothing to tier (no state yet, or only scalars)
             run.pending[i] = (layout, pack(layout, _NO_BYTES, states), rec.path, None, None)
             return
@@ -215,7 +214,7 @@ class StepPipeline:
             run.pending[i] = (layout, small, RESIDENT, None, memory)
             return
         if path in IN_PLACE_TIERS:  # host memory: packed straight into the slot, no staging, no write
-            del run.buffers[i]  # and no staging buffer holds it (Note [staging cache])
+            run.packed[id(buf)] = (buf, None)  # and no staging buffer holds it (Note [staging cache])
             slot = self.tiers[path].reserve(layout.nbytes)
             run.pending[i] = (layout, [], path, slot, None)  # freed by a rollback should pack fail
             run.pending[i] = (layout, pack(layout, self._slot_memory(path, slot), states), path, slot, None)
@@ -306,9 +305,9 @@ class StepPipeline:
                 self.path_bytes[path] += layout.nbytes
             rec.layout, rec.small, rec.path, rec.slot, rec.memory = layout, small, path, slot, memory
             rec.version += 1
-            buf = run.buffers.get(i)
-            if buf is not None and slot is not None:
-                buf.tag = (i, rec.version)
+        for buf, i in run.packed.values():
+            if i is not None and run.pending[i][3] is not None:  # its state went to a slot, from this buffer
+                buf.tag = (i, self.records[i].version)
 
     def rollback(self, run: StepRun) -> None:
         """Undo an uncommitted copy phase: fresh slots freed, proxies dropped, caches invalidated."""
