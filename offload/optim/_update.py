@@ -20,13 +20,15 @@ import time
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
-import xxhash
 
 from tierflow.offload.optim._state import is_tiered
 from tierflow.offload.optim.placement import SubGroup
+from tierflow.offload.tiers._nvme_io import checksum_fn
 from tierflow.profiling import local_tensor
 
 __all__ = ["SubgroupUpdater", "grad_mark"]
+
+_XXH3 = checksum_fn("xxh3")
 
 
 class SubgroupUpdater:
@@ -151,17 +153,17 @@ class SubgroupUpdater:
 def grad_mark(g: torch.Tensor) -> Hashable:
     """What tells, at ``step()``, whether ``g`` changed since an early update read it
     (Note [overlap is checked, never trusted]): its version counter, or for a DTensor gradient
-    (FSDP2) a 128-bit XXH3 digest of its local shard's bytes. In-place ops on a DTensor change
-    the shard without bumping the shard's version counter, foreach ops (``clip_grad_norm_``)
-    not even the wrapper's, and FSDP2 accumulates into the shard directly; only the bytes tell.
+    (FSDP2) an XXH3 digest of its local shard's bytes (the nvme tier's chunk checksum). In-place
+    ops on a DTensor change the shard without bumping the shard's version counter, foreach ops
+    (``clip_grad_norm_``) not even the wrapper's, and FSDP2 accumulates into the shard directly;
+    only the bytes tell.
     """
     local = local_tensor(g)
     if local is g:
         return g._version
     if local.device.type != "cpu":
         raise AssertionError("grad_mark reads a DTensor gradient's bytes on the host; CUDA shards are refused earlier")
-    flat = local.detach().contiguous().view(-1)
-    return xxhash.xxh3_128_intdigest(memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b"")
+    return _XXH3(local.detach().contiguous().view(-1).view(torch.uint8))
 
 
 def _proxies(params: Sequence[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
