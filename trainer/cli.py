@@ -14,7 +14,6 @@ import importlib
 import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -22,7 +21,7 @@ from tierflow.offload import BudgetExceededError, TierError, TierIOError
 from tierflow.trainer.checkpoint.persist import CheckpointCorruptError
 from tierflow.trainer.checkpoint.store import StoreError
 from tierflow.trainer.config import ConfigError
-from tierflow.trainer.distributed import exit_if_left_failed, is_left_failed
+from tierflow.trainer.distributed import exit_if_left_failed
 
 __all__ = ["FATAL_FILE_ENV", "SUBCOMMANDS", "Failure", "failure_of", "main"]
 
@@ -86,9 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     except BaseException:  # a bug or an interrupt: its traceback, then out (Note [a failed rank exits ...])
-        if is_left_failed():
-            traceback.print_exc()
-            exit_if_left_failed(1)
+        exit_if_left_failed(1, show_traceback=True)
         raise
 
 

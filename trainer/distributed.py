@@ -5,13 +5,14 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Any, List
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Runtime", "env_world_size", "exit_if_left_failed", "init_runtime", "is_left_failed", "shutdown_runtime"]
+__all__ = ["Runtime", "env_world_size", "exit_if_left_failed", "init_runtime", "shutdown_runtime"]
 
 
 @dataclass(frozen=True)
@@ -107,14 +108,10 @@ def shutdown_runtime(rt: Runtime, *, failed: bool = False) -> None:
         dist.destroy_process_group()
 
 
-def is_left_failed() -> bool:
-    """Whether this process left a group of several ranks because its run failed."""
-    return _left_failed
-
-
-def exit_if_left_failed(code: int) -> int:
+def exit_if_left_failed(code: int, *, show_traceback: bool = False) -> int:
     """End the process now, with ``code``, when its run failed in a group of several ranks;
-    else return ``code``. Call it once the failure has been reported.
+    else return ``code``. Call it once the failure has been reported (or, for an unexpected
+    error, with ``show_traceback``: it prints the one being handled first).
 
     Note [a failed rank exits without destructors]: ``destroy_process_group`` forgets the group,
     but DDP's reducer still holds it, and the reducer dies with the failed run's frames, when the
@@ -129,6 +126,8 @@ def exit_if_left_failed(code: int) -> int:
     """
     if not _left_failed:
         return code
+    if show_traceback:
+        traceback.print_exc()
     sys.stdout.flush()
     sys.stderr.flush()
     atexit._run_exitfuncs()  # what a normal exit runs, less the destructors of live objects
