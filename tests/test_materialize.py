@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -56,7 +57,8 @@ def test_gpt_materialises_bit_identically_and_consumes_the_generator_alike(n_lay
 
 class OddInit(nn.Module):
     """Initialisers a model may use: in-place scaling after a draw, a computed buffer, a write into
-    a view, a shared parameter, a frozen one and an explicit generator."""
+    a view, a shared parameter, a frozen one, an explicit generator and constants written as data
+    (which make meta tensors without any operation: Note [constants from data])."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -73,6 +75,9 @@ class OddInit(nn.Module):
         self.register_buffer("steps", torch.arange(6, dtype=torch.float32).pow(2))
         self.register_buffer("scratch", torch.zeros(2), persistent=False)
         self.shared = self.a  # the same module twice
+        self.gain = nn.Parameter(torch.tensor([0.5, 2.0]) * torch.randn(2))
+        self.register_buffer("table", torch.as_tensor(np.linspace(0.0, 1.0, 5)).float())
+        self.temperature = nn.Parameter(torch.tensor(0.07, requires_grad=False))
 
     def forward(self, x):
         return self.b(self.a(x))

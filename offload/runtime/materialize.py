@@ -27,8 +27,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map
 
 from tierflow.offload.tiers import trim_freed_memory
 
@@ -129,6 +130,50 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+# Note [constants from data]: ``torch.tensor([1.5])`` (and ``as_tensor``/``asarray`` of Python or
+# NumPy data) under ``torch.device("meta")`` makes a meta tensor without issuing any operation, so
+# its values would be lost, and a parameter or buffer built from it could not be materialised
+# (``nn.Parameter(torch.tensor([1.0]))``, a buffer of constants). A function mode sees these calls
+# first: it builds the value on the CPU (it is small: it was written out as data), records it as
+# an operation that produces a copy of it, and gives the constructor a meta tensor of that shape.
+# Replay then starts from the very same value. A call with an explicit non-meta device, or one
+# whose data holds tensors, is left alone (the recorder names a real tensor if one is used).
+_FROM_DATA = (torch.tensor, torch.as_tensor, torch.asarray)
+
+
+class _Constant:
+    """A recorded operation that produces a copy of a value the constructor wrote as data."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+    def __call__(self) -> torch.Tensor:
+        return self.value.clone()
+
+    def __repr__(self) -> str:
+        return f"constant{tuple(self.value.shape)}"
+
+
+class _Constants(TorchFunctionMode):
+    def __init__(self, recorder: _Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if func not in _FROM_DATA or (device is not None and torch.device(device).type != "meta") or \
+                any(isinstance(a, torch.Tensor) for a in tree_flatten((args, kwargs))[0]):
+            return func(*args, **kwargs)
+        grad = bool(kwargs.pop("requires_grad", False))
+        with _disable_current_modes():
+            value = func(*args, **{**kwargs, "device": "cpu"})
+            out = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+        tok = self.recorder.token(out)
+        self.recorder.program.ops.append(_Op(_Constant(value), (), {}, (tok,), None, False, (tok,)))
+        return out.requires_grad_(grad)
+
+
 def record_init(build: Callable[[], nn.Module]) -> Tuple[nn.Module, InitProgram]:
     """Run ``build()`` on the meta device and record the program its initialisation issued.
 
@@ -143,7 +188,7 @@ def record_init(build: Callable[[], nn.Module]) -> Tuple[nn.Module, InitProgram]
     """
     program = InitProgram()
     recorder = _Recorder(program)
-    with torch.device("meta"), recorder:
+    with torch.device("meta"), recorder, _Constants(recorder):  # Note [constants from data]
         model = build()
     return model, program
 
