@@ -59,6 +59,26 @@ def test_fsdp2_with_offloading_is_bit_identical_to_fsdp2_alone(tmp_path, subproc
     assert {"param", "grad", "optimizer_state", "activation"} <= moved, moved
 
 
+def test_a_model_built_unlike_gpt_is_sharded_per_block_and_offloaded_exactly(tmp_path, subprocess_env):
+    """``tests._models.ZooLM``: Sequential and nested blocks, a layer applied twice, weights tied across
+    stacks, a frozen table, BatchNorm statistics, an unused parameter and a constant written as data.
+    Each is built on the meta device into its shards, and offloading stays bit-identical to FSDP2 alone."""
+    runs = {}
+    for name, extra in (("alone", ["offload=none"]),
+                        ("offloaded", ["offload=lifetime", "offload.device_budget_fraction=0.35"])):
+        proc = _train(COMMON + extra + ["trainer.steps=6", "trainer.grad_clip=0", "model._target_=tests._models.ZooLM",
+                                        f"logging.run_root={tmp_path}", f"logging.run_name={name}"], subprocess_env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = _result(tmp_path, name)
+    (alone, alone_losses), (ours, our_losses) = runs["alone"], runs["offloaded"]
+    assert our_losses == alone_losses and ours["final_val_loss"] == alone["final_val_loss"]
+    assert ours["param_digests"] == alone["param_digests"] and len(set(ours["param_digests"])) == 1
+    o = ours["offload"]
+    assert o["steps"].get("planned", 0) >= 3 and o["peak_by_mode"]["planned"] <= o["device_budget_bytes"]
+    plan = json.loads((tmp_path / "offloaded" / "plan.json").read_text())
+    assert any(d["action"] == "swap" for d in plan["decisions"])
+
+
 TIERED = ["optimizer.tiered.enabled=true", "optimizer.tiered.paths=[nvme,host]", "optimizer.tiered.subgroup_bytes=65536",
           "tiers.host.enabled=true", "tiers.nvme.enabled=true"]
 

@@ -51,24 +51,67 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def block_modules(model: nn.Module) -> List[nn.Module]:
-    """The repeated blocks of ``model``: the children of its largest ``nn.ModuleList`` (by parameters).
+    """The modules :func:`shard_blocks` makes FSDP2 units of, innermost first (Note [which modules are units]).
 
-    GPT's ``blocks``, a transformers model's ``layers``/``h``/``block``: each becomes one FSDP2 unit,
-    so a rank gathers one block's parameters at a time. A model without a ``ModuleList`` has none
-    (the root is then the only unit).
+    Every child of an ``nn.ModuleList``, or of an ``nn.Sequential`` of two or more modules of one
+    class, that has parameters: GPT's ``blocks``, a transformers model's ``layers``/``h``/``block``
+    (both stacks of an encoder-decoder), timm's ``nn.Sequential`` blocks, the stages and blocks of
+    a hierarchical model. A module listed twice (one layer applied several times) or that shares a
+    parameter with another unit is left to the unit around it; a model without such containers has
+    none (the root is then the only unit).
     """
-    best, best_numel = [], 0
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList):
-            numel = sum(p.numel() for p in m.parameters())
-            if numel > best_numel:
-                best, best_numel = list(m), numel
-    return best
+    seen: Dict[int, int] = {}
+    candidates: List[nn.Module] = []
+    for container in model.modules():
+        if not _repeats(container):
+            continue
+        for child in container:  # not children(): that lists a module held twice once
+            seen[id(child)] = seen.get(id(child), 0) + 1
+            if seen[id(child)] == 1 and child is not model and next(child.parameters(), None) is not None:
+                candidates.append(child)
+    units = [m for m in candidates if seen[id(m)] == 1 and not any(
+        m is not o and seen[id(o)] == 1 and _share_parameters(m, o) for o in candidates)]
+    order: Dict[int, int] = {}
+
+    def post_order(m: nn.Module) -> None:
+        for child in m.children():
+            post_order(child)
+        order.setdefault(id(m), len(order))
+
+    post_order(model)
+    return sorted(units, key=lambda m: order[id(m)])  # children before their parents: FSDP2's order
+
+
+def _repeats(container: nn.Module) -> bool:
+    if isinstance(container, nn.ModuleList):
+        return True
+    kinds = {type(c) for c in container.children()}
+    return isinstance(container, nn.Sequential) and len(container) >= 2 and len(kinds) == 1
+
+
+def _share_parameters(a: nn.Module, b: nn.Module) -> bool:
+    """``a`` and ``b`` share a parameter and neither holds the other (FSDP2 cannot shard them apart)."""
+    if any(m is b for m in a.modules()) or any(m is a for m in b.modules()):
+        return False
+    mine = {id(p) for p in a.parameters()}
+    return any(id(p) in mine for p in b.parameters())
+
+
+# Note [which modules are units]: FSDP2 gathers a unit's parameters for its forward and backward,
+# so the units decide the smallest budget a rank can train in: one unit for the whole model
+# gathers everything at once. Units are therefore the repeated blocks, found by structure rather
+# than by name: the children of every ``ModuleList`` and of every ``Sequential`` whose children are
+# all of one class, nested ones included (a stage's blocks are units inside the stage's unit, an
+# MoE block's experts inside the block's), applied innermost first as FSDP2 requires; the root is
+# the last unit and takes whatever no unit holds. FSDP2 refuses a module sharded twice and a
+# parameter in two units, so a block applied several times (ALBERT's shared layer) and blocks tied
+# across stacks stay in the unit around them, which still trains exactly, only with more gathered
+# at once. For other choices, call ``fully_shard`` yourself before tierflow (see the module doc).
 
 
 def shard_blocks(model: nn.Module, *, mesh: Optional[object] = None, device: Optional[torch.device] = None,
                  reshard_after_forward: bool = True, mp_policy: Optional[Any] = None) -> nn.Module:
-    """``fully_shard`` each block of :func:`block_modules`, then the root; returns ``model`` (sharded in place).
+    """``fully_shard`` each unit of :func:`block_modules`, then the root; returns ``model`` (sharded in place).
 
     Args:
         model: The model, materialised on this rank's device (every rank with the same values:
