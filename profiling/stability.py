@@ -69,6 +69,8 @@ def _signatures(trace: LifetimeTrace, iteration: int, start: int, end: int) -> D
     for r in trace.tensors:
         if r.created_tick > t_end or (r.freed_tick is not None and r.freed_tick < t_start):
             continue  # not alive during this iteration
+        if r.iteration is None and r.category is Category.INPUT:
+            continue  # memory the optimizer holds (Note [what the optimizer holds] in ``_table``)
         if r.iteration is not None and r.iteration < iteration:
             # Note [leftovers]: a tensor an earlier iteration left behind (the loop's last loss,
             # say). Iteration 0's own leftovers were made before tracing and are invisible, so
@@ -82,7 +84,7 @@ def _signatures(trace: LifetimeTrace, iteration: int, start: int, end: int) -> D
 
 
 # Note [frees that jitter]: a temporary that a collective's worker thread releases (gloo's copy of
-# a reduce-scatter input under FSDP2: Note [allocations no operation shows] in the tracer) is freed
+# a reduce-scatter input under FSDP2: Note [allocations no operation shows] in ``_table``) is freed
 # when that thread is done, a few points earlier or later from one iteration to the next, while its
 # birth and every use repeat. That is not another graph: before, every FSDP2 run warned that its
 # profiled iterations differ. Such a record is taken as repeating, and the plan counts it until

@@ -207,6 +207,7 @@ class LifetimeTracer:
             yield self._iteration
         finally:
             self._hidden.end_all()  # the iteration's collectives are all waited for by its end
+            self._table.hold(self._held)
             remove_hooks(self._grad_handles)  # Note [hooks that keep a graph]
             self._emit(PointKind.ITERATION_END, "iteration", 0, Phase.OTHER)
             self._module_calls.reset()  # drops its weak references to parameter storages
@@ -251,6 +252,8 @@ class LifetimeTracer:
         self._keys: set = set()
         self._num_inputs = 0
         self._external_rows: set = set()
+        self._held: List[int] = []  # Note [what the optimizer holds]
+        self._in_step = False
         self._graph_task = -1
         self._tmp_label, self._tmp_count = "", 0
         self._hidden = HiddenBuffers(self._table)
@@ -354,11 +357,12 @@ class LifetimeTracer:
             return
         name = type(self.optimizer).__name__
         self._emit(PointKind.OPTIMIZER_PRE, name, self._next_call(PointKind.OPTIMIZER_PRE, name), Phase.OPTIMIZER)
+        self._in_step = True
 
     def _optimizer_post(self) -> None:
         if self._iteration is None:
             return
-        entered = self._now()
+        entered, self._in_step = self._now(), False
         for param, state in self.optimizer.state.items():
             for state_name, value in state.items():
                 if isinstance(value, torch.Tensor):
@@ -439,18 +443,10 @@ class LifetimeTracer:
         return key
 
     def _row_or_external(self, st: torch.UntypedStorage, t: torch.Tensor) -> int:
-        """The storage's row; a storage first seen now existed at the start of this iteration.
-
-        Almost anything allocated inside an iteration is seen when it is allocated, so an unknown
-        storage was made before the iteration began (by the data pipeline, or before tracing).
-
-        Note [allocations no operation shows]: not everything, though. Under FSDP2 the gloo
-        process group copies each reduce-scatter input in C++ and splits the copy: a block's full
-        gradients, never seen allocated. Taken as inputs alive since the iteration began, these
-        copies put 42 MB of phantom memory under every interval of a 6-block ``small`` model. What
-        the data pipeline made is consumed in forward; a storage first seen in backward is taken
-        as allocated there.
-        """
+        """The storage's row; a storage first seen now existed at the start of this iteration
+        (made by the data pipeline, or before tracing), except in backward (Note [allocations no
+        operation shows] in :mod:`tierflow.profiling._table`) and in the optimizer step (Note [what
+        the optimizer holds])."""
         table = self._table
         row = table.row_of(st)
         regrown = row is None and self._shrink.regrown(st)
@@ -464,11 +460,13 @@ class LifetimeTracer:
             self._shrink.watch(row, st)
         elif row is None:
             point, tick = self._iteration_start
-            key = self._tmp_key("external")
+            key = self._unique(f"{self._tmp_label}:external")  # numbers no temporary after it
             row = table.add(st, t, Category.INPUT, key, iteration=self._iteration, created=point,
                             created_tick=tick)
             self._external_rows.add(row)
             self._shrink.watch(row, st)
+            if self._in_step:
+                self._held.append(row)
         return row
 
     def _mark_input(self, t: torch.Tensor) -> None:

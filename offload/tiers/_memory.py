@@ -175,7 +175,7 @@ def aligned_empty(nbytes: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor
         >>> t.numel(), t.data_ptr() % 4096
         (2048, 0)
     """
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize  # no allocation: a traced step would see one
     if nbytes <= 0 or nbytes % size:
         raise ValueError(f"aligned_empty(nbytes={nbytes}) needs a positive multiple of the {dtype} element size {size}")
     mm = mmap.mmap(-1, align_up(nbytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
