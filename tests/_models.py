@@ -35,7 +35,8 @@ class _Stage(nn.Module):
 class ZooLM(nn.Module):
     """A language model built the ways models in the wild are: blocks in an ``nn.Sequential``
     (timm), stages holding blocks (a hierarchical model), one layer applied twice through a
-    ``ModuleList`` (ALBERT), a weight tied across two stacks and the head tied to the embedding,
+    ``ModuleList`` (ALBERT), a weight tied across two stacks, a norm of the root sharing the last
+    encoder block's weight, the head tied to the embedding,
     a frozen positional table, BatchNorm statistics updated by forward, a parameter forward never
     uses, and constants written as data."""
 
@@ -48,6 +49,8 @@ class ZooLM(nn.Module):
         shared = _Block(d_model)
         self.repeated = nn.ModuleList([shared, shared])
         self.stages[1].blocks[0].up.weight = self.encoder[0].up.weight  # tied across stacks
+        self.out_norm = nn.LayerNorm(d_model)
+        self.out_norm.weight = self.encoder[-1].norm.weight  # held by the root and by a block
         self.norm = nn.BatchNorm1d(d_model)
         self.gain = nn.Parameter(torch.tensor([1.25]))
         self.unused = nn.Linear(d_model, 3)
@@ -61,5 +64,5 @@ class ZooLM(nn.Module):
             x = stage(x)
         for layer in self.repeated:
             x = layer(x)
-        x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        x = self.norm(self.out_norm(x).transpose(1, 2)).transpose(1, 2)
         return self.head(x * self.gain)

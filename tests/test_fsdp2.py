@@ -67,6 +67,7 @@ def test_a_model_built_unlike_gpt_is_sharded_per_block_and_offloaded_exactly(tmp
     for name, extra in (("alone", ["offload=none"]),
                         ("offloaded", ["offload=lifetime", "offload.device_budget_fraction=0.35"])):
         proc = _train(COMMON + extra + ["trainer.steps=6", "trainer.grad_clip=0", "model._target_=tests._models.ZooLM",
+                                        "model.n_layer=3",
                                         f"logging.run_root={tmp_path}", f"logging.run_name={name}"], subprocess_env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = _result(tmp_path, name)
@@ -138,6 +139,7 @@ def test_the_tiered_optimizer_on_fsdp2_shards_is_exact_and_sees_clipping(tmp_pat
     assert t["early_updates"] > 0 and t["redone_steps"] == 1 and not t["overlap_backward"]
     assert "was redone from the final gradients" in proc.stderr
     assert ours["offload"]["steps"].get("planned", 0) >= 4 and ours["offload"]["divergent_iterations"] == 0
+    assert "profiled iterations differ" not in proc.stderr  # Note [what the optimizer holds]
 
 
 def test_a_model_sharded_on_meta_holds_the_shards_of_the_eagerly_built_model(tmp_path, subprocess_env):

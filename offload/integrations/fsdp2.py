@@ -69,8 +69,12 @@ def block_modules(model: nn.Module) -> List[nn.Module]:
             seen[id(child)] = seen.get(id(child), 0) + 1
             if seen[id(child)] == 1 and child is not model and next(child.parameters(), None) is not None:
                 candidates.append(child)
-    units = [m for m in candidates if seen[id(m)] == 1 and not any(
-        m is not o and seen[id(o)] == 1 and _share_parameters(m, o) for o in candidates)]
+    holders: Dict[int, List[int]] = {}  # parameter -> the modules that hold it directly
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append(id(m))
+    units = [m for m in candidates if seen[id(m)] == 1 and not _shares_outside(m, holders)]
     order: Dict[int, int] = {}
 
     def post_order(m: nn.Module) -> None:
@@ -89,12 +93,10 @@ def _repeats(container: nn.Module) -> bool:
     return isinstance(container, nn.Sequential) and len(container) >= 2 and len(kinds) == 1
 
 
-def _share_parameters(a: nn.Module, b: nn.Module) -> bool:
-    """``a`` and ``b`` share a parameter and neither holds the other (FSDP2 cannot shard them apart)."""
-    if any(m is b for m in a.modules()) or any(m is a for m in b.modules()):
-        return False
-    mine = {id(p) for p in a.parameters()}
-    return any(id(p) in mine for p in b.parameters())
+def _shares_outside(unit: nn.Module, holders: Dict[int, List[int]]) -> bool:
+    """A parameter of ``unit`` is also held by a module outside it (FSDP2 cannot shard it apart)."""
+    inside = {id(m) for m in unit.modules()}
+    return any(h not in inside for p in unit.parameters() for h in holders[id(p)])
 
 
 # Note [which modules are units]: FSDP2 gathers a unit's parameters for its forward and backward,
@@ -104,8 +106,9 @@ def _share_parameters(a: nn.Module, b: nn.Module) -> bool:
 # all of one class, nested ones included (a stage's blocks are units inside the stage's unit, an
 # MoE block's experts inside the block's), applied innermost first as FSDP2 requires; the root is
 # the last unit and takes whatever no unit holds. FSDP2 refuses a module sharded twice and a
-# parameter in two units, so a block applied several times (ALBERT's shared layer) and blocks tied
-# across stacks stay in the unit around them, which still trains exactly, only with more gathered
+# parameter in two units, so a block applied several times (ALBERT's shared layer) and a block
+# that shares a weight with any module outside it (another stack, the root's head) stay in the unit
+# around them, which still trains exactly, only with more gathered
 # at once. For other choices, call ``fully_shard`` yourself before tierflow (see the module doc).
 
 
