@@ -433,3 +433,25 @@ def test_dcp_get_optimizer_state_dict_reads_the_state_without_stepping_it(tmp_pa
                 assert torch.equal(v, saved_tiered["state"][name][k]), (name, k)
         assert torch.equal(_train(plain_model, plain, steps=2), _train(tiered_model, opt, steps=2))
         assert _same(plain_model, tiered_model)
+
+
+def test_dcp_set_optimizer_state_dict_loads_into_the_tiers_and_trains_on_exactly(tmp_path):
+    """The other half of DCP's API (torchtitan's load): set_optimizer_state_dict on a fresh tiered
+    optimizer first takes its own zero-learning-rate step to create state, then loads; the state
+    must end up in the tiers as saved, and training on equals the plain optimizer's."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    plain_model = _model()
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2)
+    _train(plain_model, plain, steps=3)
+    plain_model.zero_grad(set_to_none=True)
+    saved = get_optimizer_state_dict(plain_model, plain)
+    tiered_model = _model()
+    tiered_model.load_state_dict(plain_model.state_dict())
+    cfg = TieredOptimizerConfig(paths=["nvme"], subgroup_bytes=3 * KiB)
+    with TieredOptimizer(torch.optim.AdamW(tiered_model.parameters(), lr=1e-2), config=cfg,
+                         tiers=_tiers(tmp_path, "nvme")) as opt:
+        set_optimizer_state_dict(tiered_model, opt, saved)
+        assert opt.state and not len(opt.state) and _same(plain_model, tiered_model)
+        assert torch.equal(_train(plain_model, plain, steps=2), _train(tiered_model, opt, steps=2))
+        assert _same(plain_model, tiered_model)
