@@ -117,6 +117,21 @@ def test_bf16_master_on_fsdp2_gathers_in_bf16_and_offloading_it_is_exact(tmp_pat
     assert tiered["param_digests"] == alone["param_digests"] and tiered["tiered_optimizer"]["bytes_written"] > 0
 
 
+def test_mixed_precision_policies_from_a_users_loop_stay_exact_under_offloading(tmp_path, subprocess_env):
+    """Policies the trainer does not set: fp32 outputs from the root (``output_dtype``), and
+    ``cast_forward_inputs=False``. Both gather bf16; offloading next to each is bit-identical."""
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).with_name("_mp_policy_child.py")), str(tmp_path)],
+                          cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for policy, runs in got.items():
+            alone, ours = runs["alone"], runs["offloaded"]
+            assert ours["losses"] == alone["losses"] and ours["digest"] == alone["digest"], policy
+            assert ours["steps"].get("planned", 0) >= 2, (policy, ours["steps"])
+
+
 def test_the_tiered_optimizer_on_fsdp2_shards_is_exact_and_sees_clipping(tmp_path, subprocess_env):
     """The tiered optimizer steps each rank's shards with their states in nvme and host tiers
     (Note [sharded state]), next to the plan runtime: 8 steps are bit-identical to FSDP2 alone.
