@@ -18,7 +18,7 @@ from tierflow.profiling._tensors import held_storage, storage_of
 from tierflow.profiling.keys import StorageMap
 from tierflow.profiling.trace import Category, TensorRecord, grad_key, state_key
 
-__all__ = ["RecordTable", "ShrinkWatch", "register_existing"]
+__all__ = ["RecordTable", "ShrinkWatch", "StepKeys", "register_existing"]
 
 
 # Note [allocations no operation shows]: almost anything allocated inside an iteration is seen when
@@ -38,6 +38,30 @@ __all__ = ["RecordTable", "ShrinkWatch", "register_existing"]
 # therefore recorded as existing before tracing (:meth:`RecordTable.hold`), as the parameters and
 # the state are; the check that iterations repeat leaves such memory out (its pattern is the
 # optimizer's, not the graph's), and the plan counts whatever of it is alive, never moving it.
+#
+# Note [temporaries of the step]: a temporary's key is the label of the point before it plus an
+# ordinal, so two temporaries born in one interval in the other order swap keys. The tiered
+# optimizer's step is one interval that walks its sub-groups in alternating order (Note [staging
+# cache]), so every other step made its scratch and step counters in another order: the runs
+# warned that their profiled iterations differ, and the planner, which reserves room for a key
+# whose size changes (a dynamic shape), reserved the largest of the swapped sizes for each. A
+# temporary made inside ``optimizer.step()`` is therefore keyed by its size, dtype and how many
+# of that kind came before it in the step, which no order of sub-groups of equal sizes changes;
+# and the check that iterations repeat compares the temporaries born in one interval as a set
+# (same sizes, lifetimes and uses, in any order), since even within one size the step's counters
+# that it keeps and those it drops at once come in the sub-groups' order.
+
+
+class StepKeys:
+    """Keys of the temporaries of one iteration's optimizer step (Note [temporaries of the step])."""
+
+    def __init__(self) -> None:
+        self._seen: Dict[Tuple[int, torch.dtype], int] = {}
+
+    def __call__(self, label: str, storage: torch.UntypedStorage, tensor: torch.Tensor) -> str:
+        kind = (storage.nbytes(), tensor.dtype)
+        n = self._seen[kind] = self._seen.get(kind, -1) + 1
+        return f"{label}:tmp{kind[0]}B{str(tensor.dtype).removeprefix('torch.')}#{n}"
 
 
 class _StorageRef(weakref.ref):

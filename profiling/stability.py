@@ -129,6 +129,25 @@ def _freed_at(r: TensorRecord, point: Optional[int], ticks: List[int]) -> Tensor
     return replace(r, freed=point + 1, freed_tick=ticks[point + 1])
 
 
+def _by_interval(sigs: Dict[str, _Signature]) -> Tuple[Dict[str, _Signature], Dict[str, str]]:
+    """``sigs`` with the temporaries born in each interval compared as a set: keyed by their place
+    when sorted by what they are and how they live, with the real key of every new key. The order
+    of births inside one interval is not the graph (Note [temporaries of the step] in ``_table``)."""
+    out: Dict[str, _Signature] = {}
+    names: Dict[str, str] = {}
+    born_in: Dict[int, List[Tuple[str, _Signature]]] = {}
+    for key, sig in sigs.items():
+        if sig[0] is Category.TEMPORARY and sig[3] is not None:
+            born_in.setdefault(sig[3], []).append((key, sig))
+        else:
+            out[key], names[key] = sig, key
+    for born, items in born_in.items():
+        items.sort(key=lambda ks: (ks[1][1], ks[1][2], ks[1][5], -1 if ks[1][4] is None else ks[1][4]))
+        for i, (key, sig) in enumerate(items):
+            out[f"@{born}#{i}"], names[f"@{born}#{i}"] = sig, key
+    return out, names
+
+
 def _first_offset(sig: _Signature) -> int:
     events = [x for x in (sig[3], *sig[5]) if x is not None]
     return min(events) if events else 0
@@ -173,7 +192,7 @@ def check_stability(trace: LifetimeTrace) -> Stability:
         return Stability(num_iterations=len(bounds), static=True, divergence=None)
     s0, e0 = bounds[0]
     ref_labels = [p.label for p in trace.points[s0:e0 + 1]]
-    ref_sigs = _signatures(trace, 0, s0, e0)
+    ref_sigs, ref_names = _by_interval(_signatures(trace, 0, s0, e0))
     for i, (s, e) in enumerate(bounds[1:], start=1):
         labels = [p.label for p in trace.points[s:e + 1]]
         if labels != ref_labels:
@@ -183,12 +202,13 @@ def check_stability(trace: LifetimeTrace) -> Stability:
             found = labels[j] if j < len(labels) else "the end of the iteration"
             return Stability(len(bounds), False, Divergence(i, min(s + j, e), j, None,
                                                             f"point {found!r} where iteration 0 had {expected!r}"))
-        sigs = _signatures(trace, i, s, e)
+        sigs, names = _by_interval(_signatures(trace, i, s, e))
         # (offset, born offset or -1 for "before the iteration", key, reason): at one offset the
         # tensor that existed first is the cause (an input whose size changed, not its products).
         found_at: List[Tuple[int, int, str, str]] = []
-        for key in set(ref_sigs) | set(sigs):
-            ref, got = ref_sigs.get(key), sigs.get(key)
+        for slot in set(ref_sigs) | set(sigs):
+            ref, got = ref_sigs.get(slot), sigs.get(slot)
+            key = ref_names.get(slot) or names[slot]
             if ref == got or (ref is not None and got is not None and _jitters(ref, got)):
                 continue
             born = min(-1 if sig[3] is None else sig[3] for sig in (ref, got) if sig is not None)

@@ -36,7 +36,7 @@ from torch import nn
 from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
 
 from tierflow.profiling import torch_compat
-from tierflow.profiling._table import RecordTable, ShrinkWatch, register_existing
+from tierflow.profiling._table import RecordTable, ShrinkWatch, StepKeys, register_existing
 from tierflow.profiling._tensors import (
     LIFT_OPS,
     DispatchRecorder,
@@ -253,7 +253,7 @@ class LifetimeTracer:
         self._num_inputs = 0
         self._external_rows: set = set()
         self._held: List[int] = []  # Note [what the optimizer holds]
-        self._in_step = False
+        self._in_step, self._step_keys = False, StepKeys()
         self._graph_task = -1
         self._tmp_label, self._tmp_count = "", 0
         self._hidden = HiddenBuffers(self._table)
@@ -419,7 +419,7 @@ class LifetimeTracer:
         for t in flat_tensors(out, []):
             st = storage_of(t)
             if st is not None and table.row_of(st) is None:
-                key = self._tmp_key("tmp")
+                key = self._step_keys(self._tmp_label, st, t) if self._in_step else self._tmp_key("tmp")
                 table.add(st, t, Category.TEMPORARY, key, iteration=self._iteration, created=table.point,
                           created_tick=table.next_tick())
         self._overhead_s += time.perf_counter() - start

@@ -200,6 +200,55 @@ def test_keys_repeat_over_three_iterations_of_a_static_model():
     assert st.static, st.describe()
 
 
+class _Alternating(torch.optim.SGD):
+    """An optimizer like the tiered one: it holds a buffer outside ``state`` (made before tracing),
+    replaces a kept counter per group of parameters every step, and walks those groups in the
+    other order every other step, making scratch of a different size for each."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.1)
+        self.buffer = torch.zeros(64)
+        self.counters = [torch.zeros(()) for _ in self.param_groups[0]["params"]]
+        self.steps = 0
+
+    def step(self, closure=None):
+        order = list(range(len(self.counters)))
+        for i in order if self.steps % 2 == 0 else order[::-1]:
+            scratch = torch.ones(3 + i) * self.counters[i]  # dropped at once
+            self.counters[i] = self.counters[i] + scratch.sum() * 0  # kept until the next step
+            self.buffer.add_(1.0)
+        self.steps += 1
+        return super().step(closure)
+
+
+def test_what_the_optimizer_holds_and_the_order_of_its_scratch_are_not_another_graph():
+    """Note [what the optimizer holds] and Note [temporaries of the step]: the first traced step
+    reads the optimizer's own buffer and last step's counters for the first time, and every other
+    step makes its scratch in the other order; the iterations still repeat."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = _Alternating(model.parameters())
+
+    def step(i, tracer=None):
+        model(torch.randn(4, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(0)
+    trace = _trace(model, opt, step, 3)
+    assert validate_trace(trace) == []
+    st = check_stability(trace)
+    assert st.static, st.describe()
+    held = [r for r in trace.tensors if r.key.startswith("held")]
+    assert {r.size_bytes for r in held} == {64 * F32, F32} and all(r.created is None for r in held)
+    # The step's scratch is keyed by size, so a key names one size in every iteration.
+    step_keys = {}
+    for r in trace.tensors:
+        if r.category is Category.TEMPORARY and ":tmp" in r.key and r.key.startswith("optimizer_pre"):
+            step_keys.setdefault(r.key, set()).add(r.size_bytes)
+    assert step_keys and all(len(sizes) == 1 for sizes in step_keys.values()), step_keys
+
+
 class Branchy(nn.Module):
     """a, then b or c: which one is decided from outside, like data-dependent control flow."""
 
