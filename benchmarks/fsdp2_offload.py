@@ -142,7 +142,8 @@ def worker(a: argparse.Namespace) -> None:
         map_large_allocations()  # as the trainer does on CPU: freed moments leave RSS (the runtime sets its own)
         # num_buffers staging buffers of one sub-group's moments each: small sub-groups keep that low.
         optimizer = TieredOptimizer(optimizer, tiers=tiers, config=TieredOptimizerConfig(
-            paths=["nvme"], subgroup_bytes=a.tiered_subgroup_mib * MiB))
+            paths=["nvme"], subgroup_bytes=a.tiered_subgroup_mib * MiB, overlap_backward=a.tiered_overlap,
+            resident_bytes=a.tiered_resident_mib * MiB))
         step = optimizer.step
     if a.worker == "tierflow":
         swap.mkdir(parents=True, exist_ok=True)
@@ -276,6 +277,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help=f"where the deepspeed peer keeps parameters and AdamW states (nvme: --dir/{DS_SWAP})")
     p.add_argument("--mp", choices=("none", "bf16"), default="none",
                    help="bf16: the FSDP2 peers gather and compute in bf16 over fp32 shards (MixedPrecisionPolicy)")
+    p.add_argument("--tiered-resident-mib", type=int, default=0,
+                   help="tierflow_tiered keeps this much of each rank's state in memory, updated in place (no I/O)")
+    p.add_argument("--tiered-overlap", action="store_true",
+                   help="tierflow_tiered updates sub-groups during backward (overlap_backward)")
     p.add_argument("--tiered-subgroup-mib", type=int, default=16,
                    help="tierflow_tiered: parameter MiB per sub-group (3 staging buffers hold 2x this in moments)")
     p.add_argument("--quick", action="store_true", help="a tiny model, to check the benchmark runs")
@@ -301,7 +306,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     a.forwarded = ["--dir", a.dir, "--d-model", str(a.d_model), "--layers", str(a.layers), "--heads", str(a.heads),
                    "--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--steps",
                    str(a.steps), "--ds-offload", a.ds_offload, "--mp", a.mp,
-                   "--tiered-subgroup-mib", str(a.tiered_subgroup_mib)] + (["--profile"] if a.profile else [])
+                   "--tiered-subgroup-mib", str(a.tiered_subgroup_mib), "--tiered-resident-mib",
+                   str(a.tiered_resident_mib)] + \
+        (["--tiered-overlap"] if a.tiered_overlap else []) + (["--profile"] if a.profile else [])
     peers = a.peers.split(",") if a.peers else _default_peers()
     if a.mp != "none" and "deepspeed" in peers:
         if a.peers:

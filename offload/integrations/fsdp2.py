@@ -56,9 +56,9 @@ def block_modules(model: nn.Module) -> List[nn.Module]:
     Every child of an ``nn.ModuleList``, or of an ``nn.Sequential`` of two or more modules of one
     class, that has parameters: GPT's ``blocks``, a transformers model's ``layers``/``h``/``block``
     (both stacks of an encoder-decoder), timm's ``nn.Sequential`` blocks, the stages and blocks of
-    a hierarchical model. A module listed twice (one layer applied several times) or that shares a
-    parameter with another unit is left to the unit around it; a model without such containers has
-    none (the root is then the only unit).
+    a hierarchical model. A module listed twice (one layer applied several times), or one that
+    shares a parameter with a module outside it, is left to the unit around it; a model without
+    such containers has none (the root is then the only unit).
     """
     seen: Dict[int, int] = {}
     candidates: List[nn.Module] = []
@@ -71,9 +71,8 @@ def block_modules(model: nn.Module) -> List[nn.Module]:
                 candidates.append(child)
     holders: Dict[int, List[int]] = {}  # parameter -> the modules that hold it directly
     for m in model.modules():
-        for p in m._parameters.values():
-            if p is not None:
-                holders.setdefault(id(p), []).append(id(m))
+        for _, p in m.named_parameters(recurse=False, remove_duplicate=False):
+            holders.setdefault(id(p), []).append(id(m))
     units = [m for m in candidates if seen[id(m)] == 1 and not _shares_outside(m, holders)]
     order: Dict[int, int] = {}
 
@@ -107,9 +106,9 @@ def _shares_outside(unit: nn.Module, holders: Dict[int, List[int]]) -> bool:
 # MoE block's experts inside the block's), applied innermost first as FSDP2 requires; the root is
 # the last unit and takes whatever no unit holds. FSDP2 refuses a module sharded twice and a
 # parameter in two units, so a block applied several times (ALBERT's shared layer) and a block
-# that shares a weight with any module outside it (another stack, the root's head) stay in the unit
-# around them, which still trains exactly, only with more gathered
-# at once. For other choices, call ``fully_shard`` yourself before tierflow (see the module doc).
+# that shares a weight with any module outside it (another stack, the root's head) stay in the
+# unit around them, which still trains exactly, only with more gathered at once. For other
+# choices, call ``fully_shard`` yourself before tierflow (see the module doc).
 
 
 def shard_blocks(model: nn.Module, *, mesh: Optional[object] = None, device: Optional[torch.device] = None,
