@@ -31,6 +31,16 @@ def _result(run_root: Path, name: str):
     return summary, losses
 
 
+def _child_ranks(child: str, out: Path, env, *args) -> list:
+    """Run ``tests/<child>`` on 2 ranks under torchrun with ``out`` (and ``args``); the JSON each rank
+    wrote into ``out`` as ``rank<N>.json``."""
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).with_name(child)), str(out), *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
 def test_fsdp2_with_offloading_is_bit_identical_to_fsdp2_alone(tmp_path, subprocess_env):
     """10 steps: losses and gathered parameters equal; the plan moved sharded parameters,
     gradients and optimizer states as well as activations, and held its budget. (Without clipping,
@@ -120,12 +130,8 @@ def test_bf16_master_on_fsdp2_gathers_in_bf16_and_offloading_it_is_exact(tmp_pat
 def test_mixed_precision_policies_from_a_users_loop_stay_exact_under_offloading(tmp_path, subprocess_env):
     """Policies the trainer does not set: fp32 outputs from the root (``output_dtype``), and
     ``cast_forward_inputs=False``. Both gather bf16; offloading next to each is bit-identical."""
-    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(Path(__file__).with_name("_mp_policy_child.py")), str(tmp_path)],
-                          cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in range(2):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for got in _child_ranks("_mp_policy_child.py", tmp_path, subprocess_env):
+        assert set(got) == {"output_dtype", "no_input_cast"}
         for policy, runs in got.items():
             alone, ours = runs["alone"], runs["offloaded"]
             assert ours["losses"] == alone["losses"] and ours["digest"] == alone["digest"], policy
@@ -164,12 +170,7 @@ def test_a_model_sharded_on_meta_holds_the_shards_of_the_eagerly_built_model(tmp
     out, swap = tmp_path / "out", tmp_path / "swap"
     for d in (out, swap / "rank0", swap / "rank1"):
         d.mkdir(parents=True)
-    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(Path(__file__).with_name("_sharded_build_child.py")), str(out), str(swap)],
-                          cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in range(2):
-        got = json.loads((out / f"rank{rank}.json").read_text())
+    for got in _child_ranks("_sharded_build_child.py", out, subprocess_env, swap):
         assert got["uneven"]
         assert got["in_memory"] == {"names": True, "equal": True}, got
         assert got["in_tier"] == {"names": True, "equal": True}, got
@@ -304,12 +305,7 @@ def test_gloos_hidden_collective_buffers_are_traced_as_temporaries(tmp_path, sub
     """Note [hidden collective buffers]: every FSDP2 all-gather and reduce-scatter on CPU holds a
     buffer of the unit's full size that no operation shows; the trace has one temporary per
     collective, of the unit's full (padded) bytes, freed within the iteration, and nothing else."""
-    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(Path(__file__).with_name("_hidden_buffers_child.py")), str(tmp_path)],
-                          cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in range(2):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for got in _child_ranks("_hidden_buffers_child.py", tmp_path, subprocess_env):
         sizes = [r["bytes"] for r in got["rows"]]
         root, block = got["expected"][0], got["expected"][-1]
         assert set(sizes) == set(got["expected"]), (sizes, got["expected"])
