@@ -69,14 +69,16 @@ def test_fsdp2_with_offloading_is_bit_identical_to_fsdp2_alone(tmp_path, subproc
     assert {"param", "grad", "optimizer_state", "activation"} <= moved, moved
 
 
-def test_a_model_built_unlike_gpt_is_sharded_per_block_and_offloaded_exactly(tmp_path, subprocess_env):
-    """``tests._models.ZooLM``: Sequential and nested blocks, a layer applied twice, weights tied across
-    stacks, a frozen table, BatchNorm statistics, an unused parameter and a constant written as data.
+@pytest.mark.parametrize("target", ["tests._models.ZooLM", "tests._models.TitanLlama"])
+def test_a_model_built_unlike_gpt_is_sharded_per_block_and_offloaded_exactly(tmp_path, subprocess_env, target):
+    """``ZooLM``: Sequential and nested blocks, a layer applied twice, weights tied across stacks and
+    to the root, a frozen table, BatchNorm statistics, an unused parameter and a constant written as
+    data. ``TitanLlama``: torchtitan's layout (a ModuleDict of layers, a complex rotary buffer).
     Each is built on the meta device into its shards, and offloading stays bit-identical to FSDP2 alone."""
     runs = {}
     for name, extra in (("alone", ["offload=none"]),
                         ("offloaded", ["offload=lifetime", "offload.device_budget_fraction=0.35"])):
-        proc = _train(COMMON + extra + ["trainer.steps=6", "trainer.grad_clip=0", "model._target_=tests._models.ZooLM",
+        proc = _train(COMMON + extra + ["trainer.steps=6", "trainer.grad_clip=0", f"model._target_={target}",
                                         "model.n_layer=3",
                                         f"logging.run_root={tmp_path}", f"logging.run_name={name}"], subprocess_env)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,7 +3,7 @@ model the trainer has never seen gathers one block at a time where FSDP2 allows 
 
 from torch import nn
 
-from tests._models import ZooLM
+from tests._models import TitanLlama, ZooLM
 from tierflow.offload.integrations.fsdp2 import block_modules
 from tierflow.trainer.model import GPT, GPTConfig
 
@@ -24,6 +24,10 @@ def test_repeated_blocks_are_found_by_structure_and_what_fsdp2_cannot_split_stay
     # the root holds too (encoder.2) are left to the root.
     assert _names(ZooLM(vocab_size=64, seq_len=8, n_layer=3)) == [
         "encoder.1", "stages.0.blocks.0", "stages.0.blocks.1", "stages.0", "stages.1.blocks.1"]
+
+
+def test_torchtitans_moduledict_of_layers_gives_one_unit_per_layer():
+    assert _names(TitanLlama(vocab_size=64, seq_len=8, n_layer=3)) == ["layers.0", "layers.1", "layers.2"]
 
 
 def test_containers_that_are_not_repeated_blocks_give_no_units():

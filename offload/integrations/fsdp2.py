@@ -53,19 +53,18 @@ def is_sharded(model: nn.Module) -> bool:
 def block_modules(model: nn.Module) -> List[nn.Module]:
     """The modules :func:`shard_blocks` makes FSDP2 units of, innermost first (Note [which modules are units]).
 
-    Every child of an ``nn.ModuleList``, or of an ``nn.Sequential`` of two or more modules of one
-    class, that has parameters: GPT's ``blocks``, a transformers model's ``layers``/``h``/``block``
-    (both stacks of an encoder-decoder), timm's ``nn.Sequential`` blocks, the stages and blocks of
-    a hierarchical model. A module listed twice (one layer applied several times), or one that
-    shares a parameter with a module outside it, is left to the unit around it; a model without
-    such containers has none (the root is then the only unit).
+    Every child of an ``nn.ModuleList``, or of an ``nn.Sequential`` or ``nn.ModuleDict`` of two or
+    more modules of one class, that has parameters: GPT's ``blocks``, a transformers model's
+    ``layers``/``h``/``block`` (both stacks of an encoder-decoder), timm's ``nn.Sequential``
+    blocks, torchtitan's ``ModuleDict`` of layers, the stages and blocks of a hierarchical model.
+    A module listed twice (one layer applied several times), or one that shares a parameter with a
+    module outside it, is left to the unit around it; a model without such containers has none
+    (the root is then the only unit).
     """
     seen: Dict[int, int] = {}
     candidates: List[nn.Module] = []
     for container in model.modules():
-        if not _repeats(container):
-            continue
-        for child in container:  # not children(): that lists a module held twice once
+        for child in _repeated(container):
             seen[id(child)] = seen.get(id(child), 0) + 1
             if seen[id(child)] == 1 and child is not model and next(child.parameters(), None) is not None:
                 candidates.append(child)
@@ -85,11 +84,16 @@ def block_modules(model: nn.Module) -> List[nn.Module]:
     return sorted(units, key=lambda m: order[id(m)])  # children before their parents: FSDP2's order
 
 
-def _repeats(container: nn.Module) -> bool:
+def _repeated(container: nn.Module) -> List[nn.Module]:
+    """The blocks ``container`` holds, a module held twice listed twice (``children()`` lists it once):
+    every entry of a ``ModuleList``; of a ``Sequential`` or ``ModuleDict`` of two or more modules
+    of one class (timm's blocks, torchtitan's ``layers``); none of any other module."""
     if isinstance(container, nn.ModuleList):
-        return True
-    kinds = {type(c) for c in container.children()}
-    return isinstance(container, nn.Sequential) and len(container) >= 2 and len(kinds) == 1
+        return list(container)
+    if isinstance(container, (nn.Sequential, nn.ModuleDict)):
+        held = list(container.values()) if isinstance(container, nn.ModuleDict) else list(container)
+        return held if len(held) >= 2 and len({type(m) for m in held}) == 1 else []
+    return []
 
 
 def _shares_outside(unit: nn.Module, holders: Dict[int, List[int]]) -> bool:
@@ -101,8 +105,8 @@ def _shares_outside(unit: nn.Module, holders: Dict[int, List[int]]) -> bool:
 # Note [which modules are units]: FSDP2 gathers a unit's parameters for its forward and backward,
 # so the units decide the smallest budget a rank can train in: one unit for the whole model
 # gathers everything at once. Units are therefore the repeated blocks, found by structure rather
-# than by name: the children of every ``ModuleList`` and of every ``Sequential`` whose children are
-# all of one class, nested ones included (a stage's blocks are units inside the stage's unit, an
+# than by name: the children of every ``ModuleList`` and of every ``Sequential`` or ``ModuleDict``
+# whose children are all of one class, nested ones included (a stage's blocks are units inside the stage's unit, an
 # MoE block's experts inside the block's), applied innermost first as FSDP2 requires; the root is
 # the last unit and takes whatever no unit holds. FSDP2 refuses a module sharded twice and a
 # parameter in two units, so a block applied several times (ALBERT's shared layer) and a block
