@@ -287,9 +287,10 @@ def open_checkpointer(cfg: CheckpointConfig, state: StateSource, rt: Any, persis
     k, m = cfg.data_shards, cfg.parity_shards
     holders = None
     if m > 0 and len(set(nodes)) == 1:  # one rank, or every rank on one machine: no other node exists
-        warnings.warn(f"checkpoint.parity_shards={m} is ignored: all {rt.world_size} rank(s) sit on node "
-                      f"{nodes[0]!r}, so no other node can hold shards; snapshots survive a crashed process, "
-                      "not a lost machine (set checkpoint.parity_shards=0 to silence this)", stacklevel=2)
+        if rt.is_main:
+            warnings.warn(f"checkpoint.parity_shards={m} is ignored: all {rt.world_size} rank(s) sit on node "
+                          f"{nodes[0]!r}, so no other node can hold shards; snapshots survive a crashed "
+                          "process, not a lost machine (set checkpoint.parity_shards=0 to silence this)", stacklevel=2)
     elif m > 0:
         try:
             holders = [shard_holders(r, nodes, k, m) for r in range(rt.world_size)]
