@@ -255,7 +255,7 @@ class LifetimeTracer:
         self._held: List[int] = []  # Note [what the optimizer holds]
         self._in_step, self._step_keys = False, StepKeys()
         self._graph_task = -1
-        self._tmp_label, self._tmp_count = "", 0
+        self._tmp_label, self._tmp_count, self._ext_count = "", 0, 0
         self._hidden = HiddenBuffers(self._table)
 
     def _now(self) -> float:
@@ -281,7 +281,7 @@ class LifetimeTracer:
         tick = self._table.next_tick()
         self._points.append((kind, name, call, self._iteration, phase, compute_s, tick))
         self._table.point = len(self._points) - 1
-        self._tmp_label, self._tmp_count = point_label(kind, name, call), 0
+        self._tmp_label, self._tmp_count, self._ext_count = point_label(kind, name, call), 0, 0
         self._overhead_s, self._num_ops = 0.0, 0
         self._interval_start = time.perf_counter()
 
@@ -460,7 +460,8 @@ class LifetimeTracer:
             self._shrink.watch(row, st)
         elif row is None:
             point, tick = self._iteration_start
-            key = self._unique(f"{self._tmp_label}:external")  # numbers no temporary after it
+            key = f"{self._tmp_label}:external{self._ext_count}"  # its own count: no temporary's key shifts
+            self._ext_count += 1
             row = table.add(st, t, Category.INPUT, key, iteration=self._iteration, created=point,
                             created_tick=tick)
             self._external_rows.add(row)
