@@ -297,7 +297,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             deepspeed_worker(a)
         else:
             worker(a)
-        return 0
+        # Results are written and the group destroyed: out without gloo's C++ teardown, which
+        # aborted a rank now and then (Note [a finished rank exits without destructors] in
+        # trainer/distributed.py).
+        sys.stdout.flush()
+        os._exit(0)
     if a.quick:
         a.d_model, a.layers, a.heads, a.steps, a.budget_mib = 128, 2, 4, 6, "8"
     a.budgets = [b.strip() for b in a.budget_mib.split(",") if b.strip()]

@@ -63,3 +63,37 @@ def test_multi_node_launch_without_rendezvous_is_refused(subprocess_env):
                           text=True, timeout=60, env={k: v for k, v in subprocess_env.items()
                                                       if k not in ("MASTER_ADDR", "RDZV_ENDPOINT")})
     assert proc.returncode == 2 and "needs a rendezvous endpoint" in proc.stderr
+
+
+_ENDS = """
+import atexit, sys
+from tierflow.trainer.distributed import end_process, init_runtime, shutdown_runtime
+if sys.argv[2] == "group":
+    shutdown_runtime(init_runtime("cpu", group=True))
+atexit.register(lambda: open(sys.argv[1], "w").write("exit handlers ran"))
+class Finalized:
+    def __del__(self):
+        print(" and a destructor", end="")
+keep = Finalized()
+print("last line", end="")
+try:
+    end_process(3)
+except SystemExit as exc:
+    print(f" then SystemExit({exc.code})", end="")
+    raise
+"""
+
+
+@pytest.mark.parametrize("held", ["group", "none"])
+def test_a_process_ends_with_its_code_its_output_and_its_exit_handlers(tmp_path, subprocess_env, held):
+    """Note [a finished rank exits without destructors]: once a process held a process group it
+    leaves without finalizing the interpreter (no destructor runs, nothing raises), else as usual."""
+    marker = tmp_path / "atexit"
+    proc = subprocess.run([PYTHON, "-c", _ENDS, str(marker), held], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env)
+    assert proc.returncode == 3, proc.stderr
+    assert marker.read_text() == "exit handlers ran"
+    if held == "group":
+        assert proc.stdout == "last line"
+    else:
+        assert proc.stdout.startswith("last line then SystemExit(3)")

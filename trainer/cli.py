@@ -15,15 +15,15 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from tierflow.offload import BudgetExceededError, TierError, TierIOError
 from tierflow.trainer.checkpoint.persist import CheckpointCorruptError
 from tierflow.trainer.checkpoint.store import StoreError
 from tierflow.trainer.config import ConfigError
-from tierflow.trainer.distributed import exit_if_left_failed
+from tierflow.trainer.distributed import end_process, exit_if_left_failed
 
-__all__ = ["FATAL_FILE_ENV", "SUBCOMMANDS", "Failure", "failure_of", "main"]
+__all__ = ["FATAL_FILE_ENV", "SUBCOMMANDS", "Failure", "console", "failure_of", "main"]
 
 # name -> (module, one-line help). Add later stages (profile, plan, calibrate, report, bench) here.
 SUBCOMMANDS = {
@@ -87,6 +87,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BaseException:  # a bug or an interrupt: its traceback, then out (Note [a failed rank exits ...])
         exit_if_left_failed(1, show_traceback=True)
         raise
+
+
+def console() -> NoReturn:
+    """The ``tierflow`` console script: :func:`main`, then out through
+    :func:`~tierflow.trainer.distributed.end_process` (Note [a finished rank exits without destructors])."""
+    end_process(main())
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from tierflow.trainer.checkpoint import default_persist_dir, run_config_hash, ru
 from tierflow.trainer.cli import main as cli_main
 from tierflow.trainer.config import TrainConfig
 from tierflow.trainer.data import TokenSource
-from tierflow.trainer.distributed import Runtime, init_runtime, shutdown_runtime
+from tierflow.trainer.distributed import Runtime, end_process, init_runtime, shutdown_runtime
 from tierflow.trainer.metrics import open_sink, peak_memory_bytes, plot_losses, progress_bar, reset_peak_memory
 from tierflow.trainer.offloading import start_offload
 from tierflow.trainer.optim import tiered_summary
@@ -193,4 +193,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())  # Note [a finished rank exits without destructors]
