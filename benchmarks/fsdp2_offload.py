@@ -135,13 +135,14 @@ def worker(a: argparse.Namespace) -> None:
     fully_shard(model, **policy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     runtime, step = None, optimizer.step
+    if a.mmap_mib:  # the same allocator rule for every peer (tierflow's runtime then sets its own)
+        map_large_allocations(a.mmap_mib * MiB)
     swap = Path(a.dir) / f"swap-rank{rank}"
     tiers = TiersConfig(host=HostTierConfig(enabled=False), nvme=NvmeTierConfig(enabled=True, dirs=[str(swap)]))
     if a.worker == "tierflow_tiered":
         swap.mkdir(parents=True, exist_ok=True)
-        # As the trainer does on CPU: freed moments leave RSS (the runtime sets its own).
-        if a.tiered_mmap_mib:
-            map_large_allocations(a.tiered_mmap_mib * MiB)
+        if a.mmap_mib is None:  # as the trainer does on CPU (Note [the build maps its tensors])
+            map_large_allocations()
         # num_buffers staging buffers of one sub-group's moments each: small sub-groups keep that low.
         optimizer = TieredOptimizer(optimizer, tiers=tiers, config=TieredOptimizerConfig(
             paths=["nvme"], subgroup_bytes=a.tiered_subgroup_mib * MiB, overlap_backward=a.tiered_overlap,
@@ -285,9 +286,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="tierflow_tiered updates sub-groups during backward (overlap_backward)")
     p.add_argument("--tiered-subgroup-mib", type=int, default=16,
                    help="tierflow_tiered: parameter MiB per sub-group (3 staging buffers hold 2x this in moments)")
-    p.add_argument("--tiered-mmap-mib", type=int, default=1,
-                   help="tierflow_tiered: glibc maps allocations of this many MiB or more on their own (0: glibc's "
-                        "default); smaller keeps RSS nearer to what is live, at a page fault per fresh page")
+    p.add_argument("--mmap-mib", type=int, default=None,
+                   help="every FSDP2 peer has glibc map allocations of this many MiB or more on their own (0: "
+                        "glibc's own rule for all); default: each as it runs by itself (tierflow_tiered at 1 MiB "
+                        "as the trainer does on CPU, the peers without tierflow under glibc's rule)")
     p.add_argument("--quick", action="store_true", help="a tiny model, to check the benchmark runs")
     p.add_argument("--thp", choices=("on", "off"), default="on",
                    help="THP_MEM_ALLOC_ENABLE for every peer (Note [huge pages for CPU tensors]; tierflow's default)")
@@ -316,7 +318,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--steps",
                    str(a.steps), "--ds-offload", a.ds_offload, "--mp", a.mp,
                    "--tiered-subgroup-mib", str(a.tiered_subgroup_mib), "--tiered-resident-mib",
-                   str(a.tiered_resident_mib), "--tiered-mmap-mib", str(a.tiered_mmap_mib)] + \
+                   str(a.tiered_resident_mib)] + (["--mmap-mib", str(a.mmap_mib)] if a.mmap_mib is not None else []) + \
         (["--tiered-overlap"] if a.tiered_overlap else []) + (["--profile"] if a.profile else [])
     peers = a.peers.split(",") if a.peers else _default_peers()
     if a.mp != "none" and "deepspeed" in peers:

@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, List, NoReturn
+from typing import Any, List, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -134,11 +134,16 @@ def exit_if_left_failed(code: int, *, show_traceback: bool = False) -> int:
     _leave(code)
 
 
-def end_process(code: int) -> NoReturn:
+def end_process(code: int, *, held_group: Optional[bool] = None) -> NoReturn:
     """End a command-line process with ``code``: through :func:`sys.exit`, or, when it has held a
     process group, as a failed rank leaves (Note [a finished rank exits without destructors]).
     For ``__main__`` blocks and console scripts only: a function called from a user's program
     returns instead.
+
+    Args:
+        code: the exit status.
+        held_group: whether this process held a group; None: whether :func:`init_runtime` started
+            one (a script that called ``init_process_group`` itself passes True).
 
     Note [a finished rank exits without destructors]: a rank whose run ended well, its group
     destroyed, still aborted now and then after its last line ("terminate called without an
@@ -150,7 +155,7 @@ def end_process(code: int) -> NoReturn:
     results are written and its tiers and snapshots closed by then, so such a process runs what
     a normal exit runs, less the destructors, and leaves through ``os._exit``.
     """
-    if _held_group[0]:
+    if _held_group[0] if held_group is None else held_group:
         _leave(code)
     sys.exit(code)
 
