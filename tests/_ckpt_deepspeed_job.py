@@ -17,6 +17,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from tierflow.trainer.distributed import end_process  # noqa: E402
+
 STEPS, CUT = 10, 6
 
 
@@ -112,3 +114,4 @@ if __name__ == "__main__":
     # One file per rank: two ranks printing long lines to one pipe can interleave them.
     out = Path(sys.argv[3]) / f"result{torch.distributed.get_rank()}.json"
     out.write_text(json.dumps(results))
+    end_process(0, held_group=True)  # Note [a finished rank exits without destructors]

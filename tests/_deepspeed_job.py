@@ -19,6 +19,8 @@ for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MA
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from tierflow.trainer.distributed import end_process  # noqa: E402
+
 
 def run(stage: int, tierflow: bool, steps: int, section: dict) -> dict:
     import deepspeed
@@ -238,10 +240,11 @@ if __name__ == "__main__":
         if "checkpoint" in section:
             results["snapshots"] = run_snapshots(steps, section)
         print("RESULT " + json.dumps(results))
-        sys.exit(0)
+        end_process(0, held_group=True)  # Note [a finished rank exits without destructors]
     stages = [int(s) for s in sys.argv[2].split(",")]
     section = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     for stage in stages:
         for tierflow in (False, True):
             results[f"zero{stage}{'+tierflow' if tierflow else ''}"] = run(stage, tierflow, steps, section)
     print("RESULT " + json.dumps(results))
+    end_process(0, held_group=True)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from tierflow.offload.integrations.fsdp2 import shard_blocks
 from tierflow.profiling import LifetimeTracer, local_tensor
+from tierflow.trainer.distributed import end_process
 from tierflow.trainer.model import GPT, GPTConfig
 
 
@@ -58,3 +59,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    end_process(0, held_group=True)  # Note [a finished rank exits without destructors]

@@ -20,6 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from tierflow.offload import OffloadConfig, OffloadRuntime
 from tierflow.offload.integrations.fsdp2 import block_modules
+from tierflow.trainer.distributed import end_process
 from tierflow.trainer.model import GPT, GPTConfig
 
 VOCAB, STEPS = 256, 6
@@ -74,3 +75,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process(0, held_group=True)  # Note [a finished rank exits without destructors]

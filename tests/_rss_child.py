@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch  # noqa: F401  (imported before the baseline is taken)
 
+from tierflow.trainer.distributed import end_process
 from tierflow.trainer.train import main
 
 
@@ -31,4 +32,4 @@ if __name__ == "__main__":
     print(line)
     if os.environ.get("TIERFLOW_TEST_RSS_DIR"):  # under torchrun: one file per rank
         Path(os.environ["TIERFLOW_TEST_RSS_DIR"], f"rank{os.environ.get('RANK', '0')}.json").write_text(line)
-    sys.exit(code)
+    end_process(code)  # Note [a finished rank exits without destructors]

@@ -18,6 +18,7 @@ from tierflow.offload.runtime import alias_bytes
 from tierflow.offload.runtime.materialize import materialize, record_init
 from tierflow.offload.tiers.config import NvmeTierConfig, TiersConfig
 from tierflow.profiling import local_tensor
+from tierflow.trainer.distributed import end_process
 from tierflow.trainer.model import GPT, GPTConfig
 
 
@@ -65,3 +66,4 @@ def main(out: Path, swap: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]))
+    end_process(0, held_group=True)  # Note [a finished rank exits without destructors]
