@@ -135,14 +135,15 @@ def worker(a: argparse.Namespace) -> None:
     fully_shard(model, **policy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     runtime, step = None, optimizer.step
-    if a.mmap_mib:  # the same allocator rule for every peer (tierflow's runtime then sets its own)
-        map_large_allocations(a.mmap_mib * MiB)
+    # The allocator rule: --mmap-mib for every peer, else tierflow_tiered's as the trainer sets it on
+    # CPU (Note [the build maps its tensors]) and glibc's own for the others. The runtime sets its own.
+    mmap_mib = a.mmap_mib if a.mmap_mib is not None else int(a.worker == "tierflow_tiered")
+    if mmap_mib:
+        map_large_allocations(mmap_mib * MiB)
     swap = Path(a.dir) / f"swap-rank{rank}"
     tiers = TiersConfig(host=HostTierConfig(enabled=False), nvme=NvmeTierConfig(enabled=True, dirs=[str(swap)]))
     if a.worker == "tierflow_tiered":
         swap.mkdir(parents=True, exist_ok=True)
-        if a.mmap_mib is None:  # as the trainer does on CPU (Note [the build maps its tensors])
-            map_large_allocations()
         # num_buffers staging buffers of one sub-group's moments each: small sub-groups keep that low.
         optimizer = TieredOptimizer(optimizer, tiers=tiers, config=TieredOptimizerConfig(
             paths=["nvme"], subgroup_bytes=a.tiered_subgroup_mib * MiB, overlap_backward=a.tiered_overlap,
@@ -304,11 +305,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             deepspeed_worker(a)
         else:
             worker(a)
-        # Results are written and the group destroyed: out without gloo's C++ teardown, which
-        # aborted a rank now and then (Note [a finished rank exits without destructors] in
-        # trainer/distributed.py).
-        sys.stdout.flush()
-        os._exit(0)
+        from tierflow.trainer.distributed import end_process
+
+        end_process(0, held_group=True)  # Note [a finished rank exits without destructors]
     if a.quick:
         a.d_model, a.layers, a.heads, a.steps, a.budget_mib = 128, 2, 4, 6, "8"
     a.budgets = [b.strip() for b in a.budget_mib.split(",") if b.strip()]

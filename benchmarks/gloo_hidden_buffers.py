@@ -38,6 +38,7 @@ def worker(mib: int) -> None:
 
     from tierflow.offload.tiers import map_large_allocations
     from tierflow.profiling.collectives import COLLECTIVE_NAMESPACES, hidden_buffer_bytes
+    from tierflow.trainer.distributed import end_process
 
     class Counted(TorchDispatchMode):
         """What tierflow would count for the collectives run under it."""
@@ -83,10 +84,7 @@ def worker(mib: int) -> None:
     measure("broadcast", lambda: dist.broadcast(full, 0))
     measure("all_to_all_single", lambda: dist.all_to_all_single(out, full))
     dist.barrier()
-    # Out without gloo's C++ teardown: it aborted one rank now and then, after every figure was
-    # printed ("terminate called without an active exception"; with or without destroying the group).
-    sys.stdout.flush()
-    os._exit(0)
+    end_process(0, held_group=True)  # Note [a finished rank exits without destructors]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -17,6 +17,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from tests._deepspeed_gloo import init_deepspeed_on_gloo  # noqa: E402
 from tierflow.trainer.distributed import end_process  # noqa: E402
 
 STEPS, CUT = 10, 6
@@ -101,15 +102,7 @@ def run(stage: int, store_dir: str) -> dict:
 if __name__ == "__main__":
     stages = [int(s) for s in sys.argv[1].split(",")]
     store_dir = sys.argv[2]
-    import importlib
-
-    import deepspeed
-
-    # DeepSpeed's shared-memory all-reduce for the CPU accelerator is a C++ op built on first use
-    # (77 s of a clean CI run). These jobs test tierflow on ZeRO, not that op: gloo reduces instead.
-    # (By module name: the package attribute `deepspeed.comm.torch` is torch itself.)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_on_gloo()
     results = {stage: run(stage, store_dir) for stage in stages}
     # One file per rank: two ranks printing long lines to one pipe can interleave them.
     out = Path(sys.argv[3]) / f"result{torch.distributed.get_rank()}.json"

@@ -19,6 +19,7 @@ for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MA
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from tests._deepspeed_gloo import init_deepspeed_on_gloo  # noqa: E402
 from tierflow.trainer.distributed import end_process  # noqa: E402
 
 
@@ -222,15 +223,7 @@ if __name__ == "__main__":
     from pathlib import Path
 
     steps = int(sys.argv[1])
-    import importlib
-
-    import deepspeed
-
-    # DeepSpeed's shared-memory all-reduce for the CPU accelerator is a C++ op built on first use
-    # (77 s of a clean CI run). These jobs test tierflow on ZeRO, not that op: gloo reduces instead.
-    # (By module name: the package attribute `deepspeed.comm.torch` is torch itself.)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_on_gloo()
     results = {}
     if sys.argv[2] == "client":
         section, swap_dir = json.loads(sys.argv[3]), sys.argv[4]

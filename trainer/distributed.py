@@ -70,6 +70,7 @@ def init_runtime(device: str = "auto", *, group: bool = False) -> Runtime:
     Raises:
         ValueError: ``device=cuda`` on a machine without CUDA.
     """
+    global _held_group
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = env_world_size()
@@ -86,16 +87,16 @@ def init_runtime(device: str = "auto", *, group: bool = False) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                                 device_id=dev if use_cuda else None)
-        _held_group[0] = True
+        _held_group = True
     elif group and not dist.is_initialized():  # one process: an in-memory store, no port to find
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
                                 device_id=dev if use_cuda else None)
-        _held_group[0] = True
+        _held_group = True
     return Runtime(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 
 _left_failed = False  # this process left a group of several ranks because its run failed
-_held_group = [False]  # this process started a process group (it may have left it since)
+_held_group = False  # this process started a process group (it may have left it since)
 
 
 def shutdown_runtime(rt: Runtime, *, failed: bool = False) -> None:
@@ -155,7 +156,7 @@ def end_process(code: int, *, held_group: Optional[bool] = None) -> NoReturn:
     results are written and its tiers and snapshots closed by then, so such a process runs what
     a normal exit runs, less the destructors, and leaves through ``os._exit``.
     """
-    if _held_group[0] if held_group is None else held_group:
+    if _held_group if held_group is None else held_group:
         _leave(code)
     sys.exit(code)
 
